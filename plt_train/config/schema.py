@@ -1,0 +1,125 @@
+"""Typed run configuration: the single source of truth for every knob.
+
+Each group mirrors a Hydra config group under ``configs/`` (model, parallel, data, optim,
+train, checkpoint, logging).  YAML files only override these defaults; an unknown key is a
+Hydra error because the schema below is registered in the ConfigStore (see ``store.py``).
+
+Choices where the issues were silent follow Megatron-LM conventions: ``global_batch_size``
+is in sequences, learning-rate steps are optimizer steps, ``ffn_hidden_size`` defaults to the
+Llama rule (8/3 * hidden, rounded up to a multiple of 64) for SwiGLU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder: RMSNorm, RoPE, SwiGLU, no biases."""
+
+    name: str = "gpt"  # key in plt_train.models.MODEL_REGISTRY
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention; None = one group per head
+    ffn_hidden_size: Optional[int] = None  # None: 8/3 * hidden_size rounded up to 64
+    seq_length: int = 256
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary (padded, see below)
+    make_vocab_size_divisible_by: int = 128  # Megatron-LM's padding rule (times TP size)
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_embeddings: bool = False
+    # Spec provider: "local" (pure torch + megatron-core, SDPA attention), "te" (Transformer
+    # Engine), or "auto" (TE when it imports and CUDA is present, else local).
+    backend: str = "auto"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-core parallel sizes. Data parallel is derived: world / (tp * pp * cp)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    data: Optional[int] = None  # optional check: if set, must equal the derived size
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    ``prefix`` None selects the embedded corpus: the running interpreter's standard-library
+    sources, tokenized with a byte-level BPE trained on them, built once into ``cache_dir``.
+    """
+
+    prefix: Optional[str] = None  # megatron indexed dataset prefix (<prefix>.bin / .idx)
+    tokenizer: Optional[str] = None  # a HuggingFace tokenizer.json; None with prefix None: trained
+    vocab_size: int = 8192  # BPE vocabulary trained for the embedded corpus
+    split: str = "98,2,0"  # train, valid, test weights (Megatron-LM convention)
+    cache_dir: str = "~/.cache/plt_train"  # PLT_TRAIN_CACHE overrides
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through megatron-core's optimizer; warmup + cosine decay."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 20
+    decay_style: str = "cosine"  # cosine | linear | constant (megatron OptimizerParamScheduler)
+    decay_steps: Optional[int] = None  # None: train.steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8  # sequences per optimizer step; accumulation fills the gap
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    eval_interval: int = 50  # 0 disables validation
+    eval_iters: int = 4  # global batches per validation
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+    save_at_end: bool = True
+    resume: bool = True  # continue from the latest checkpoint in dir when one exists
+    load: Optional[str] = None  # explicit checkpoint directory to start from
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "plt_train"
+    peak_tflops: Optional[float] = None  # None: datasheet for known GPUs, measured on CPU
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    run_dir: Optional[str] = None  # None: Hydra's run directory (shared by all ranks)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

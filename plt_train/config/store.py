@@ -1,0 +1,41 @@
+"""Registers the typed schema with Hydra's ConfigStore and prepares Hydra for torchrun.
+
+YAML under ``configs/`` merges into ``base_config`` (a ``RunConfig``), so a misspelt key or a
+wrong type fails at composition time.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from hydra.core.config_store import ConfigStore
+
+from plt_train.config.schema import RunConfig
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def _run_id(env) -> str:
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        if env.get(key) and env.get(key) != "none":
+            return env[key]
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def hydra_argv_for_rank(argv: list[str], env=os.environ) -> list[str]:
+    """Make every rank agree on one run directory before Hydra parses the command line.
+
+    By default each rank would create its own timestamped folder (STACK-FACTS.md).  All ranks
+    get ``outputs/<name>/<run id>`` (the torchrun or Slurm job id, identical on every rank) unless
+    the user chose ``hydra.run.dir``; ranks other than 0 write no ``.hydra/`` folder or log.
+    """
+    argv = list(argv)
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        name = next((a.split("=", 1)[1] for a in argv if a.startswith("name=")), "${name}")
+        argv.append(f"hydra.run.dir=outputs/{name}/{_run_id(env)}")
+    if int(env.get("RANK", "0")) != 0:
+        argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                 "hydra/hydra_logging=disabled"]
+    return argv

@@ -1,0 +1,394 @@
+"""From a ``DataConfig`` to micro-batches: check, prepare, build datasets, iterate.
+
+The road is ``check_data`` (cheap, before any process group, so a bad path fails in a second
+with a readable message instead of a megatron assertion deep in rank 0's traceback) ->
+``prepare_data`` (the embedded corpus is built once under a file lock, shared by all local
+ranks) -> ``build_datasets`` (megatron-core GPTDataset: document shuffling, packing into
+``seq_length + 1`` token windows, index caches) -> ``build_data_iterator`` (Megatron-LM's
+sequential pretraining sampler, which makes data order a pure function of consumed samples).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import struct
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+from plt_train.config.schema import DataConfig
+from plt_train.data.corpus import ensure_corpus, read_jsonl_texts
+from plt_train.data.preprocess import preprocess
+from plt_train.data.tokenizer import Tokenizer, train_bpe
+
+_EMBEDDED_FORMAT = 1  # bump when corpus rules or the build change, to invalidate old caches
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message says what, where, and how."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    prefix: str  # megatron indexed-dataset prefix (<prefix>.bin / <prefix>.idx)
+    tokenizer: Tokenizer
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    dtype: np.dtype
+    sequence_lengths: np.ndarray  # int32, one per sequence (= document for our data)
+    documents: int
+    tokens: int
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fix_hint(prefix: str) -> str:
+    return (
+        f"Recreate it with `plt-preprocess --input <files> --output-prefix {prefix} "
+        "--train-tokenizer`, or set data.prefix=null to use the embedded corpus."
+    )
+
+
+def read_index(prefix: str) -> IndexInfo:
+    """Parse and cross-check ``<prefix>.idx`` against ``<prefix>.bin`` without megatron.
+
+    Megatron only asserts on the magic bytes and then memory-maps whatever sizes the header
+    claims, so a truncated file surfaces later as a numpy or index error. Here every size is
+    checked against the file lengths first.
+    """
+    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(
+            f"data.prefix={prefix}: missing {' and '.join(missing)} (an indexed dataset is the "
+            f"pair .bin + .idx). {_fix_hint(prefix)}"
+        )
+    idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
+    bad = f"{idx_path} is not a valid megatron index"
+    if idx_size < _HEADER.size:
+        raise DataError(f"{bad}: {idx_size} bytes, shorter than the header. {_fix_hint(prefix)}")
+    with open(idx_path, "rb") as f:
+        magic, version, code, n_seq, n_doc = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != _INDEX_HEADER or version != 1:
+        raise DataError(f"{bad}: wrong magic bytes or version. {_fix_hint(prefix)}")
+    try:
+        dtype = np.dtype(DType.dtype_from_code(code))
+    except ValueError:
+        raise DataError(f"{bad}: unknown token dtype code {code}. {_fix_hint(prefix)}") from None
+    expected = _HEADER.size + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 docs
+    if idx_size not in (expected, expected + n_seq):  # + n_seq: optional int8 sequence modes
+        raise DataError(
+            f"{bad}: its header describes {n_seq} sequences / {n_doc - 1} documents "
+            f"({expected} bytes) but the file has {idx_size} bytes (truncated or corrupt). "
+            f"{_fix_hint(prefix)}"
+        )
+    lengths = np.fromfile(idx_path, dtype=np.int32, count=n_seq, offset=_HEADER.size)
+    pointers = np.fromfile(idx_path, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
+    docs = np.fromfile(idx_path, dtype=np.int64, count=n_doc, offset=_HEADER.size + 12 * n_seq)
+    starts = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * dtype.itemsize
+    if (
+        n_doc < 1
+        or (lengths < 0).any()
+        or docs[0] != 0
+        or docs[-1] != n_seq
+        or (np.diff(docs) < 0).any()
+        or (n_seq and not np.array_equal(pointers, starts))
+    ):
+        raise DataError(f"{bad}: inconsistent tables. {_fix_hint(prefix)}")
+    tokens = int(lengths.sum(dtype=np.int64))
+    if n_doc == 1 or tokens == 0:
+        raise DataError(f"data.prefix={prefix}: the dataset has no tokens. {_fix_hint(prefix)}")
+    if bin_size != tokens * dtype.itemsize:
+        what = "truncated" if bin_size < tokens * dtype.itemsize else "longer than its index"
+        raise DataError(
+            f"{bin_path} is {what}: {bin_size} bytes, but {idx_path} describes {tokens} "
+            f"{dtype.name} tokens ({tokens * dtype.itemsize} bytes). The pair does not belong "
+            f"together or a copy was interrupted. {_fix_hint(prefix)}"
+        )
+    return IndexInfo(dtype=dtype, sequence_lengths=lengths, documents=n_doc - 1, tokens=tokens)
+
+
+def _tokenizer_path(cfg: DataConfig) -> Optional[str]:
+    if cfg.tokenizer:
+        return os.path.expanduser(cfg.tokenizer)
+    if cfg.prefix:
+        return f"{os.path.expanduser(cfg.prefix)}.tokenizer.json"
+    return None
+
+
+def _load_tokenizer(path: str, cfg: DataConfig) -> Tokenizer:
+    if not os.path.isfile(path):
+        given = f"data.tokenizer={cfg.tokenizer}" if cfg.tokenizer else f"data.prefix={cfg.prefix}"
+        raise DataError(
+            f"{given}: tokenizer file {path} not found. Set data.tokenizer=<tokenizer.json> "
+            "(a HuggingFace tokenizer.json) or place it next to the data as "
+            "<prefix>.tokenizer.json (plt-preprocess --train-tokenizer writes it there)."
+        )
+    try:
+        return Tokenizer.load(path)
+    except ValueError as e:
+        raise DataError(f"data.tokenizer: {e}") from None
+
+
+def _checked_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
+    """The checks of ``check_data``; returns the configured tokenizer (None: to be trained)."""
+    path = _tokenizer_path(cfg)
+    if cfg.prefix is None:
+        return None if path is None else _load_tokenizer(path, cfg)
+    prefix = os.path.expanduser(cfg.prefix)
+    info = read_index(prefix)
+    tok = _load_tokenizer(path, cfg)  # type: ignore[arg-type]  # prefix set => path set
+    if tok.vocab_size > np.iinfo(info.dtype).max + 1:
+        raise DataError(
+            f"data.prefix={prefix} stores {info.dtype.name} tokens but tokenizer {path} has "
+            f"{tok.vocab_size} ids: the data was not made with this tokenizer."
+        )
+    return tok
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Validate ``cfg`` cheaply (file reads only); raise DataError with a fix on problems.
+
+    ``prefix=None`` selects the embedded corpus, which is built on demand and always passes
+    (a given ``tokenizer`` must still exist and load).
+    """
+    _checked_tokenizer(cfg)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """``$PLT_TRAIN_CACHE`` if set, else ``cfg.cache_dir``, with ``~`` expanded."""
+    return Path(os.path.expanduser(os.environ.get("PLT_TRAIN_CACHE") or cfg.cache_dir))
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(msg: str) -> None:
+    print(f"[plt_train.data] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """``flock`` on ``path``: one holder across processes; released if the holder dies."""
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if _rank() == 0:
+                _say(f"waiting for another process building {path.parent}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def embedded_dir(cfg: DataConfig) -> Path:
+    """Cache folder of the embedded corpus: keyed by Python version and tokenizer choice."""
+    if cfg.tokenizer:
+        sha = hashlib.sha256(Path(os.path.expanduser(cfg.tokenizer)).read_bytes()).hexdigest()
+        tok_key = f"tok{sha[:16]}"
+    else:
+        tok_key = f"bpe{cfg.vocab_size}"
+    return cache_root(cfg) / f"embedded-py{platform.python_version()}-{tok_key}-v{_EMBEDDED_FORMAT}"
+
+
+def _build_embedded(root: Path, cfg: DataConfig) -> None:
+    """Corpus JSONL -> tokenizer -> .bin/.idx, then the ``done.json`` marker (written last)."""
+    _say(f"building the embedded corpus once in {root}")
+    t = time.perf_counter()
+    corpus = ensure_corpus(root)
+    n_docs = sum(1 for _ in read_jsonl_texts(corpus))
+    _say(f"corpus: {n_docs} stdlib files, {corpus.stat().st_size / 1e6:.1f} MB JSONL "
+         f"({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
+    tok_path = root / "corpus.tokenizer.json"
+    if cfg.tokenizer:
+        tok = _load_tokenizer(os.path.expanduser(cfg.tokenizer), cfg)
+        _say(f"tokenizer: using {cfg.tokenizer} (vocab {tok.vocab_size})")
+    else:
+        tok = train_bpe(read_jsonl_texts(corpus), cfg.vocab_size, tok_path)
+        _say(f"tokenizer: byte-level BPE, vocab {tok.vocab_size} ({time.perf_counter() - t:.1f} s)")
+    stats = preprocess([str(corpus)], tok, str(root / "corpus"))
+    _say(f"tokens: {stats.tokens} ({stats.dtype}) in {stats.documents} documents "
+         f"({stats.seconds:.1f} s)")
+    marker = {"documents": stats.documents, "tokens": stats.tokens, "tokenizer": tok.sha256,
+              "python": platform.python_version(), "format": _EMBEDDED_FORMAT}
+    tmp = root / "done.json.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, root / "done.json")
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Return the dataset prefix and tokenizer for ``cfg``, building the embedded corpus once.
+
+    Safe to call from every rank at once, with or without torch.distributed: the first to take
+    the lock builds, the others block on it and then load. Uses only the file system, so it
+    needs no process group (nodes that do not share ``cache_dir`` each build their own copy).
+    """
+    tok = _checked_tokenizer(cfg)
+    if cfg.prefix is not None:
+        assert tok is not None  # a prefix always resolves a tokenizer (or raised)
+        return PreparedData(prefix=os.path.expanduser(cfg.prefix), tokenizer=tok)
+    root = embedded_dir(cfg)
+    if not (root / "done.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(root / ".lock"):
+            if not (root / "done.json").exists():  # re-check: another process may have built
+                _build_embedded(root, cfg)
+    prefix = str(root / "corpus")
+    try:
+        read_index(prefix)
+    except DataError as e:
+        raise DataError(f"the embedded-corpus cache is damaged ({e}); delete {root}") from None
+    return PreparedData(
+        prefix=prefix, tokenizer=tok or _load_tokenizer(f"{prefix}.tokenizer.json", cfg)
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _check_split(prefix: str, split: str) -> None:
+    """Refuse a split that leaves a present split with no tokens.
+
+    Megatron would loop forever there (``GPTDataset._get_num_epochs`` adds 0 tokens per epoch
+    until it reaches the requested count), so this is a hang turned into an error.
+    """
+    try:
+        weights = [float(w) for w in split.split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise DataError(f"data.split={split!r}: expected up to 3 non-negative weights like 98,2,0")
+    weights += [0.0] * (3 - len(weights))
+    matrix = convert_split_vector_to_split_matrix([w / sum(weights) for w in weights])
+    lengths = read_index(prefix).sequence_lengths
+    n = len(lengths)
+    for name, bounds in zip(_SPLIT_NAMES, matrix):
+        if bounds is None:
+            continue
+        beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+        if lengths[beg:end].sum() == 0:
+            raise DataError(
+                f"data.split={split!r} gives the {name} split {end - beg} of the {n} documents "
+                f"of {prefix}, with no tokens. Use more documents or a split with a larger "
+                f"{name} weight (or 0 to drop it)."
+            )
+
+
+def build_datasets(
+    prepared: PreparedData,
+    seq_length: int,
+    split: str,
+    seed: int,
+    num_samples: tuple[int, int],
+    path_to_cache: str,
+) -> tuple[GPTDataset, Optional[GPTDataset]]:
+    """Train and valid GPTDatasets through megatron-core's BlendedMegatronDatasetBuilder.
+
+    ``num_samples`` = (train, valid) samples to provide; megatron repeats (re-shuffled) epochs
+    to reach them. Must be called on every rank: with a process group, rank 0 builds the index
+    cache in ``path_to_cache`` and the others load it after a barrier. ``valid`` is None when
+    the split gives it weight 0.
+    """
+    _check_split(prepared.prefix, split)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([prepared.prefix], None),
+        split=split,
+        path_to_cache=os.path.expanduser(path_to_cache),
+        tokenizer=prepared.tokenizer,  # type: ignore[arg-type]  # duck-typed, see tokenizer.py
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train, valid, _test = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples[0], num_samples[1], None], lambda: True, config
+    ).build()
+    if train is None:
+        raise DataError(f"data.split={split!r} gives the train split weight 0")
+    return train, valid
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class PretrainingBatchSampler(torch.utils.data.Sampler):
+    """Megatron-LM's pretraining sampler, infinite, with wrap-around.
+
+    Global sample ``g`` is dataset index ``g % len(dataset)`` (the dataset itself is already
+    shuffled by GPTDataset, so sequential order is the right one). Global batch ``k`` covers
+    samples ``[start, start + mbs*dp)`` with ``start = consumed + k*mbs*dp``, and dp rank ``i``
+    takes ``[start + i*mbs, start + (i+1)*mbs)``. Hence the data order depends only on
+    ``consumed_samples``: resuming continues exactly, and any dp size sees the same union.
+    """
+
+    def __init__(
+        self, dataset_len: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        if dataset_len <= 0:
+            raise DataError("the dataset has no samples (sequence length longer than the data?)")
+        if micro_batch_size < 1 or consumed_samples < 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(
+                f"bad sampler arguments: micro_batch_size={micro_batch_size}, "
+                f"consumed_samples={consumed_samples}, dp_rank={dp_rank}, dp_size={dp_size}"
+            )
+        self.n, self.consumed, self.mbs = dataset_len, consumed_samples, micro_batch_size
+        self.rank, self.dp = dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed + self.rank * self.mbs
+        while True:
+            yield [(start + j) % self.n for j in range(self.mbs)]
+            start += self.mbs * self.dp
+
+
+def build_data_iterator(
+    dataset: Any,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    num_workers: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Infinite iterator of this dp rank's micro-batches (see PretrainingBatchSampler).
+
+    Each batch is a dict of stacked tensors: ``tokens``/``labels``/``position_ids`` int64
+    [b, s] and ``loss_mask`` float32 [b, s]. A torch DataLoader with a batch sampler, so
+    ``num_workers > 0`` reads samples in worker processes; the order is the same either way.
+    """
+    sampler = PretrainingBatchSampler(
+        len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    return iter(loader)

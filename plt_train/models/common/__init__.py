@@ -1,0 +1,1 @@
+"""Building blocks shared by every decoder: norms, attention cores, backend choice."""

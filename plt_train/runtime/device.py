@@ -1,0 +1,62 @@
+"""Device and backend choice: CUDA + NCCL when a GPU is visible, else CPU + gloo.
+
+Everything that differs between the two (backend, default precision, megatron-core fusion
+switches) is decided here, from the detected device, so no other module branches on it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: torch.device
+    backend: str  # "nccl" | "gloo"
+    name: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def detect_device(local_rank: int | None = None) -> DeviceInfo:
+    if torch.cuda.is_available():
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return DeviceInfo(torch.device("cuda", local_rank), "nccl",
+                          torch.cuda.get_device_name(local_rank))
+    return DeviceInfo(torch.device("cpu"), "gloo", "cpu")
+
+
+def resolve_dtype(precision: str, device: DeviceInfo) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and not our oracle)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.is_cuda else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def megatron_device_kwargs(device: DeviceInfo) -> dict:
+    """TransformerConfig switches that depend on the device (MCORE-ON-CPU.md "Config defaults").
+
+    The fused paths need CUDA kernels (apex / TE / custom extensions); on CPU they are off.
+    """
+    cuda = device.is_cuda
+    return dict(
+        use_cpu_initialization=not cuda,
+        # Final weights come from plt_train.models.init (layout-independent).  megatron's own
+        # init is skipped on GPU; on CPU it must run, because the CPU path of
+        # ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding (megatron-core
+        # 0.16.1) sets the `tensor_model_parallel` attributes only inside that init, and
+        # without them the grad norm drops every TP-sharded weight on TP ranks > 0.
+        perform_initialization=not cuda,
+        gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
+        bias_activation_fusion=False,  # we have no bias; SwiGLU fusion is in the TE backend
+        masked_softmax_fusion=False,  # unused: attention is SDPA (local) or TE
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )

@@ -1,0 +1,162 @@
+"""Pretraining entry point: ``torchrun ... -m plt_train.train [hydra overrides]``.
+
+Reads top to bottom: configure -> validate -> start processes -> data -> model -> optimizer
+-> resume -> loop (train step, log, validate, checkpoint) -> final checkpoint.  Everything
+architecture-specific lives behind ``build_model`` (model registry + megatron-core specs).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from plt_train.config import ConfigError, RunConfig, derived_data_parallel, validate
+from plt_train.config.store import hydra_argv_for_rank, register_configs
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+def run(cfg: RunConfig, run_dir: str) -> dict:
+    """Train according to ``cfg``; returns the final metrics (on every rank)."""
+    from plt_train.data import DataError, build_data_iterator, build_datasets, check_data, prepare_data
+    from plt_train.models import build_model, get_family
+    from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
+    from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
+    from plt_train.training.checkpoint import (
+        TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
+    )
+    from plt_train.training.loggers import MetricLoggers
+    from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
+    from plt_train.training.optim import build_optimizer, build_scheduler, wrap_data_parallel
+    from plt_train.training.signals import FaultInjector, PreemptionHandler
+    from plt_train.training.step import broadcast_from_last_rank, evaluate, train_step
+
+    # 1. Fail fast, before any process group exists.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    check_data(cfg.data)
+    t, p = cfg.train, cfg.parallel
+    dp = derived_data_parallel(cfg, world)
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+
+    # 2. Processes, seeds, data.
+    device = detect_device()
+    dims = init_distributed(device, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert)
+    set_seed(t.seed)
+    prepared = prepare_data(cfg.data)
+    dtype = resolve_dtype(t.precision, device)
+
+    # 3. Model, optimizer, schedule.
+    chunks, tconfig, vocab = build_model(cfg.model, p, prepared.tokenizer.vocab_size, dtype,
+                                         megatron_device_kwargs(device), t.seed, device.device)
+    chunks = wrap_data_parallel(chunks, tconfig, p)
+    optimizer = build_optimizer(chunks, cfg.optim, p, dtype)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    from megatron.core.distributed import finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = chunks[0].no_sync
+
+    # 4. Resume (model, optimizer, schedule, data position, RNG).
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    state = TrainState()
+    resume_from = cfg.checkpoint.load or (cfg.checkpoint.resume and latest_checkpoint(ckpt_dir))
+    if resume_from:
+        state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+
+    # 5. Data iterators at the saved position; validation always reads the same batches.
+    seq = cfg.model.seq_length
+    n_evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
+    train_ds, valid_ds = build_datasets(
+        prepared, seq, cfg.data.split, t.seed,
+        (t.steps * t.global_batch_size, max(n_evals, 1) * t.eval_iters * t.global_batch_size),
+        os.path.join(run_dir, "data_cache"))
+    train_iter = build_data_iterator(train_ds, state.consumed_samples, t.micro_batch_size,
+                                     dims.dp_rank, dp, cfg.data.num_workers)
+
+    def validation_loss() -> float:
+        it = build_data_iterator(valid_ds, 0, t.micro_batch_size, dims.dp_rank, dp, 0)
+        loss = evaluate(chunks, it, t.eval_iters, num_microbatches, seq, t.micro_batch_size,
+                        device.device)
+        return broadcast_from_last_rank(loss)
+
+    # 6. Metrics.
+    flops = get_family(cfg.model.name).flops_per_sequence(cfg.model, vocab)
+    peak, peak_source = peak_flops_per_second(device.device, dtype, cfg.logging.peak_tflops)
+    meter = ThroughputMeter(t.steps, peak, num_devices=dims.world)
+    logging_rank = is_logging_rank()
+    loggers = MetricLoggers.create(cfg.logging, run_dir, OmegaConf.to_container(
+        OmegaConf.structured(cfg)), t.steps, enabled=logging_rank, name=cfg.name)
+    if logging_rank:
+        n_params = sum(p_.numel() for c in chunks for p_ in c.parameters())
+        print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
+              f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
+              f"start step={state.step}", flush=True)
+
+    # 7. The loop.
+    preemption = PreemptionHandler()
+    fault = FaultInjector.from_env()
+    tokens_per_step = t.global_batch_size * seq
+    last = {}
+    while state.step < t.steps:
+        start = time.perf_counter()
+        out = train_step(chunks, optimizer, scheduler, train_iter, num_microbatches, seq,
+                         t.micro_batch_size, device.device)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        loss = broadcast_from_last_rank(out["loss"])
+        elapsed = time.perf_counter() - start
+        last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                **meter.update(state.step, tokens_per_step,
+                               flops.training * t.global_batch_size, elapsed)}
+        if state.step % t.log_interval == 0 or state.step == t.steps:
+            loggers.log(state.step, last)
+        if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
+            last["val_loss"] = validation_loss()
+            loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
+        fault.maybe_fire(state.step, dims.rank)
+        stop = preemption.should_stop(device.device if device.is_cuda else torch.device("cpu"))
+        interval = cfg.checkpoint.save_interval
+        if stop or (interval and state.step % interval == 0) or (
+                state.step == t.steps and cfg.checkpoint.save_at_end):
+            save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state)
+        if stop:
+            if logging_rank:
+                print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
+                      flush=True)
+            break
+    preemption.restore()
+    loggers.close()
+    return {"step": state.step, **last}
+
+
+def _main(hydra_cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from plt_train.data import DataError
+    from plt_train.runtime import destroy_distributed
+
+    import logging
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # Hydra sets the root to INFO
+    cfg: RunConfig = OmegaConf.to_object(hydra_cfg)
+    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg, run_dir)
+    except (ConfigError, DataError) as err:
+        print(f"plt-train: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        destroy_distributed()
+
+
+def main() -> None:
+    register_configs()
+    sys.argv = [sys.argv[0]] + hydra_argv_for_rank(sys.argv[1:])
+    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_main)()
+
+
+if __name__ == "__main__":
+    main()

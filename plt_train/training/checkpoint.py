@@ -1,0 +1,149 @@
+"""Checkpoints with ``megatron.core.dist_checkpointing``: resharding-friendly and atomic.
+
+Layout of ``<dir>``::
+
+    latest.txt            name of the newest complete checkpoint (replaced atomically)
+    step_0000100/         a complete dist_checkpointing directory
+    step_0000200.tmp/     a save in progress (or one that crashed): never loaded
+
+A save writes into ``step_N.tmp``; only when every rank has finished does rank 0 rename it to
+``step_N`` and then point ``latest.txt`` at it (write + ``os.replace``).  A crash or kill at any
+moment therefore leaves the previous checkpoint as the latest loadable one.
+
+What is saved: model and optimizer (sharded tensors, so another TP/PP layout can load them),
+the LR schedule, the step and consumed samples (the data position), and each rank's RNG states.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest.txt"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def _unwrap(chunk):
+    """Keys are the bare model's (no DDP ``module.`` prefix), as in Megatron-LM checkpoints."""
+    return getattr(chunk, "module", chunk)
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": mrandom.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.set_rng_state(state["torch"])
+    mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(chunks, optimizer, scheduler, state: TrainState, loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    assert len(chunks) == 1, "one model chunk per stage"
+    model_sd = _unwrap(chunks[0]).sharded_state_dict()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading),
+        "scheduler": scheduler.state_dict(),
+        "train_state": {"step": state.step, "consumed_samples": state.consumed_samples,
+                        "world_size": world},
+        # RNG differs per rank: one object per global rank, restored only at the same world size.
+        "rng": ShardedObject(f"rng_state_world{world}", _rng_state(), (world,), (rank,),
+                             replica_id=0),
+    }
+
+
+def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
+                    state: TrainState, before_commit=None) -> Path:
+    """Save step ``state.step`` atomically; returns the final directory.
+
+    ``before_commit`` is a test hook called after every rank wrote its shards and before the
+    checkpoint becomes visible (so a test can simulate a crash at the worst moment).
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = _step_dir(root, state.step), Path(f"{_step_dir(root, state.step)}.tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, state, loading=False),
+                            str(tmp))
+    dist.barrier()
+    if before_commit is not None:
+        before_commit(tmp)
+    if dist.get_rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if candidate.is_dir():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> TrainState:
+    from megatron.core import dist_checkpointing
+
+    path = str(path)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_world = common["train_state"]["world_size"]
+    sharded = _sharded_state(chunks, optimizer, scheduler, TrainState(), loading=True)
+    if saved_world != dist.get_world_size():
+        sharded.pop("rng")  # another layout: keep this run's fresh RNG streams
+    loaded = dist_checkpointing.load(sharded, path)
+    _unwrap(chunks[0]).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        _set_rng_state(loaded["rng"])
+    ts = loaded["train_state"]
+    return TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"])

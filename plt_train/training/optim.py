@@ -1,0 +1,60 @@
+"""Data-parallel wrapping, optimizer and learning-rate schedule, all megatron-core's own."""
+from __future__ import annotations
+
+import torch
+
+from plt_train.config.schema import OptimConfig, ParallelConfig
+
+
+def wrap_data_parallel(chunks, tconfig, parallel: ParallelConfig):
+    """megatron-core DDP: contiguous fp32 grad buffers (``main_grad``), bucketed all-reduce."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk)
+        for chunk in chunks
+    ]
+
+
+def build_optimizer(chunks, optim: OptimConfig, parallel: ParallelConfig, dtype: torch.dtype):
+    """AdamW; with bf16 weights megatron keeps fp32 master weights in the optimizer."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
+    """Linear warmup from 0, then ``decay_style`` down to ``min_lr`` (in optimizer steps)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=optim.decay_steps or train_steps,
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=train_steps,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="plt_train",
+    version="0.1.0",
+    description="Distributed pretraining for Parallel Loop Transformers and BigMac MoE "
+                "on megatron-core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["plt_train", "plt_train.*"]),
+    # Install torch first, pinned (a bare `torch` requirement pulls a multi-GB CUDA build on
+    # CPU machines): `pip install torch==2.13.0` then `pip install -e .`.
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",  # newest release for Python 3.11
+        "hydra-core>=1.3.8,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "numpy",
+        "psutil",  # needed by dist_checkpointing's async writer, undeclared by megatron-core
+        "tokenizers>=0.20",
+        "wandb>=0.19",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "matplotlib"],
+        # Transformer Engine builds against CUDA: GPU machines only. apex is used when present
+        # but is not on PyPI, so it is never required.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "plt-train=plt_train.train:main",
+            "plt-preprocess=plt_train.preprocess:main",
+        ],
+    },
+)

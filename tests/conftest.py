@@ -1,0 +1,50 @@
+"""Shared fixtures: launching ``plt_train.train`` under torchrun and reading its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# Small, fast runs: the debug model, no wandb, no validation unless asked.
+DEBUG_ARGS = ["experiment=debug", "logging.wandb=false", "train.eval_interval=0",
+              "checkpoint.save_at_end=false", "checkpoint.save_interval=0"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One embedded-corpus build per test session, shared by every test (and subprocess)."""
+    path = os.environ.get("PLT_TRAIN_TEST_CACHE") or str(tmp_path_factory.mktemp("plt_cache"))
+    os.environ["PLT_TRAIN_CACHE"] = path
+    return path
+
+
+def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None = None,
+              timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", "-m", "plt_train.train",
+                      f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"] + list(args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Last logged train loss per step (a resumed run re-logs the steps it repeats)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}

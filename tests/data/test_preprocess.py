@@ -1,0 +1,160 @@
+"""Text -> indexed dataset: content, dtype, atomicity, and the plt-preprocess CLI."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plt_train.data import preprocess as preprocess_mod_function  # the re-exported function
+from plt_train.data.preprocess import main, preprocess
+from plt_train.data.tokenizer import Tokenizer, train_bpe
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # megatron: "no TE / Apex"
+
+DOCS_TXT = ["first document\nwith two lines\n", "second: ünïcode 😀\n"]
+DOCS_JSONL = ["import os\nprint(os.getcwd())\n", "x = {'a': 1}\n", "last one"]
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> list[str]:
+    paths = []
+    for i, text in enumerate(DOCS_TXT):
+        p = tmp_path / f"doc{i}.txt"
+        p.write_text(text, encoding="utf-8")
+        paths.append(str(p))
+    jl = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": t, "meta": i}) for i, t in enumerate(DOCS_JSONL)]
+    lines.insert(1, "")  # blank lines are ignored
+    lines.append(json.dumps({"text": ""}))  # an empty document is skipped
+    jl.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    paths.append(str(jl))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    texts = (DOCS_TXT + DOCS_JSONL) * 4
+    return train_bpe(texts, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _read(prefix: str) -> list[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    # Copy: items are views into an mmap that megatron closes explicitly when ``ds`` is
+    # collected, and touching such a view afterwards is a segfault, not an exception.
+    return [np.array(ds[i]) for i in range(len(ds))]
+
+
+def test_documents_decode_back_with_eod(tmp_path: Path, inputs: list[str], tok: Tokenizer) -> None:
+    prefix = str(tmp_path / "out" / "data")
+    stats = preprocess(inputs, tok, prefix)
+    docs = _read(prefix)
+    expected = DOCS_TXT + DOCS_JSONL
+    assert len(docs) == stats.documents == len(expected)
+    assert stats.skipped_empty == 1
+    for ids, text in zip(docs, expected):
+        assert ids.dtype == np.uint16 and stats.dtype == "uint16"
+        assert ids[-1] == tok.eod and tok.eod not in ids[:-1]
+        assert tok.detokenize(ids[:-1].tolist()) == text
+    assert stats.tokens == sum(len(d) for d in docs)
+    leftovers = sorted(os.listdir(tmp_path / "out"))
+    assert leftovers == ["data.bin", "data.idx"]  # no temp files left behind
+    assert preprocess_mod_function is preprocess
+
+
+def test_no_eod_and_json_key(tmp_path: Path, tok: Tokenizer) -> None:
+    jl = tmp_path / "k.jsonl"
+    jl.write_text(json.dumps({"body": "abc abc"}) + "\n")
+    preprocess([str(jl)], tok, str(tmp_path / "k"), json_key="body", append_eod=False)
+    (ids,) = _read(str(tmp_path / "k"))
+    assert tok.detokenize(ids.tolist()) == "abc abc" and tok.eod not in ids
+
+
+def test_int32_for_big_vocab(tmp_path: Path, tok: Tokenizer) -> None:
+    class Big:  # duck-typed: a vocabulary too big for uint16
+        vocab_size, eod = 70_000, 69_999
+
+        def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+            return [[65_600 + len(t)] for t in texts]
+
+    p = tmp_path / "a.txt"
+    p.write_text("hello")
+    stats = preprocess([str(p)], Big(), str(tmp_path / "big"))  # type: ignore[arg-type]
+    (ids,) = _read(str(tmp_path / "big"))
+    assert stats.dtype == "int32" and ids.dtype == np.int32
+    assert ids.tolist() == [65_605, 69_999]
+
+
+def test_bad_json_leaves_nothing(tmp_path: Path, tok: Tokenizer) -> None:
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text(json.dumps({"text": "ok"}) + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        preprocess([str(jl)], tok, str(tmp_path / "o" / "x"))
+    assert os.listdir(tmp_path / "o") == []
+    jl.write_text(json.dumps({"content": "no text key"}) + "\n")
+    with pytest.raises(ValueError, match="string field 'text'"):
+        preprocess([str(jl)], tok, str(tmp_path / "o" / "x"))
+
+
+def test_progress_goes_to_stderr(
+    tmp_path: Path, inputs: list[str], tok: Tokenizer, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Not `import plt_train.data.preprocess as mod`: the package re-exports the *function*
+    # preprocess under that name, and `import a.b as m` reads the package attribute.
+    mod = importlib.import_module("plt_train.data.preprocess")
+
+    monkeypatch.setattr(mod, "_PROGRESS_EVERY_S", 0.0)
+    preprocess(inputs, tok, str(tmp_path / "p"))
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "M tokens" in err
+
+
+def test_cli_train_then_reuse_tokenizer(tmp_path: Path, inputs: list[str]) -> None:
+    a = str(tmp_path / "a" / "data")
+    assert main(["--input", *inputs, "--output-prefix", a, "--train-tokenizer",
+                 "--vocab-size", "300"]) == 0
+    tok_path = Path(f"{a}.tokenizer.json")
+    tok = Tokenizer.load(tok_path)
+    docs = _read(a)
+    assert [tok.detokenize(d[:-1].tolist()) for d in docs] == DOCS_TXT + DOCS_JSONL
+    b = str(tmp_path / "b" / "data")
+    assert main(["--input", *inputs, "--output-prefix", b, "--tokenizer", str(tok_path)]) == 0
+    assert Path(f"{a}.bin").read_bytes() == Path(f"{b}.bin").read_bytes()
+    assert Path(f"{a}.idx").read_bytes() == Path(f"{b}.idx").read_bytes()
+
+
+def test_cli_missing_input_is_a_clean_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", missing, "--output-prefix", str(tmp_path / "x"), "--train-tokenizer"])
+    assert exc.value.code not in (0, None)
+    assert "input file not found" in str(exc.value.code) and missing in str(exc.value.code)
+    assert not list(tmp_path.iterdir())
+    # Also as a real process: non-zero status, one-line message, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "plt_train.preprocess", "--input", missing,
+         "--output-prefix", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "t.json")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "input file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_usage_errors(tmp_path: Path, inputs: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:  # neither --tokenizer nor --train-tokenizer
+        main(["--input", *inputs, "--output-prefix", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", *inputs, "--output-prefix", str(tmp_path / "x"),
+              "--tokenizer", str(tmp_path / "missing.json")])
+    assert "missing.json" in str(exc.value.code)
