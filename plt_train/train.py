@@ -22,7 +22,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "con
 
 def run(cfg: RunConfig, run_dir: str) -> dict:
     """Train according to ``cfg``; returns the final metrics (on every rank)."""
-    from plt_train.data import DataError, build_data_iterator, build_datasets, check_data, prepare_data
+    from plt_train.data import build_data_iterator, build_datasets, check_data, prepare_data
+    from plt_train.data.stats import unigram_entropy
     from plt_train.models import build_model, get_family
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
@@ -95,6 +96,8 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
               f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
               f"start step={state.step}", flush=True)
+        print(f"[plt_train] unigram entropy of the corpus: {unigram_entropy(prepared.prefix):.4f}"
+              " nats/token (the loss of a model that ignores context)", flush=True)
 
     # 7. The loop.
     preemption = PreemptionHandler()
@@ -117,12 +120,13 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
             last["val_loss"] = validation_loss()
             loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
-        fault.maybe_fire(state.step, dims.rank)
+        fault.after_step(state.step, dims.rank)
         stop = preemption.should_stop(device.device if device.is_cuda else torch.device("cpu"))
         interval = cfg.checkpoint.save_interval
         if stop or (interval and state.step % interval == 0) or (
                 state.step == t.steps and cfg.checkpoint.save_at_end):
-            save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state)
+            save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state,
+                            before_commit=lambda _: fault.before_commit(state.step, dims.rank))
         if stop:
             if logging_rank:
                 print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
@@ -146,7 +150,8 @@ def _main(hydra_cfg) -> None:
     try:
         run(cfg, run_dir)
     except (ConfigError, DataError) as err:
-        print(f"plt-train: {err}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"plt-train: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         destroy_distributed()

@@ -31,12 +31,33 @@ def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None =
                       f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_process_group(cmd, full_env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def run_process_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, output through files (a stray child holding a pipe
+    cannot block us), and kill whatever is left of the session afterwards."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

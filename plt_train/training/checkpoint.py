@@ -78,6 +78,23 @@ def _sharded_state(chunks, optimizer, scheduler, state: TrainState, loading: boo
     }
 
 
+def _use_in_process_results_queue() -> None:
+    """Saves here are synchronous, so the writer's results never cross a process boundary.
+
+    megatron-core's ``filesystem_async._get_write_results_queue`` starts a *spawn* Manager
+    process for them.  When a rank is SIGKILLed (OOM killer, node failure) that Manager
+    survives as an orphan, holding the launcher's stdout open so the job never finishes.
+    An in-process queue avoids the extra process altogether.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not getattr(filesystem_async, "_plt_train_local_queue", False):
+        filesystem_async._get_write_results_queue = queue.Queue
+        filesystem_async._plt_train_local_queue = True
+
+
 def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
                     state: TrainState, before_commit=None) -> Path:
     """Save step ``state.step`` atomically; returns the final directory.
@@ -87,6 +104,7 @@ def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
     """
     from megatron.core import dist_checkpointing
 
+    _use_in_process_results_queue()
     root = Path(root)
     final, tmp = _step_dir(root, state.step), Path(f"{_step_dir(root, state.step)}.tmp")
     if dist.get_rank() == 0:

@@ -34,23 +34,37 @@ class PreemptionHandler:
 
 
 class FaultInjector:
-    """Test hook: ``PLT_TRAIN_FAULT=KILL@5`` makes rank 0 send itself SIGKILL after step 5
-    (a crash between checkpoints); ``TERM@3`` / ``USR1@3`` a preemption signal to rank 0 only
-    (the other ranks learn of it through ``should_stop``).  Unset: does nothing."""
+    """Test hook for crash and preemption tests (never set in real runs).
 
-    def __init__(self, signum: int | None = None, step: int = 0):
-        self.signum, self.step = signum, step
+    ``PLT_TRAIN_FAULT=KILL@5``: rank 0 sends itself SIGKILL after step 5 (a crash between
+    checkpoints).  ``TERM@3`` / ``USR1@3``: a preemption signal to rank 0 only (the other ranks
+    learn of it through ``should_stop``).  With ``PLT_TRAIN_FAULT_IN_SAVE=1`` the signal fires
+    inside the save of that step instead, after the shards are written and before the commit.
+    """
+
+    def __init__(self, signum: int | None = None, step: int = 0, in_save: bool = False):
+        self.signum, self.step, self.in_save = signum, step, in_save
 
     @classmethod
     def from_env(cls, env=None) -> "FaultInjector":
         import os
-        spec = (env if env is not None else os.environ).get("PLT_TRAIN_FAULT", "")
+        env = os.environ if env is None else env
+        spec = env.get("PLT_TRAIN_FAULT", "")
         if not spec:
             return cls()
         name, step = spec.split("@")
-        return cls(getattr(signal, f"SIG{name.upper()}"), int(step))
+        return cls(getattr(signal, f"SIG{name.upper()}"), int(step),
+                   env.get("PLT_TRAIN_FAULT_IN_SAVE") == "1")
 
-    def maybe_fire(self, step: int, rank: int) -> None:
+    def _fire(self, step: int, rank: int) -> None:
         import os
         if self.signum is not None and step == self.step and rank == 0:
             os.kill(os.getpid(), self.signum)
+
+    def after_step(self, step: int, rank: int) -> None:
+        if not self.in_save:
+            self._fire(step, rank)
+
+    def before_commit(self, step: int, rank: int) -> None:
+        if self.in_save:
+            self._fire(step, rank)
