@@ -1,0 +1,73 @@
+"""Bad configurations fail before any process group starts, naming the field and the fix."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from plt_train.config import ConfigError, RunConfig, validate
+from plt_train.config.store import hydra_argv_for_rank, register_configs
+from plt_train.train import CONFIG_DIR
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def test_default_config_is_valid_for_two_processes():
+    cfg = compose_run([])
+    validate(cfg, world_size=2)
+    assert cfg.model.num_layers == 4 and cfg.parallel.tensor == 1
+
+
+@pytest.mark.parametrize("overrides, world, field, words", [
+    (["parallel.tensor=2", "parallel.pipeline=2"], 2, "parallel", "not divisible"),
+    (["parallel.tensor=3"], 3, "parallel.tensor", "does not divide the attention heads"),
+    (["model.num_attention_heads=6"], 1, "model.hidden_size", "not divisible"),
+    (["model.num_query_groups=3"], 1, "model.num_query_groups", "does not divide"),
+    (["parallel.pipeline=3"], 3, "parallel.pipeline", "do not divide"),
+    (["parallel.data=4"], 2, "parallel.data", "gives 2"),
+    (["parallel.expert=4"], 2, "parallel.expert", "not divisible"),
+    (["train.global_batch_size=12"], 2, "train.global_batch_size", "multiple of 16"),
+    (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel", "tensor parallel"),
+    (["parallel.context=2"], 2, "parallel.context", "TE backend"),
+    (["optim.warmup_steps=1000"], 2, "optim.warmup_steps", "exceeds"),
+    (["optim.min_lr=1.0"], 2, "optim.min_lr", "must be in"),
+    (["model.name=nope"], 2, "model.name", "unknown model"),
+    (["model.backend=te"], 2, "model.backend", "not installed"),
+    (["model.make_vocab_size_divisible_by=127", "parallel.tensor=2"], 2,
+     "model.make_vocab_size_divisible_by", "multiple"),
+])
+def test_invalid_configs_name_the_field(overrides, world, field, words):
+    cfg = compose_run(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    assert err.value.field == field
+    assert words in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception) as err:
+        compose_run(["model.hidden_sise=128"])
+    assert "hidden_sise" in str(err.value)
+
+
+def test_wrong_type_is_rejected_by_the_schema():
+    with pytest.raises(Exception) as err:
+        compose_run(["optim.lr=abc"])
+    assert "lr" in str(err.value)
+
+
+def test_ranks_share_one_run_dir_and_only_rank0_writes_hydra_files():
+    env0 = {"RANK": "0", "TORCHELASTIC_RUN_ID": "abc"}
+    env1 = {"RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
+    argv0, argv1 = hydra_argv_for_rank(["name=x"], env0), hydra_argv_for_rank(["name=x"], env1)
+    assert "hydra.run.dir=outputs/x/abc" in argv0 and "hydra.run.dir=outputs/x/abc" in argv1
+    assert "hydra.output_subdir=null" in argv1 and "hydra.output_subdir=null" not in argv0
+    # Slurm's job id wins (a requeued job resumes in the same directory).
+    assert "hydra.run.dir=outputs/x/77" in hydra_argv_for_rank(
+        ["name=x"], {**env0, "SLURM_JOB_ID": "77"})
+    # A user-chosen directory is left alone.
+    assert hydra_argv_for_rank(["hydra.run.dir=/d"], env0) == ["hydra.run.dir=/d"]

@@ -1,0 +1,50 @@
+"""The CPU shim is a no-op with CUDA, and rebinds megatron-core's CUDA assumptions without it."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from plt_train.runtime import cpu_shim
+
+
+def test_shim_is_a_noop_when_cuda_is_present(monkeypatch):
+    monkeypatch.setattr(cpu_shim, "_INSTALLED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    utils = importlib.import_module("megatron.core.utils")
+    before = utils.torch
+    cpu_shim.install()
+    assert utils.torch is before and cpu_shim._INSTALLED is False
+
+
+def test_shim_redirects_cuda_allocations_on_cpu():
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("CPU-only behaviour")
+    cpu_shim.install()
+    from megatron.core import utils
+    buf = utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")
+    assert buf.device.type == "cpu" and buf.shape == (2, 3)
+    from megatron.core.pipeline_parallel import schedules
+    assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
+    tracker = __import__("megatron.core.tensor_parallel.random", fromlist=["x"])
+    t = tracker.get_cuda_rng_tracker()
+    t.reset()
+    t.add("a", 123)
+    with t.fork("a"):
+        x = torch.rand(3)
+    t2 = type(t)()
+    t2.add("a", 123)
+    with t2.fork("a"):
+        y = torch.rand(3)
+    assert torch.equal(x, y)  # a named, seeded CPU stream
+
+
+def test_device_defaults_follow_the_hardware():
+    from plt_train.runtime.device import DeviceInfo, megatron_device_kwargs, resolve_dtype
+    cpu = DeviceInfo(torch.device("cpu"), "gloo", "cpu")
+    gpu = DeviceInfo(torch.device("cuda", 0), "nccl", "H100")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", gpu) == torch.bfloat16
+    assert megatron_device_kwargs(cpu)["use_cpu_initialization"] is True
+    assert megatron_device_kwargs(gpu)["use_cpu_initialization"] is False
