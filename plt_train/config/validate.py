@@ -82,10 +82,6 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                                                    and have_transformer_engine())):
         raise ConfigError("parallel.context", "context parallelism needs the TE backend",
                           "set parallel.context=1 or use model.backend=te on a GPU")
-    if p.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError("parallel.use_distributed_optimizer", "megatron-core 0.16.1's "
-                          "distributed optimizer cannot be checkpointed on CPU "
-                          "(MCORE-ON-CPU.md)", "set it false on CPU; it is for CUDA runs")
     if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple "
                           f"of micro_batch_size({t.micro_batch_size}) x data parallel({dp})",

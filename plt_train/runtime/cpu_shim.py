@@ -126,7 +126,34 @@ _PROXIED_MODULES = (
     # FullyParallelSave/LoadStrategyWrapper and exchange_by_distribution: exchange buffers
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.exchange_utils",
+    # DistributedOptimizer: state-dict shards allocated on torch.cuda.current_device()
+    "megatron.core.optimizer.distrib_optimizer",
 )
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cpu_tensors_report_cuda_types():
+    """``DistributedOptimizer.__init__`` sorts parameters by ``param.type()`` strings and
+    rejects anything but ``'torch.cuda.*Tensor'``; during that call CPU tensors answer with the
+    CUDA name of their dtype (the only thing the strings encode there)."""
+    original = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return _CUDA_TYPE_NAMES.get(self.dtype, original(self))
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
 
 
 class _CpuRNGStatesTracker:
@@ -226,6 +253,16 @@ def install() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    build_distributed_optimizer = DistributedOptimizer.__init__
+
+    def _init_on_cpu(self, *args, **kwargs):
+        with _cpu_tensors_report_cuda_types():
+            build_distributed_optimizer(self, *args, **kwargs)
+
+    DistributedOptimizer.__init__ = _init_on_cpu
 
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

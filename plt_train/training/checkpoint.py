@@ -24,6 +24,10 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest.txt"
+# DistributedOptimizer state format (ignored by the plain optimizer).  megatron-core 0.16.1's
+# default, 'fully_sharded_model_space', produces flattened ShardedTensors its own torch_dist
+# writer refuses; 'dp_reshardable' is Megatron-LM's default (reshardable across DP sizes).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -68,7 +72,8 @@ def _sharded_state(chunks, optimizer, scheduler, state: TrainState, loading: boo
     world, rank = dist.get_world_size(), dist.get_rank()
     return {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                  metadata=OPTIMIZER_METADATA),
         "scheduler": scheduler.state_dict(),
         "train_state": {"step": state.step, "consumed_samples": state.consumed_samples,
                         "world_size": world},
@@ -148,18 +153,60 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Without apex/TE, megatron-core 0.16.1's DistributedOptimizer reads Adam's ``step`` from
+    the inner torch optimizer's state, which is empty until the first step (``state_dict``
+    asserts).  Allocate it the way megatron does for FSDP: one zero-gradient step, taken
+    before any checkpoint values are loaded in place (the scheduler's lr is 0 then)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer, loaded_optimizer_state: dict) -> None:
+    """Repair torch Adam's per-parameter ``step`` after a DistributedOptimizer load.
+
+    Without apex/TE (CPU, and GPUs without TE), megatron-core 0.16.1 keeps Adam's step count in
+    the saved ``param_groups`` but (a) gives every parameter the SAME step tensor, which torch
+    then increments once per parameter per step, and (b) copies the not-persisted step of the
+    freshly allocated state back over it when loading ``dp_reshardable`` shards.  Either way the
+    bias correction is wrong after a resume (the "next step differs" of MCORE-ON-CPU.md).  Set
+    each parameter's own step from the saved value.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded_optimizer_state] if len(opts) == 1 else list(loaded_optimizer_state.values())
+    for opt, saved in zip(opts, states):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        groups = saved.get("optimizer", {}).get("param_groups", [])
+        steps = {g["step"] for g in groups if "step" in g}
+        if len(steps) != 1:
+            continue  # apex/TE optimizers keep the step in the param groups themselves
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 
     path = str(path)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_world = common["train_state"]["world_size"]
+    _allocate_distributed_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, scheduler, TrainState(), loading=True)
     if saved_world != dist.get_world_size():
         sharded.pop("rng")  # another layout: keep this run's fresh RNG streams
     loaded = dist_checkpointing.load(sharded, path)
     _unwrap(chunks[0]).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 DistributedOptimizer: main params are views of leaf params
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])

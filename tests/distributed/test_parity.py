@@ -28,7 +28,8 @@ def reference(tmp_path_factory, data_cache):
     ["parallel.pipeline=2"],
     [],  # two processes, pure data parallel
     ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-], ids=["tp2", "pp2", "dp2", "tp2_sp"])
+    ["parallel.use_distributed_optimizer=true"],  # DP=2 with optimizer state sharded
+], ids=["tp2", "pp2", "dp2", "tp2_sp", "dp2_distopt"])
 def test_two_process_layout_matches_single_process(layout, reference, tmp_path, data_cache):
     run_train(tmp_path, COMMON + layout, nproc=2)
     losses = losses_by_step(tmp_path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics, run_train
 
 STEPS = 8
@@ -13,18 +15,20 @@ ARGS = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",
                      "train.micro_batch_size=2", "optim.warmup_steps=2"]
 
 
-def _uninterrupted(tmp_path):
+def _uninterrupted(tmp_path, extra=()):
     ref_dir = tmp_path / "ref"
-    run_train(ref_dir, ARGS, nproc=2)
+    run_train(ref_dir, ARGS + list(extra), nproc=2)
     ref = losses_by_step(ref_dir)
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref
 
 
-def test_killed_run_resumes_bit_exact(tmp_path, data_cache):
-    ref = _uninterrupted(tmp_path)
+@pytest.mark.parametrize("optimizer", [[], ["parallel.use_distributed_optimizer=true"]],
+                         ids=["plain_optimizer", "distributed_optimizer"])
+def test_killed_run_resumes_bit_exact(tmp_path, data_cache, optimizer):
+    ref = _uninterrupted(tmp_path, optimizer)
     run_dir, ckpt = tmp_path / "killed", tmp_path / "ckpt"
-    args = ARGS + ["checkpoint.save_interval=3", f"checkpoint.dir={ckpt}"]
+    args = ARGS + optimizer + ["checkpoint.save_interval=3", f"checkpoint.dir={ckpt}"]
     # SIGKILL after step 5: the last checkpoint is step 3, steps 4-5 are lost work.
     crashed = run_train(run_dir, args, nproc=2, env={"PLT_TRAIN_FAULT": "KILL@5"}, check=False)
     assert crashed.returncode != 0
