@@ -6,6 +6,7 @@ architecture-specific lives behind ``build_model`` (model registry + megatron-co
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -143,7 +144,6 @@ def _main(hydra_cfg) -> None:
     from plt_train.data import DataError
     from plt_train.runtime import destroy_distributed
 
-    import logging
     logging.getLogger("megatron").setLevel(logging.WARNING)  # Hydra sets the root to INFO
     cfg: RunConfig = OmegaConf.to_object(hydra_cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir

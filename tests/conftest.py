@@ -28,7 +28,7 @@ def data_cache(tmp_path_factory) -> str:
 def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None = None,
               timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     cmd = TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", "-m", "plt_train.train",
-                      f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"] + list(args)
+                      f"run_dir={run_dir}"] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = run_process_group(cmd, full_env, timeout)

@@ -23,7 +23,7 @@ def test_make_train_default_run(tmp_path, data_cache):
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     proc = run_process_group(
-        ["make", "--no-print-directory", "train", f"ARGS=run_dir={run_dir} hydra.run.dir={run_dir}"],
+        ["make", "--no-print-directory", "train", f"ARGS=run_dir={run_dir}"],
         env, timeout=LIMIT_S + 60)
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -28,13 +28,15 @@ def hydra_argv_for_rank(argv: list[str], env=os.environ) -> list[str]:
     """Make every rank agree on one run directory before Hydra parses the command line.
 
     By default each rank would create its own timestamped folder (STACK-FACTS.md).  All ranks
-    get ``outputs/<name>/<run id>`` (the torchrun or Slurm job id, identical on every rank) unless
-    the user chose ``hydra.run.dir``; ranks other than 0 write no ``.hydra/`` folder or log.
+    get ``run_dir`` if given, else ``outputs/<name>/<run id>`` (the torchrun or Slurm job id,
+    identical on every rank), unless the user chose ``hydra.run.dir``; ranks other than 0 write
+    no ``.hydra/`` folder or log.
     """
     argv = list(argv)
     if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), None)
         name = next((a.split("=", 1)[1] for a in argv if a.startswith("name=")), "${name}")
-        argv.append(f"hydra.run.dir=outputs/{name}/{_run_id(env)}")
+        argv.append(f"hydra.run.dir={run_dir or f'outputs/{name}/{_run_id(env)}'}")
     if int(env.get("RANK", "0")) != 0:
         argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
                  "hydra/hydra_logging=disabled"]

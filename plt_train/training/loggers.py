@@ -42,7 +42,7 @@ _CONSOLE_FIELDS = (
     ("lr", "lr", lambda v: f"{v:.2e}"),
     ("grad_norm", "grad_norm", lambda v: f"{v:.3f}"),
     ("tokens_per_s", "tok/s", lambda v: f"{v:,.0f}"),
-    ("tflops_per_device", "TFLOP/s", lambda v: f"{v:.1f}"),
+    ("tflops_per_device", "TFLOP/s", lambda v: f"{v:.3g}"),  # CPU runs are ~0.1
     ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
     ("eta_s", "ETA", format_duration),
 )

@@ -69,5 +69,7 @@ def test_ranks_share_one_run_dir_and_only_rank0_writes_hydra_files():
     # Slurm's job id wins (a requeued job resumes in the same directory).
     assert "hydra.run.dir=outputs/x/77" in hydra_argv_for_rank(
         ["name=x"], {**env0, "SLURM_JOB_ID": "77"})
+    # run_dir= doubles as Hydra's directory, so nothing is written elsewhere.
+    assert "hydra.run.dir=/r" in hydra_argv_for_rank(["run_dir=/r"], env0)
     # A user-chosen directory is left alone.
     assert hydra_argv_for_rank(["hydra.run.dir=/d"], env0) == ["hydra.run.dir=/d"]

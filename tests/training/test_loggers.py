@@ -49,7 +49,7 @@ def test_console_line_has_every_field(capsys):
                      "eta_s": 65.2})
     line = capsys.readouterr().out
     assert line == ("step 12/100 | loss 5.2311 | lr 3.00e-04 | grad_norm 1.234 | tok/s 12,345"
-                    " | TFLOP/s 1.2 | MFU 3.1% | ETA 1m05s\n")
+                    " | TFLOP/s 1.23 | MFU 3.1% | ETA 1m05s\n")
 
 
 def test_console_valid_line_and_disabled(capsys):
