@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m plt_train.train $(ARGS)
+	PYTHON=$(BIN)/python NPROC_PER_NODE=$(NPROC) launch/torchrun.sh $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

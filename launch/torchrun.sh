@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Start plt_train with torchrun on this node; extra arguments are Hydra overrides.
+#
+#   launch/torchrun.sh train.steps=100                       # one node, all GPUs (or 2 CPU procs)
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh model=1b   # on every node
+#
+# Environment (all optional):
+#   NPROC_PER_NODE  processes per node (default: number of GPUs, else 2 on CPU)
+#   NNODES          nodes (default 1: --standalone, no rendezvous server needed)
+#   MASTER_ADDR / MASTER_PORT   c10d rendezvous endpoint for multi-node (default port 29500)
+#   RDZV_ID         rendezvous id shared by all nodes (default: plt-<MASTER_ADDR>-<PORT>)
+#   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
+# The backend (NCCL with GPUs, gloo without) is chosen by plt_train at start-up.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+NNODES=${NNODES:-1}
+
+# Usual settings: one OpenMP thread per rank on CPU; megatron-core needs CUDA_DEVICE_MAX_CONNECTIONS=1
+# for tensor-parallel communication overlap; surface NCCL errors instead of hanging.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export PYTHONUNBUFFERED=1
+# torchrun forwards these signals to the workers, which checkpoint at the end of the current step
+# and exit (Slurm sends USR1 or TERM before a time limit); it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# seconds for them before SIGKILL, so leave time to write a checkpoint.  (PET_* variables are
+# torchrun's own way to take its --signals-to-handle option from the environment.)
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+
+if [ "$NNODES" = 1 ]; then
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" \
+       -m plt_train.train "$@"
+fi
+: "${MASTER_ADDR:?set MASTER_ADDR (the first node) for a multi-node run}"
+MASTER_PORT=${MASTER_PORT:-29500}
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+     --rdzv-id "${RDZV_ID:-plt-$MASTER_ADDR-$MASTER_PORT}" \
+     -m plt_train.train "$@"
