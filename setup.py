@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "plt-train=plt_train.train:main",
             "plt-preprocess=plt_train.preprocess:main",
+            "plt-dryrun=plt_train.dryrun:main",
         ],
     },
 )

@@ -1,0 +1,109 @@
+"""What a configuration means per rank, computed without any process group: parallel sizes,
+layers per pipeline stage, micro-batches, parameters and an estimate of memory per rank.
+
+Used by ``plt_train.dryrun`` so a cluster-sized config (say 1024 GPUs) can be checked on a
+laptop.  The memory figures are an estimate for planning, not a measurement:
+
+* weights: parameters of the most loaded stage (the first or last, which also hold the
+  embedding / LM head) in the training dtype;
+* gradients: fp32 ``main_grad`` buffers (megatron DDP with ``grad_reduce_in_fp32``);
+* optimizer: Adam's two fp32 moments, plus fp32 master weights when training in bf16; divided
+  by the data-parallel size with the distributed optimizer;
+* activations (no recomputation; SDPA/flash attention, so no s^2 score matrix): Korthikanti et
+  al. 2022's ``s*b*h*(10 + 24/t)`` bytes per layer for 16-bit activations (``34*s*b*h/t`` with
+  sequence parallelism), times the micro-batches a 1F1B first stage keeps in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plt_train.config.megatron import ffn_size, padded_vocab_size
+from plt_train.config.schema import RunConfig
+from plt_train.config.validate import derived_data_parallel, validate
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    dp: int
+    layers_per_stage: int
+    micro_batches: int
+    experts_per_rank: int | None
+    total_params: int
+    params_per_rank: int
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
+
+
+def _layer_params(cfg: RunConfig) -> int:
+    m = cfg.model
+    d = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    attention = m.hidden_size * d * (m.num_attention_heads + 2 * groups) + \
+        m.num_attention_heads * d * m.hidden_size
+    return attention + 3 * m.hidden_size * ffn_size(m) + 2 * m.hidden_size  # + two norms
+
+
+def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> RankPlan:
+    """Validate ``cfg`` for ``world_size`` ranks (raises ConfigError) and size one rank."""
+    validate(cfg, world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dp = derived_data_parallel(cfg, world_size)
+    vocab = padded_vocab_size(vocab_size, m)
+    layers = m.num_layers // p.pipeline
+    embed = vocab * m.hidden_size
+    heads = (1 if m.tie_embeddings else 2) * embed
+    total = m.num_layers * _layer_params(cfg) + heads + m.hidden_size
+    # Most loaded stage: with one stage it holds both ends; else the first/last holds one end.
+    ends = heads if p.pipeline == 1 else embed
+    per_rank = (layers * _layer_params(cfg) + ends + m.hidden_size) // p.tensor
+    weight_bytes = 2 if bf16 else 4
+    optimizer_bytes = (8 + (4 if bf16 else 0)) * per_rank
+    if p.use_distributed_optimizer:
+        optimizer_bytes /= dp
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    s, b, h = m.seq_length // p.context, t.micro_batch_size, m.hidden_size
+    per_layer = 34 * s * b * h / p.tensor if p.sequence_parallel else s * b * h * (10 + 24 / p.tensor)
+    per_layer *= weight_bytes / 2
+    in_flight = min(p.pipeline, micro_batches)
+    return RankPlan(
+        world=world_size, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, dp=dp,
+        layers_per_stage=layers, micro_batches=micro_batches, experts_per_rank=None,
+        total_params=total, params_per_rank=per_rank,
+        weights_gib=per_rank * weight_bytes / GiB, grads_gib=per_rank * 4 / GiB,
+        optimizer_gib=optimizer_bytes / GiB,
+        activations_gib=per_layer * layers * in_flight / GiB,
+    )
+
+
+def format_plan(r: RankPlan) -> str:
+    rows = [
+        ("world size", r.world),
+        ("tensor x pipeline x context x data", f"{r.tp} x {r.pp} x {r.cp} x {r.dp}"),
+        ("expert parallel", r.ep),
+        ("layers per pipeline stage", r.layers_per_stage),
+        ("micro-batches per step (per DP rank)", r.micro_batches),
+        ("experts per rank", "n/a (dense model)" if r.experts_per_rank is None
+         else r.experts_per_rank),
+        ("parameters (total)", f"{r.total_params:,}"),
+        ("parameters on the most loaded rank", f"{r.params_per_rank:,}"),
+        ("memory / rank: weights", f"{r.weights_gib:.2f} GiB"),
+        ("memory / rank: fp32 grads", f"{r.grads_gib:.2f} GiB"),
+        ("memory / rank: optimizer", f"{r.optimizer_gib:.2f} GiB"),
+        ("memory / rank: activations (est.)", f"{r.activations_gib:.2f} GiB"),
+        ("memory / rank: total (est.)", f"{r.total_gib:.2f} GiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

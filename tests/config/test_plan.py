@@ -1,0 +1,59 @@
+"""Dry run: a cluster-sized config is validated and sized without any process group."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plt_train.config.plan import plan
+from tests.config.test_validate import compose_run
+from tests.conftest import REPO
+
+BIG = ["model=1b", "parallel.tensor=8", "parallel.pipeline=4", "train.global_batch_size=1024",
+       "train.micro_batch_size=2"]
+
+
+def test_1024_gpu_plan():
+    r = plan(compose_run(BIG), world_size=1024, vocab_size=32000)
+    assert (r.tp, r.pp, r.dp, r.layers_per_stage, r.micro_batches) == (8, 4, 32, 4, 16)
+    assert 0.9e9 < r.total_params < 1.0e9  # the ~1B benchmark model
+    # TP=8 x PP=4 split it; the first stage also holds the embedding, so a bit over 1/32.
+    assert r.total_params / 32 < r.params_per_rank < r.total_params / 16
+    dist = plan(compose_run(BIG + ["parallel.use_distributed_optimizer=true"]), 1024, 32000)
+    assert dist.optimizer_gib == pytest.approx(r.optimizer_gib / 32)
+    assert dist.weights_gib == r.weights_gib
+
+
+def test_parameter_count_matches_the_built_model():
+    from plt_train.config.schema import ParallelConfig
+    from plt_train.models import build_model
+    from plt_train.runtime import destroy_distributed, detect_device, init_distributed
+    from plt_train.runtime.device import megatron_device_kwargs
+
+    cfg = compose_run(["model=debug"])
+    dev = detect_device()
+    init_distributed(dev)
+    try:
+        (model,), _, _ = build_model(cfg.model, ParallelConfig(), 1000, torch.float32,
+                                     megatron_device_kwargs(dev), 0, dev.device)
+        built = sum(p.numel() for p in model.parameters())
+    finally:
+        destroy_distributed()
+    r = plan(cfg, world_size=1, vocab_size=1000, bf16=False)
+    assert r.total_params == built == r.params_per_rank
+
+
+def test_cli_rejects_an_impossible_cluster_config():
+    proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1000",
+                           *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: parallel: world size 1000 is not divisible by" in proc.stderr
+
+
+def test_cli_prints_the_plan():
+    proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1024",
+                           *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 x 4 x 1 x 32" in proc.stdout and "memory / rank: total" in proc.stdout
