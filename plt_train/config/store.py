@@ -33,10 +33,12 @@ def hydra_argv_for_rank(argv: list[str], env=os.environ) -> list[str]:
     no ``.hydra/`` folder or log.
     """
     argv = list(argv)
-    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
-        run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), None)
-        name = next((a.split("=", 1)[1] for a in argv if a.startswith("name=")), "${name}")
-        argv.append(f"hydra.run.dir={run_dir or f'outputs/{name}/{_run_id(env)}'}")
+    value = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), None)
+    name, run_id = value("name") or "${name}", _run_id(env)
+    if value("hydra.run.dir") is None:
+        argv.append(f"hydra.run.dir={value('run_dir') or f'outputs/{name}/{run_id}'}")
+    if value("hydra.sweep.dir") is None:  # multirun (-m): one sweep folder for all ranks too
+        argv.append(f"hydra.sweep.dir=multirun/{name}/{run_id}")
     if int(env.get("RANK", "0")) != 0:
         argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
                  "hydra/hydra_logging=disabled"]

@@ -5,6 +5,7 @@ one-rank gloo/NCCL group on a free local port), so tests and notebooks need no l
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -54,9 +55,10 @@ def init_distributed(device: DeviceInfo, tp: int = 1, pp: int = 1, cp: int = 1, 
     if "WORLD_SIZE" not in os.environ:  # plain `python`: a one-rank group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # kept across Hydra multirun jobs in one process (see below)
         kwargs = {"device_id": device.device} if device.is_cuda else {}
         dist.init_process_group(device.backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        atexit.register(_destroy_default_group)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -89,9 +91,19 @@ def is_logging_rank() -> bool:
 
 
 def destroy_distributed() -> None:
+    """Tear down megatron-core's groups after a run.
+
+    The default process group stays until the process exits: a Hydra multirun (``-m``) runs
+    several jobs in one process, and under torchrun a second ``init_process_group`` on the same
+    rendezvous store fails (gloo cannot reconnect), while megatron's groups can be rebuilt with
+    new sizes on the existing default group.
+    """
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def _destroy_default_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

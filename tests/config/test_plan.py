@@ -57,3 +57,13 @@ def test_cli_prints_the_plan():
                            *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "8 x 4 x 1 x 32" in proc.stdout and "memory / rank: total" in proc.stdout
+
+
+def test_installed_entry_point_works_outside_the_repo(tmp_path):
+    """The console scripts come from the installed package, not from the repo being the cwd."""
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "plt-dryrun"
+    proc = subprocess.run([str(exe), "--world-size", "1024", *BIG], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layers per pipeline stage" in proc.stdout

@@ -72,4 +72,6 @@ def test_ranks_share_one_run_dir_and_only_rank0_writes_hydra_files():
     # run_dir= doubles as Hydra's directory, so nothing is written elsewhere.
     assert "hydra.run.dir=/r" in hydra_argv_for_rank(["run_dir=/r"], env0)
     # A user-chosen directory is left alone.
-    assert hydra_argv_for_rank(["hydra.run.dir=/d"], env0) == ["hydra.run.dir=/d"]
+    assert hydra_argv_for_rank(["hydra.run.dir=/d", "hydra.sweep.dir=/s"], env0) == [
+        "hydra.run.dir=/d", "hydra.sweep.dir=/s"]
+    assert "hydra.sweep.dir=multirun/x/abc" in argv1  # a sweep also shares one folder
