@@ -12,7 +12,9 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",  # newest release for Python 3.11
-        "hydra-core>=1.3.8,<1.4",
+        # Exactly 1.3.8: hydra-submitit-launcher asks for hydra-core>=1.1.0.dev7, a pre-release
+        # specifier that would otherwise let pip pick a 1.4 pre-release.
+        "hydra-core==1.3.8",
         "omegaconf>=2.3,<2.4",
         "numpy",
         "psutil",  # needed by dist_checkpointing's async writer, undeclared by megatron-core
@@ -21,7 +23,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib"],
+        "dev": ["pytest>=8", "matplotlib", "hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
+        # Hydra sweeps submitted to Slurm (hydra/launcher=submitit_slurm).
+        "slurm": ["hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
         # Transformer Engine builds against CUDA: GPU machines only. apex is used when present
         # but is not on PyPI, so it is never required.
         "gpu": ["transformer-engine[pytorch]"],

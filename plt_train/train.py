@@ -138,17 +138,20 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     return {"step": state.step, **last}
 
 
-def _main(hydra_cfg) -> None:
+def _main(hydra_cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     from plt_train.data import DataError
     from plt_train.runtime import destroy_distributed
+    from plt_train.runtime.launch_env import set_torch_env_from_slurm
+
+    set_torch_env_from_slurm()  # started by srun / submitit rather than torchrun
 
     logging.getLogger("megatron").setLevel(logging.WARNING)  # Hydra sets the root to INFO
     cfg: RunConfig = OmegaConf.to_object(hydra_cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     try:
-        run(cfg, run_dir)
+        return run(cfg, run_dir)  # a sweep's launcher collects it (final loss, step, ...)
     except (ConfigError, DataError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"plt-train: {err}", file=sys.stderr, flush=True)

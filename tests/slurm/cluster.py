@@ -35,6 +35,37 @@ def ensure_installed() -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {proc.stderr[-500:]}")
 
 
+def _pids_of(name: str) -> set[int]:
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if stat.read_text().strip() == name:
+                pids.add(int(stat.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _children(pid):
+        _kill_tree(child)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -51,12 +82,14 @@ class SlurmCluster:
         self.nodes = list(nodes)
         self.cpus = cpus or os.cpu_count() or 2
         self.procs: list[subprocess.Popen] = []
+        self._stepds_before: set[int] = set()
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "SlurmCluster":
         ensure_installed()
+        self._stepds_before = _pids_of("slurmstepd")
         self.root.mkdir(parents=True, exist_ok=True)
         for d in ("state", "log", "munge", *(f"spool/{n}" for n in self.nodes)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -78,6 +111,16 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
+        """Cancel every job, stop the daemons, then kill job processes they left behind:
+        ``slurmstepd`` detaches from ``slurmd``, and a step whose controller vanished mid-way
+        (an ``srun`` waiting for it) would otherwise run on forever."""
+        try:
+            for job in self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
+                self.run("scancel", job, check=False)
+            self._wait_for(lambda: not self.run("squeue", "-h", check=False).stdout.strip(),
+                           30, "the queue to drain")
+        except (TimeoutError, RuntimeError, subprocess.SubprocessError):
+            pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
@@ -89,6 +132,8 @@ class SlurmCluster:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        for pid in _pids_of("slurmstepd") - self._stepds_before:
+            _kill_tree(pid)
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()

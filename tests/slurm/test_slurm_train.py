@@ -9,25 +9,12 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 from tests.conftest import DEBUG_ARGS, REPO, losses_by_step, read_metrics
-from tests.slurm.cluster import SlurmCluster, SlurmUnavailable
 
 STEPS = 12
 ARGS = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=8",
                      "train.micro_batch_size=2", "optim.warmup_steps=2"]
 SCRIPT = str(REPO / "launch" / "slurm" / "train.sbatch")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    except SlurmUnavailable as err:
-        pytest.skip(f"no Slurm here: {err}")
-    yield c
-    c.stop()
 
 
 def _submit(cluster, run_dir, tmp_path, name):
