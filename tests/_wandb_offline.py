@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -37,3 +38,18 @@ def read_history(path: str | Path) -> List[Dict[str, Any]]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def wait_for_history(path: str | Path, rows: int, timeout: float = 30.0) -> List[Dict[str, Any]]:
+    """``read_history`` once at least ``rows`` rows are on disk.
+
+    wandb's writer is a separate service process: ``run.finish()`` can return (seen on a loaded
+    2-core machine) before its last records reach the file.  A row that never arrives still
+    fails the caller's assertions after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = read_history(path)
+        if len(got) >= rows or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)

@@ -11,7 +11,7 @@ import glob
 import os
 import time
 
-from tests._wandb_offline import read_history
+from tests._wandb_offline import wait_for_history
 from tests.conftest import read_metrics, run_process_group
 
 LIMIT_S = 600
@@ -49,7 +49,7 @@ def test_make_train_default_run(tmp_path, data_cache):
     assert (run_dir / ".hydra" / "config.yaml").exists()
 
     (wandb_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    rows = read_history(wandb_file)
+    rows = wait_for_history(wandb_file, rows=200)
     logged = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(logged) == 200 and logged[-1] == train[-1]["loss"]
     assert "step 200/200" in proc.stdout and "ETA" in proc.stdout  # progress is shown

@@ -25,16 +25,20 @@ def _first_node_address(nodelist: str) -> str:
 
 
 def set_torch_env_from_slurm(env=os.environ) -> bool:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT inside an srun step.
+    """Set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_PORT (and MASTER_ADDR unless given) inside
+    an srun step whose tasks are the ranks.  Returns True if it did.
 
     ``SLURM_STEP_NUM_TASKS`` marks a job step (the batch script itself has none), so a plain
-    ``python`` in an sbatch script is not mistaken for one rank of many.  Returns True if set.
+    ``python`` in an sbatch script is not mistaken for one rank of many; ``TORCHELASTIC_RUN_ID``
+    marks torchrun's workers, whose variables torchrun already set.  Inside a step, Slurm's
+    values win over any inherited from the submitting shell (a stale WORLD_SIZE=1 there would
+    make every task rank 0 of its own world).
     """
-    if "WORLD_SIZE" in env or "SLURM_STEP_NUM_TASKS" not in env:
+    if "TORCHELASTIC_RUN_ID" in env or "SLURM_STEP_NUM_TASKS" not in env:
         return False
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     env.setdefault("MASTER_ADDR", _first_node_address(env.get("SLURM_STEP_NODELIST", "")))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     return True

@@ -44,5 +44,10 @@ def test_srun_tasks_get_torch_rendezvous_variables():
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == (
         "3", "4", "1", "20123")
     assert not set_torch_env_from_slurm({"SLURM_PROCID": "0"})  # a batch script, not a step
-    torchrun = {"WORLD_SIZE": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}
+    torchrun = {"WORLD_SIZE": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0",
+                "TORCHELASTIC_RUN_ID": "x"}
     assert not set_torch_env_from_slurm(torchrun) and torchrun["WORLD_SIZE"] == "8"
+    stale = {"WORLD_SIZE": "1", "MASTER_PORT": "5555", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_PROCID": "1", "SLURM_JOB_ID": "7", "MASTER_ADDR": "h"}
+    assert set_torch_env_from_slurm(stale)
+    assert (stale["WORLD_SIZE"], stale["RANK"], stale["MASTER_PORT"]) == ("2", "1", "20007")

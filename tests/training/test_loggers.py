@@ -21,7 +21,7 @@ from plt_train.training.loggers import (
     format_duration,
 )
 from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
-from tests._wandb_offline import read_history
+from tests._wandb_offline import wait_for_history
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_wandb_offline_rows_read_back(tmp_path, quiet_wandb):
     loggers.close()
     path = _wandb_file(tmp_path)
     assert path.stat().st_size > 32 * 1024
-    rows = read_history(path)
+    rows = wait_for_history(path, rows=len(logged))
     got = {row["_step"]: {k: v for k, v in row.items() if not k.startswith("_")} for row in rows}
     assert got == logged
     print(f"wandb offline init {init_s:.2f}s")
@@ -138,7 +138,7 @@ def test_wandb_online_without_key_falls_back_offline(tmp_path, quiet_wandb):
     assert wb.mode == "offline"
     wb.log(1, {"loss": 3.0})
     wb.close()
-    assert read_history(_wandb_file(tmp_path))[0]["train/loss"] == 3.0
+    assert wait_for_history(_wandb_file(tmp_path), rows=1)[0]["train/loss"] == 3.0
 
 
 def test_wandb_disabled_and_non_logging_rank_write_nothing(tmp_path, quiet_wandb):
