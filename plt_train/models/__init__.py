@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from plt_train.config.megatron import ffn_size, padded_vocab_size, to_transformer_config
+from plt_train.config.megatron import padded_vocab_size, to_transformer_config
 from plt_train.config.schema import ModelConfig, ParallelConfig
 from plt_train.models.common.backends import resolve_backend
 from plt_train.models.init import init_weights
@@ -47,4 +47,4 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
     return [chunk], tconfig, vocab
 
 
-__all__ = ["MODEL_REGISTRY", "ModelFamily", "build_model", "ffn_size", "get_family"]
+__all__ = ["MODEL_REGISTRY", "ModelFamily", "build_model", "get_family"]

@@ -49,7 +49,7 @@ def init_weights(model_chunks, seed: int, std: float, num_layers: int) -> None:
         for st in _iter_sharded_tensors(chunk.sharded_state_dict()):
             data = st.data
             base = data._base if data._base is not None else data
-            if not any(id(p) == id(base) or id(p) == id(data) for p in chunk.parameters()):
+            if id(base) not in params and id(data) not in params:
                 continue  # buffers (e.g. extra state) are not parameters
             npre = st.prepend_axis_num
             pre_offsets = tuple(st.global_offset[:npre])
@@ -68,4 +68,3 @@ def init_weights(model_chunks, seed: int, std: float, num_layers: int) -> None:
     missing = [n for c in model_chunks for n, p in c.named_parameters() if id(p) not in done]
     if missing:
         raise RuntimeError(f"init_weights: no checkpoint key for parameters {missing}")
-    del params
