@@ -15,10 +15,40 @@ from typing import Optional
 
 
 @dataclass
+class LoopConfig:
+    """Looped decoders (``model.name`` looped or plt): one shared block run ``model.loops`` times.
+
+    Defaults follow the released PLT recipe (PAPERS.md section 1): window 64, loop 1's K/V
+    detached for later loops, non-final loop outputs through the shared final norm.
+    """
+
+    window: int = 64  # G-SWA: each later loop attends to its own last ``window`` tokens
+    gate: str = "query"  # per-head G-SWA gate from the post-RoPE query ("query") or "input"
+    gswa: bool = True  # False: later loops attend to loop 1's K/V only
+    detach_kv: bool = True  # later loops see loop 1's K/V as constants (no gradient into it)
+    emb_scale: float = 1.0  # loop r >= 2 input: emb_scale * Embed(x) + hidden_scale * shift(h)
+    hidden_scale: float = 1.0
+    norm_between_loops: bool = True  # feed the shared final norm of non-final loop outputs
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (BigMac issue). ``layer: dense`` keeps the SwiGLU MLP."""
+
+    layer: str = "dense"  # dense | fine_grained | bigmac
+
+
+@dataclass
 class ModelConfig:
     """A GPT-style decoder: RMSNorm, RoPE, SwiGLU, no biases."""
 
-    name: str = "gpt"  # key in plt_train.models.MODEL_REGISTRY
+    # Key in plt_train.models.MODEL_REGISTRY: gpt (megatron GPTModel), vanilla (our decoder,
+    # one loop), looped (R loops, each feeding the next at the same position), plt (Parallel
+    # Loop Transformer: shift-by-one cross-loop input, shared KV + gated sliding window).
+    name: str = "gpt"
+    loops: int = 1  # R: passes through the shared block (looped and plt)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4

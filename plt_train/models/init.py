@@ -9,7 +9,8 @@ what makes our parity tests meaningful (torchtitan solves the same problem with 
 checkpoint).
 
 Rules (GPT-2 / Megatron-LM): normal(0, std) for weights, std / sqrt(2 * num_layers) for the
-output projections of each residual branch, ones for norm weights.
+output projections of each residual branch, ones for norm weights, zeros for parameters whose
+key contains one of ``_ZERO_INIT`` (PLT's G-SWA gates start at sigmoid(0) = an even blend).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import zlib
 import torch
 
 _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
+_ZERO_INIT = ("gswa_gate",)
 
 
 def _iter_sharded_tensors(sharded):
@@ -54,7 +56,9 @@ def init_weights(model_chunks, seed: int, std: float, num_layers: int) -> None:
             npre = st.prepend_axis_num
             pre_offsets = tuple(st.global_offset[:npre])
             shape = st.global_shape[npre:]
-            if st.key.endswith("norm.weight") or "layer_norm" in st.key or len(shape) == 1:
+            if any(z in st.key for z in _ZERO_INIT):
+                data.zero_()
+            elif st.key.endswith("norm.weight") or "layer_norm" in st.key or len(shape) == 1:
                 data.fill_(1.0)
             else:
                 scale = std / math.sqrt(2 * num_layers) if st.key.endswith(_RESIDUAL_OUTPUTS) else std

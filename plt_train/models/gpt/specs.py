@@ -65,9 +65,11 @@ def te_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def decoder_block_spec(config, backend: str) -> TransformerBlockSubmodules:
+def decoder_block_spec(config, backend: str, mlp: ModuleSpec | None = None,
+                       self_attention: ModuleSpec | None = None) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds plus the final norm.
 
+    ``mlp`` / ``self_attention`` replace the local defaults (MoE layers, looped attention).
     Passing a bare layer spec to ``GPTModel`` would make megatron-core pick its own final norm
     (``WrappedTorchNorm`` on the local backend, which refuses sequence parallelism).
     """
@@ -75,6 +77,6 @@ def decoder_block_spec(config, backend: str) -> TransformerBlockSubmodules:
         from megatron.core.extensions.transformer_engine import TENorm
         layer, norm = te_layer_spec(), TENorm
     else:
-        layer, norm = local_layer_spec(), RMSNorm
+        layer, norm = local_layer_spec(self_attention=self_attention, mlp=mlp), RMSNorm
     n = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
