@@ -25,7 +25,23 @@ def _gpt_family() -> ModelFamily:
     return ModelFamily(build=build_gpt, flops_per_sequence=flops_per_sequence_from_config)
 
 
-MODEL_REGISTRY: dict[str, Callable[[], ModelFamily]] = {"gpt": _gpt_family}
+def _looped_family(kind: str) -> Callable[[], ModelFamily]:
+    def family() -> ModelFamily:
+        from functools import partial
+
+        from plt_train.models.plt import build_looped
+        from plt_train.models.plt.flops import looped_flops_per_sequence
+        return ModelFamily(build=build_looped(kind),
+                           flops_per_sequence=partial(looped_flops_per_sequence, kind=kind))
+    return family
+
+
+MODEL_REGISTRY: dict[str, Callable[[], ModelFamily]] = {
+    "gpt": _gpt_family,
+    "vanilla": _looped_family("vanilla"),
+    "looped": _looped_family("looped"),
+    "plt": _looped_family("plt"),
+}
 
 
 def get_family(name: str) -> ModelFamily:

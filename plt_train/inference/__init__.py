@@ -1,0 +1,6 @@
+"""Inference: KV caches (full and rolling-window) and the generator with PLT's one-pass
+decode step."""
+from plt_train.inference.cache import KVCache
+from plt_train.inference.generator import Generation, Generator, sample
+
+__all__ = ["Generation", "Generator", "KVCache", "sample"]

@@ -1,0 +1,138 @@
+"""KV-cached generation for the looped decoders, with PLT's one-pass decode step.
+
+- Prefill is the training-style forward over the (left-padded) prompts; it fills the caches
+  and keeps, per sequence, the last position's output of every non-final loop.
+- Decode, ``vanilla`` / ``looped``: the R loops of a new position run one after another
+  (loop r needs loop r-1's output at the same position), each against its own full cache.
+- Decode, ``plt``: every loop's input is already known (loop 1: the new token's embedding;
+  loop r: that embedding plus loop r-1's output at the PREVIOUS position), so the R rows go
+  through the shared block as ONE batch of R*B rows; row R gives the logits, rows 1..R-1 are
+  kept for the next step.
+
+Greedy (temperature 0) or temperature + top-p (nucleus) sampling; prompts of different
+lengths are left-padded and masked, with RoPE positions counted from each prompt's start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from plt_train.inference.cache import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: list  # generated token ids per prompt (stopped at eos when given)
+    step_logits: torch.Tensor  # [B, new_tokens, vocab]: the logits each new token came from
+    prompt_logits: torch.Tensor  # [B, T0, vocab] prefill logits (left-padded layout)
+    pad: list  # left padding of each prompt in prompt_logits
+    kv_bytes: int
+
+
+class Generator:
+    def __init__(self, model):
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_world_size() != 1 or \
+                ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("generation runs on one process (TP=1, PP=1)")
+        self.model = model.eval()
+        self.kind, self.loops = model.kind, model.loops
+        self.one_pass = self.kind == "plt" and self.loops > 1
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        attn = self.model.decoder.layers[0].self_attention
+        if self.one_pass:
+            full, windows = [0], list(range(1, self.loops))
+        else:
+            full, windows = list(range(self.loops)), []
+        window = self.model.opts.window if windows else 0
+        return KVCache(batch=batch, max_len=max_len,
+                       layer_numbers=[l.layer_number for l in self.model.decoder.layers],
+                       kv_heads=attn.num_query_groups_per_partition,
+                       head_dim=attn.hidden_size_per_attention_head, full_loops=full,
+                       window_loops=windows, window=window, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache):
+        """tokens/valid [B, T0] (left-padded) -> (logits [B, T0, V], fed-on loop outputs)."""
+        m = self.model
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache.valid[:, :tokens.shape[1]] = valid
+        hidden, fed = m.run_loops(m.embed(tokens, positions), m.rope_at(positions),
+                                  key_valid=valid, cache=cache)
+        m.loop_state.begin()
+        cache.advance(tokens.shape[1])
+        return m.head(hidden), [f[-1:] for f in fed]
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, position: torch.Tensor, fed: list, cache: KVCache):
+        """One new token per sequence (token/position [B]) -> (logits [B, V], fed)."""
+        m, R, B = self.model, self.loops, token.shape[0]
+        cache.valid[:, cache.length] = True
+        emb = m.embed(token[:, None], position[:, None])  # [1, B, h]
+        rope = m.rope_at(position[:, None])  # [1, B, 1, d]
+        state = m.loop_state
+        if self.one_pass:
+            rows = [emb] + [m.cross_loop_input(emb, f) for f in fed]  # the shift: last step's
+            state.begin(cache=cache, decoding=True)
+            state.row_loops = list(range(R))
+            out = m.run_block(torch.cat(rows, dim=1), rope.repeat(1, R, 1, 1))
+            outs = out.view(1, R, B, -1).unbind(1)
+            fed = [m.between_loops(o) for o in outs[:-1]]
+            hidden = outs[-1]
+        else:
+            x = emb
+            for r in range(R):
+                state.begin(r, cache=cache, decoding=True)
+                hidden = m.run_block(x, rope)
+                x = m.between_loops(hidden)
+        state.begin()
+        cache.advance()
+        return m.head(hidden)[:, -1], fed
+
+    @torch.no_grad()
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> Generation:
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token")
+        pad = [T0 - len(p) for p in prompts]
+        tokens = torch.zeros(B, T0, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, T0, dtype=torch.bool, device=self.device)
+        for b, p in enumerate(prompts):
+            tokens[b, pad[b]:] = torch.tensor(p, dtype=torch.long)
+            valid[b, pad[b]:] = True
+        cache = self.new_cache(B, T0 + max_new_tokens)
+        prompt_logits, fed = self.prefill(tokens, valid, cache)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        position = torch.tensor([len(p) for p in prompts], device=self.device)
+        logits, steps, out = prompt_logits[:, -1], [], []
+        for i in range(max_new_tokens):
+            steps.append(logits)
+            nxt = sample(logits, temperature, top_p, gen)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, fed = self.decode(nxt, position + i, fed, cache)
+        new = torch.stack(out, dim=1).tolist()
+        if eos_id is not None:
+            new = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
+        return Generation(tokens=new, step_logits=torch.stack(steps, dim=1),
+                          prompt_logits=prompt_logits, pad=pad, kv_bytes=cache.kv_bytes())
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """[B, V] -> [B]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -1,0 +1,141 @@
+"""Self-attention of a looped block: plain causal attention, or PLT's shared-KV G-SWA.
+
+``LoopAttention`` is megatron-core's ``SelfAttention`` (same QKV / output projections, same
+tensor-parallel head split, same checkpoint keys) with its core replaced:
+
+- ``looped`` / ``vanilla`` models, and loop 1 of ``plt``: causal attention over the loop's own
+  K/V.  PLT's loop 1 also leaves its (post-RoPE) K/V in the shared ``LoopState`` for the
+  later loops of the same layer.
+- ``plt`` loops r >= 2 (G-SWA): ``y_global`` = causal attention over loop 1's K/V of this
+  layer (detached or not, ``model.loop.detach_kv``); ``y_local`` = causal window-``w``
+  attention over the loop's own K/V; ``y = g * y_global + (1 - g) * y_local`` per head with a
+  zero-initialised sigmoid gate (``gate.py``).  With ``model.loop.gswa=false`` the later
+  loops use ``y_global`` only.
+
+In inference the same module reads and writes ``LoopState.cache`` (``inference.KVCache``):
+looped models keep a full cache per loop; PLT keeps loop 1's full cache and a rolling
+``w``-token cache per later loop, and runs all loops of a decode step as one batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from plt_train.config.schema import LoopConfig
+from plt_train.models.plt import ops
+from plt_train.models.plt.gate import GATES
+from plt_train.models.plt.state import LoopState
+
+
+class LoopAttention(SelfAttention):
+    def __init__(self, config, submodules, layer_number: int,
+                 attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
+                 kind: str = "looped", loops: int = 1, loop: LoopConfig | None = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
+                         pg_collection=pg_collection)
+        if config.context_parallel_size != 1:
+            raise ValueError("looped attention does not support context parallelism")
+        self.kind, self.loops, self.opts = kind, loops, loop or LoopConfig()
+        self.uses_gswa = kind == "plt" and loops > 1
+        self.scale = 1.0 / math.sqrt(self.hidden_size_per_attention_head)
+        self.state = LoopState()  # replaced by the model's shared state
+        if self.uses_gswa and self.opts.gswa:
+            self.gswa_gate = GATES[self.opts.gate](
+                config, self.num_attention_heads_per_partition, self.hidden_size_per_attention_head)
+
+    # -- megatron-core's SelfAttention interface -------------------------------------------
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, **_unused):
+        """hidden_states [s, b, h] (the normed layer input) -> (output [s, b, h], bias)."""
+        q, k, v = self.get_query_key_value_tensors(hidden_states)
+        if rotary_pos_emb is not None:
+            freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            q = apply_rotary_pos_emb(q, freqs, config=self.config)
+            k = apply_rotary_pos_emb(k, freqs, config=self.config)
+        if self.state.decoding:
+            y = self._decode(q, k, v, hidden_states)
+        else:
+            y = self._sequence(q, k, v, hidden_states)
+        s, b = y.shape[:2]
+        return self.linear_proj(y.reshape(s, b, -1))
+
+    # -- whole sequences: training, evaluation, prefill --------------------------------------
+    def _sequence(self, q, k, v, hidden_states):
+        st, loop = self.state, self.state.row_loops[0]
+        cache, valid = st.cache, st.key_valid
+        if not self.uses_gswa or loop == 0:
+            if self.uses_gswa:
+                self._stash_shared_kv(k, v)
+            if cache is not None and cache.has_full(loop):
+                cache.store_full(loop, self.layer_number, k, v)
+            return ops.causal_attention(q, k, v, self.scale, valid)
+        k_shared, v_shared = self._shared_kv()
+        y = ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
+        if cache is not None:
+            cache.store_window(loop, self.layer_number, k, v)
+        if not self.opts.gswa:
+            return y
+        y_local = ops.window_attention(q, k, v, self.scale, self.opts.window, valid)
+        g = self.gswa_gate(q, hidden_states)
+        return g * y + (1 - g) * y_local
+
+    def _stash_shared_kv(self, k, v):
+        """Entries are [k, v, later loops still to read them]."""
+        self.state.shared_kv.setdefault(self.layer_number, []).append([k, v, self.loops - 1])
+
+    def _shared_kv(self):
+        """Loop 1's K/V of this layer for the current sequence.  Micro-batches go through
+        the loops in order (also when pipeline parallelism keeps several in flight), so each
+        later loop reads the oldest entry and the last loop removes it."""
+        queue = self.state.shared_kv[self.layer_number]
+        k, v = queue[0][0], queue[0][1]
+        queue[0][2] -= 1
+        if queue[0][2] == 0:
+            queue.pop(0)
+        if self.opts.detach_kv:
+            k, v = k.detach(), v.detach()
+        return k, v
+
+    # -- one new position per sequence against the cache -----------------------------------
+    def _decode(self, q, k, v, hidden_states):
+        """Rows are loop-major groups of B sequences, one group per loop in ``row_loops``."""
+        st, cache, lnum = self.state, self.state.cache, self.layer_number
+        loops = st.row_loops
+        n = len(loops)
+        B = q.shape[1] // n
+        if not self.uses_gswa:  # looped / vanilla: one loop per pass, its own full cache
+            assert n == 1
+            cache.append_full(loops[0], lnum, k, v)
+            kc, vc, valid = cache.full_view(loops[0], lnum)
+            return ops.cached_attention(q, kc, vc, self.scale, valid)
+        # PLT: row group 0 is loop 1 and extends the shared cache; every row attends to it.
+        assert loops[0] == 0
+        cache.append_full(0, lnum, k[:, :B], v[:, :B])
+        kc, vc, valid = cache.full_view(0, lnum)
+        y = self._fold_rows_into_heads(q, n, B, kc, vc, valid)
+        if n == 1 or not self.opts.gswa:
+            return y
+        locals_ = []
+        for i, loop in enumerate(loops[1:], start=1):
+            rows = slice(i * B, (i + 1) * B)
+            cache.append_window(loop, lnum, k[:, rows], v[:, rows])
+            kw, vw, wvalid = cache.window_view(loop, lnum)
+            locals_.append(ops.cached_attention(q[:, rows], kw, vw, self.scale, wvalid))
+        y_local = torch.cat(locals_, dim=1)
+        g = self.gswa_gate(q[:, B:], hidden_states[:, B:])
+        return torch.cat([y[:, :B], g * y[:, B:] + (1 - g) * y_local], dim=1)
+
+    def _fold_rows_into_heads(self, q, n, B, kc, vc, valid):
+        """All rows of a position against one cache in ONE attention call: rows become extra
+        query heads of their KV group (one query per head keeps the fast single-query decode
+        path on GPU, KERNELS.md)."""
+        _, _, nq, d = q.shape
+        ng = kc.shape[1]
+        qf = q.view(n, B, ng, nq // ng, d).permute(1, 2, 3, 0, 4).reshape(1, B, nq * n, d)
+        out = ops.cached_attention(qf, kc, vc, self.scale, valid)
+        return out.view(B, ng, nq // ng, n, d).permute(3, 0, 1, 2, 4).reshape(1, n * B, nq, d)

@@ -1,0 +1,129 @@
+"""Looped decoders on megatron-core's ``GPTModel``: ``vanilla`` (R = 1), ``looped``, ``plt``.
+
+The parameters are exactly GPTModel's (embedding, ``decoder.layers``, final norm, output
+layer, plus PLT's G-SWA gates), so the shared block appears once in checkpoints and in the
+parameter count however many loops run, and a ``vanilla`` model is a ``gpt`` model.  Only
+``forward`` differs: it runs the block R times.
+
+- ``looped``: loop r's input is loop r-1's output at the same position.
+- ``plt`` (Cross-Loop Parallelism): loop r >= 2's input is
+  ``emb_scale * Embed(x) + hidden_scale * shift(h^(r-1))``, shifted by one token (zero at the
+  first), so at decode time every loop of a step already has its input.
+- ``model.loop.norm_between_loops``: the non-final loop outputs go through the shared final
+  norm before being fed on (the released PLT recipe); we apply the same switch to ``looped``
+  so that the two differ only in CLP and the attention.
+- The loss is on the final loop only.
+
+Pipeline parallelism splits the block's layers over stages and the looped forward runs one
+loop per virtual chunk (``pipeline.py``); this module holds the per-loop pieces it reuses.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from plt_train.config.schema import ModelConfig
+from plt_train.models.gpt.specs import decoder_block_spec, local_self_attention_spec
+from plt_train.models.moe import mlp_spec
+from plt_train.models.plt.attention import LoopAttention
+from plt_train.models.plt.ops import shift_one
+from plt_train.models.plt.state import LoopState
+
+KINDS = ("vanilla", "looped", "plt")
+
+
+def loop_attention_spec(kind: str, model: ModelConfig) -> ModuleSpec:
+    base = local_self_attention_spec()
+    return ModuleSpec(module=LoopAttention, submodules=base.submodules, params={
+        "attn_mask_type": AttnMaskType.causal, "kind": kind, "loops": model.loops,
+        "loop": model.loop})
+
+
+class LoopedGPTModel(GPTModel):
+    def __init__(self, model: ModelConfig, tconfig, vocab_size: int, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown looped model kind {kind!r}")
+        spec = decoder_block_spec(tconfig, "local", mlp=mlp_spec(model),
+                                  self_attention=loop_attention_spec(kind, model))
+        super().__init__(
+            config=tconfig, transformer_layer_spec=spec, vocab_size=vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope", rotary_base=int(model.rotary_base))
+        self.kind = kind
+        self.loops = 1 if kind == "vanilla" else model.loops
+        self.opts = model.loop
+        self.loop_state = LoopState()
+        for layer in self.decoder.layers:
+            layer.self_attention.state = self.loop_state
+
+    # -- training / evaluation (no pipeline parallelism: all loops in one call) -------------
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **_unused):
+        emb = self.embed(input_ids, position_ids)
+        rope = self.rotary_pos_emb(input_ids.shape[1])
+        hidden, _ = self.run_loops(emb, rope)
+        return self.head(hidden, labels)
+
+    def run_loops(self, emb, rope, key_valid=None, cache=None):
+        """All R loops over whole sequences -> (last loop's output, fed-on outputs of the
+        non-final loops)."""
+        x, fed = emb, []
+        for r in range(self.loops):
+            self.loop_state.begin(r, key_valid=key_valid, cache=cache)
+            h = self.run_block(x, rope)
+            if r == self.loops - 1:
+                return h, fed
+            fed.append(self.between_loops(h))
+            x = self.next_loop_input(emb, fed[-1], key_valid)
+
+    # -- the per-loop pieces ----------------------------------------------------------------
+    def embed(self, input_ids, position_ids):
+        return self.embedding(input_ids=input_ids, position_ids=position_ids)
+
+    def run_block(self, x, rope):
+        for layer in self.decoder.layers:
+            x, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+        return x
+
+    def between_loops(self, h):
+        return self.decoder.final_layernorm(h) if self.opts.norm_between_loops else h
+
+    def next_loop_input(self, emb, fed, key_valid=None):
+        if self.kind != "plt":
+            return fed
+        return self.cross_loop_input(emb, self.shift(fed, key_valid))
+
+    def cross_loop_input(self, emb, previous):
+        """PLT's loop r >= 2 input from the previous position's loop r-1 output."""
+        return self.opts.emb_scale * emb + self.opts.hidden_scale * previous
+
+    def shift(self, h, key_valid=None):
+        """Shift by one token.  Under sequence parallelism each TP rank holds a slice of the
+        sequence, so the shift crosses slices: gather, shift, take our slice back."""
+        if not self.config.sequence_parallel:
+            return shift_one(h, key_valid)
+        full = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        return scatter_to_sequence_parallel_region(shift_one(full, key_valid))
+
+    def head(self, hidden, labels=None):
+        """Final norm, LM head, and the per-token loss (labels) or [b, s, vocab] logits."""
+        hidden = self.decoder.final_layernorm(hidden)
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else None)
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE frequencies for explicit positions [b, s] -> [s, b, 1, dim] (inference)."""
+        table = self.rotary_pos_emb(int(positions.max()) + 1)  # [T, 1, 1, dim]
+        return table[positions.t()].flatten(2, 3)
