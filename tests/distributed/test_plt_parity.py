@@ -1,8 +1,12 @@
-"""Looped decoders under tensor and data parallelism match the single process (fp32, gloo).
+"""Looped decoders under tensor, sequence, data and pipeline parallelism match the single
+process (fp32, gloo).
 
-Same seed, same data, 5 optimizer steps: looped-2 and PLT-2 (window 8 < sequence 64, so the
-G-SWA local branch and the shift both matter) at TP=2 (heads and gates split), DP=2, and
-TP=2 with sequence parallelism (the cross-loop shift then crosses the TP ranks' slices).
+Same seed, same data, 5 optimizer steps: looped-2 and PLT-2/3 (window 8 < sequence 64, so the
+G-SWA local branch and the shift both matter) at TP=2 (heads and gates split), DP=2, TP=2
+with sequence parallelism (the cross-loop shift then crosses the TP ranks' slices) and PP=2
+(each loop a virtual pipeline chunk of megatron's interleaved schedule; with
+``detach_kv=false`` the later loops' gradient into loop 1's K/V is handed over between the
+chunks' backward passes).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ MODELS = {
     "plt2": ["model.name=plt"],
     "plt2_input_gate_no_detach": ["model.name=plt", "model.loop.gate=input",
                                   "model.loop.detach_kv=false"],
+    "plt3_no_detach": ["model.name=plt", "model.loops=3", "model.loop.detach_kv=false"],
 }
 
 
@@ -44,8 +49,11 @@ def references(tmp_path_factory, data_cache):
     ("plt2", []),
     ("plt2", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     ("plt2_input_gate_no_detach", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    ("looped2", ["parallel.pipeline=2"]),
+    ("plt2", ["parallel.pipeline=2"]),
+    ("plt3_no_detach", ["parallel.pipeline=2"]),
 ], ids=["looped2-tp2", "looped2-dp2", "plt2-tp2", "plt2-dp2", "plt2-tp2_sp",
-        "plt2_input_gate_no_detach-tp2_sp"])
+        "plt2_input_gate_no_detach-tp2_sp", "looped2-pp2", "plt2-pp2", "plt3_no_detach-pp2"])
 def test_looped_models_match_single_process(model, layout, references, tmp_path):
     reference = references(model)
     run_train(tmp_path, COMMON + MODELS[model] + layout, nproc=2)

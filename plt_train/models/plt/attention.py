@@ -74,7 +74,7 @@ class LoopAttention(SelfAttention):
             if cache is not None and cache.has_full(loop):
                 cache.store_full(loop, self.layer_number, k, v)
             return ops.causal_attention(q, k, v, self.scale, valid)
-        k_shared, v_shared = self._shared_kv()
+        k_shared, v_shared = self._shared_kv(loop)
         y = ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
         if cache is not None:
             cache.store_window(loop, self.layer_number, k, v)
@@ -85,18 +85,30 @@ class LoopAttention(SelfAttention):
         return g * y + (1 - g) * y_local
 
     def _stash_shared_kv(self, k, v):
-        """Entries are [k, v, later loops still to read them]."""
-        self.state.shared_kv.setdefault(self.layer_number, []).append([k, v, self.loops - 1])
+        """Queue loop 1's K/V once for each later loop (a FIFO per (layer, loop)).
 
-    def _shared_kv(self):
-        """Loop 1's K/V of this layer for the current sequence.  Micro-batches go through
-        the loops in order (also when pipeline parallelism keeps several in flight), so each
-        later loop reads the oldest entry and the last loop removes it."""
-        queue = self.state.shared_kv[self.layer_number]
-        k, v = queue[0][0], queue[0][1]
-        queue[0][2] -= 1
-        if queue[0][2] == 0:
-            queue.pop(0)
+        Micro-batches go through each loop in order, also when pipeline parallelism keeps
+        several in flight and interleaves loops (pipeline.py), so each later loop pops the
+        oldest entry of its own queue.  When the loops are separate pipeline chunks with
+        separate backward passes (later loops first), the later loops get leaf copies of K/V
+        and a hook adds the gradient they collected to loop 1's own K/V gradient, which then
+        flows on through loop 1's graph; otherwise the later loops' backward would run
+        through loop 1's graph early and free it before loop 1's own backward.
+        """
+        if self.state.split_loops and not self.opts.detach_kv and k.requires_grad:
+            k, v = (self._hand_over_grad(t) for t in (k, v))
+        for loop in range(1, self.loops):
+            self.state.shared_kv.setdefault((self.layer_number, loop), []).append((k, v))
+
+    @staticmethod
+    def _hand_over_grad(t):
+        leaf = t.detach().requires_grad_(True)
+        t.register_hook(lambda g: g if leaf.grad is None else g + leaf.grad)
+        return leaf
+
+    def _shared_kv(self, loop: int):
+        """Loop 1's K/V of this layer for the sequence loop ``loop`` is processing."""
+        k, v = self.state.shared_kv[(self.layer_number, loop)].pop(0)
         if self.opts.detach_kv:
             k, v = k.detach(), v.detach()
         return k, v

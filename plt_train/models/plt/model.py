@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import make_viewless_tensor
 
 from plt_train.config.schema import ModelConfig
 from plt_train.models.gpt.specs import decoder_block_spec, local_self_attention_spec
@@ -67,10 +68,34 @@ class LoopedGPTModel(GPTModel):
 
     # -- training / evaluation (no pipeline parallelism: all loops in one call) -------------
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **_unused):
+        if not (self.pre_process and self.post_process):  # a pipeline stage, one loop
+            return self.forward_loop(0, input_ids, position_ids, labels,
+                                     self.decoder.input_tensor)
         emb = self.embed(input_ids, position_ids)
         rope = self.rotary_pos_emb(input_ids.shape[1])
         hidden, _ = self.run_loops(emb, rope)
         return self.head(hidden, labels)
+
+    def forward_loop(self, loop: int, input_ids, position_ids, labels=None, received=None):
+        """Loop ``loop`` over this pipeline stage's layers (one virtual chunk, pipeline.py).
+
+        ``received`` is the previous stage's output or, on the first stage for loop r >= 2,
+        the last stage's fed-on output of loop r-1.  The last stage returns the next loop's
+        feed, or the loss (labels) / logits after the final loop.
+        """
+        rope = self.rotary_pos_emb(input_ids.shape[1])
+        if self.pre_process:
+            emb = self.embed(input_ids, position_ids)
+            x = emb if loop == 0 else self.next_loop_input(emb, received)
+        else:
+            x = received
+        self.loop_state.begin(loop)
+        h = self.run_block(x, rope)
+        if not self.post_process:
+            return make_viewless_tensor(h, requires_grad=True, keep_graph=True)
+        if loop == self.loops - 1:
+            return self.head(h, labels)
+        return make_viewless_tensor(self.between_loops(h), requires_grad=True, keep_graph=True)
 
     def run_loops(self, emb, rope, key_valid=None, cache=None):
         """All R loops over whole sequences -> (last loop's output, fed-on outputs of the

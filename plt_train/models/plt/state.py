@@ -19,12 +19,15 @@ class LoopState:
     # Training and prefill run one loop at a time: [r].  PLT's one-pass decode: [0, 1, ..., R-1],
     # the batch dimension holding R groups of B sequences (loop-major).
     row_loops: list = field(default_factory=lambda: [0])
-    # PLT: loop 1's (K, V) per layer number for the sequence being processed; later loops read
-    # them.  In pipeline-parallel training, a FIFO per layer (one entry per micro-batch).
+    # PLT: loop 1's (K, V) queued per (layer number, later loop); each later loop pops its own
+    # (one entry per sequence / micro-batch in flight).
     shared_kv: dict = field(default_factory=dict)
     key_valid: Optional[torch.Tensor] = None  # [b, s] real tokens (batched inference)
     cache: Optional[object] = None  # inference.KVCache during prefill and decode
     decoding: bool = False  # one new position per sequence against the cache
+    # Pipeline parallel: each loop is its own virtual chunk with its own backward pass
+    # (pipeline.py), so gradients into loop 1's K/V are handed over by a hook (attention.py).
+    split_loops: bool = False
 
     def begin(self, loop: int = 0, *, key_valid=None, cache=None, decoding=False) -> None:
         self.row_loops = [loop]
