@@ -189,3 +189,23 @@ def test_flops_count_every_loop_and_the_window_not_full_attention():
     causal, local = 256 * 257 // 2, window_pairs(256, 16)
     assert plt_["attn_scores"] == int(van["attn_scores"] * (3 + 2 * local / causal))
     assert plt_["gswa_gate"] == 2 * 2 * 256 * 2 * 64  # (R-1) x layers x S x 2*heads*d
+
+
+def test_tiny_plt_overfits_a_small_batch(one_rank):
+    """Memorising two random sequences: only possible if gradients reach every part."""
+    model, _ = build(one_rank, "plt", 2, std=0.02)
+    model.train()
+    tok, pos = tokens(batch=2, seed=3)
+    labels = torch.roll(tok, -1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = model(tok, pos, None, labels=labels).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 4.0  # about ln(100) at the start
+    assert losses[-1] < 0.2, losses[::25]
+    gates = [p for n, p in model.named_parameters() if "gswa_gate" in n]
+    assert all(p.abs().sum() > 0 for p in gates)  # the gates learned too

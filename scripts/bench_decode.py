@@ -1,0 +1,201 @@
+"""Decode benchmark: per-token latency and KV-cache bytes of vanilla, looped and PLT models.
+
+    python scripts/bench_decode.py                     # CPU default (a few minutes)
+    python scripts/bench_decode.py --tiny              # seconds (CI smoke test)
+    python scripts/bench_decode.py --layers 16 --hidden 2048 --heads 16 --groups 4  # GPU
+
+For each model (vanilla; looped R=2, 3; PLT R=2, 3 — same shared block) and batch size
+(1 and 32): a ``--prompt``-token context (1024) in the cache, then ``--new`` (128) decode
+steps timed one by one (device synchronised), after ``--warmup`` untimed steps.
+``ms_per_token`` is the mean step time: one new token for every sequence of the batch.
+
+The cache is filled with random K/V for the prompt instead of running the prefill
+(``--real-prefill`` runs it): a decode step's cost does not depend on the cached values, and a
+1024-token prefill at batch 32 would take minutes on two CPU cores.  Weights are random.
+``kv_bytes`` is the cache at the end (prompt + new tokens).  Targets (issue): PLT-R at most
+1.15x vanilla at batch 1 and 1.3x at batch 32 (looped-R about R x); PLT's KV bytes exactly
+``1 + (R-1) * w / S`` x vanilla.  On CPU the matmuls of 32 x R rows are compute-bound, so the
+batch-32 target is a GPU target (decode there is weight-bandwidth-bound).
+
+Prints a table last; writes JSON (records with model, loops, batch, ms_per_token, kv_bytes,
+device, ...) and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = [("vanilla", 1), ("looped", 2), ("looped", 3), ("plt", 2), ("plt", 3)]
+
+
+def build(name, loops, args, device, dtype):
+    from plt_train.config.schema import LoopConfig, ModelConfig, ParallelConfig
+    from plt_train.models import build_model
+    from plt_train.runtime.device import megatron_device_kwargs
+
+    m = ModelConfig(name=name, loops=loops, num_layers=args.layers, hidden_size=args.hidden,
+                    num_attention_heads=args.heads, num_query_groups=args.groups,
+                    seq_length=args.prompt + args.new + args.warmup,
+                    loop=LoopConfig(window=args.window))
+    chunks, _, _ = build_model(m, ParallelConfig(), args.vocab, dtype,
+                               megatron_device_kwargs(device), 0, device.device)
+    return chunks[0].eval()
+
+
+def synthetic_prefill(gen, batch, args, device):
+    """A cache holding ``--prompt`` random positions, and random fed-on loop outputs."""
+    cache = gen.new_cache(batch, args.prompt + args.new + args.warmup)
+    g = torch.Generator(device=device).manual_seed(0)
+    for k, v in (*cache.full.values(), *cache.win.values()):
+        for t in (k, v):
+            t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32))
+    cache.valid[:, :args.prompt] = True
+    for mask in cache.win_valid.values():
+        mask[:] = True
+    cache.advance(args.prompt)
+    fed = [torch.randn(1, batch, args.hidden, generator=g, device=device).to(gen.dtype)
+           for _ in range(gen.loops - 1)] if gen.one_pass else []
+    return cache, fed
+
+
+def bench_one(name, loops, batch, args, device, dtype) -> dict:
+    from plt_train.inference import Generator
+
+    model = build(name, loops, args, device, dtype)
+    gen = Generator(model)
+    sync = torch.cuda.synchronize if device.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        if args.real_prefill:
+            prompts = [[(7 * i + b) % args.vocab for i in range(args.prompt)]
+                       for b in range(batch)]
+            tokens = torch.tensor(prompts, device=device.device)
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+            cache = gen.new_cache(batch, args.prompt + args.new + args.warmup)
+            _, fed = gen.prefill(tokens, valid, cache)
+        else:
+            cache, fed = synthetic_prefill(gen, batch, args, device.device)
+        token = torch.zeros(batch, dtype=torch.long, device=device.device)
+        times = []
+        for i in range(args.warmup + args.new):
+            position = torch.full((batch,), cache.length, device=device.device)
+            sync()
+            start = time.perf_counter()
+            logits, fed = gen.decode(token, position, fed, cache)
+            token = logits.argmax(-1)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    S = cache.length
+    return {"model": name, "loops": loops, "batch": batch,
+            "ms_per_token": 1e3 * statistics.fmean(times),
+            "ms_per_token_median": 1e3 * statistics.median(times),
+            "kv_bytes": cache.kv_bytes(), "cached_positions": S, "window": args.window,
+            "kv_bound": 1 + (loops - 1) * args.window / S if name == "plt" else None,
+            "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "layers": args.layers, "hidden": args.hidden, "prefill": "real" if
+            args.real_prefill else "synthetic"}
+
+
+def device_name(device) -> str:
+    if device.is_cuda:
+        return torch.cuda.get_device_name()
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def add_ratios(records: list) -> None:
+    base = {r["batch"]: r for r in records if r["model"] == "vanilla"}
+    for r in records:
+        b = base.get(r["batch"])
+        if b:
+            r["latency_vs_vanilla"] = r["ms_per_token"] / b["ms_per_token"]
+            r["kv_vs_vanilla"] = r["kv_bytes"] / b["kv_bytes"]
+
+
+def plot(records: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in records})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{m}-{R}" if m != "vanilla" else "vanilla" for m, R in MODELS]
+    width = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        rows = {(r["model"], r["loops"]): r for r in records if r["batch"] == b}
+        xs = [j + i * width for j in range(len(MODELS))]
+        axes[0].bar(xs, [rows[k]["latency_vs_vanilla"] if k in rows else 0 for k in MODELS],
+                    width, label=f"batch {b}")
+    axes[0].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(MODELS))], labels)
+    axes[0].axhline(1.0, color="k", lw=0.5)
+    axes[0].set_ylabel("decode latency / vanilla")
+    axes[0].legend()
+    rows = {(r["model"], r["loops"]): r for r in records if r["batch"] == batches[0]}
+    axes[1].bar(labels, [rows[k]["kv_vs_vanilla"] if k in rows else 0 for k in MODELS])
+    axes[1].set_ylabel("KV-cache bytes / vanilla")
+    fig.suptitle(f"decode on {records[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--real-prefill", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_decode")
+    args = ap.parse_args()
+    if args.tiny:
+        args.layers, args.hidden, args.heads, args.groups = 2, 64, 4, 2
+        args.vocab, args.window, args.prompt, args.new, args.batch = 256, 8, 32, 6, [1, 4]
+    warnings.filterwarnings("ignore")
+    from plt_train.runtime import detect_device, init_distributed
+    from plt_train.runtime.device import resolve_dtype
+
+    device = detect_device()
+    init_distributed(device)
+    dtype = resolve_dtype("auto", device)
+    records = []
+    for batch in args.batch:
+        for name, loops in MODELS:
+            r = bench_one(name, loops, batch, args, device, dtype)
+            print(f"[bench_decode] {name}-{loops} batch {batch}: {r['ms_per_token']:.2f} ms/token",
+                  flush=True)
+            records.append(r)
+    add_ratios(records)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_decode.json").write_text(json.dumps(records, indent=2))
+    plot(records, args.out / "bench_decode.png")
+    print(f"\ndevice: {records[0]['device']}, {records[0]['dtype']}, {args.layers} layers, "
+          f"d={args.hidden}, prompt {args.prompt}, {args.new} new tokens, window {args.window}")
+    print(f"{'model':10} {'batch':>5} {'ms/token':>9} {'x vanilla':>9} {'KV MiB':>9} "
+          f"{'KV x van.':>9} {'KV bound':>9}")
+    for r in records:
+        bound = f"{r['kv_bound']:.4f}" if r["kv_bound"] else "-"
+        print(f"{r['model'] + '-' + str(r['loops']):10} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
+              f"{r['latency_vs_vanilla']:>9.2f} {r['kv_bytes'] / 2**20:>9.2f} "
+              f"{r['kv_vs_vanilla']:>9.4f} {bound:>9}")
+    print(f"JSON and plot in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
