@@ -35,6 +35,7 @@ setup(
             "plt-train=plt_train.train:main",
             "plt-preprocess=plt_train.preprocess:main",
             "plt-dryrun=plt_train.dryrun:main",
+            "plt-generate=plt_train.generate:main",
         ],
     },
 )

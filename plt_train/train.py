@@ -59,8 +59,12 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     optimizer = build_optimizer(chunks, cfg.optim, p, dtype)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     from megatron.core.distributed import finalize_model_grads
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    # Gradients are finalised over the modules themselves, also when the schedule runs several
+    # virtual chunks that share them (looped models under pipeline parallelism).
+    tconfig.finalize_model_grads_func = lambda _stages, *a, **kw: finalize_model_grads(
+        chunks, *a, **kw)
     tconfig.no_sync_func = chunks[0].no_sync
+    stages = get_family(cfg.model.name).schedule_chunks(chunks)
 
     # 4. Resume (model, optimizer, schedule, data position, RNG).
     ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
@@ -82,7 +86,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     def validation_loss() -> float:
         it = build_data_iterator(valid_ds, 0, t.micro_batch_size, dims.dp_rank, dp, 0)
         loss = evaluate(chunks, it, t.eval_iters, num_microbatches, seq, t.micro_batch_size,
-                        device.device)
+                        device.device, stages)
         return broadcast_from_last_rank(loss)
 
     # 6. Metrics.
@@ -108,14 +112,15 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     while state.step < t.steps:
         start = time.perf_counter()
         out = train_step(chunks, optimizer, scheduler, train_iter, num_microbatches, seq,
-                         t.micro_batch_size, device.device)
+                         t.micro_batch_size, device.device, stages)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         loss = broadcast_from_last_rank(out["loss"])
         elapsed = time.perf_counter() - start
         last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
                 **meter.update(state.step, tokens_per_step,
-                               flops.training * t.global_batch_size, elapsed)}
+                               flops.training * t.global_batch_size, elapsed),
+                **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)
         if state.step % t.log_interval == 0 or state.step == t.steps:
             loggers.log(state.step, last)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
@@ -134,6 +139,14 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                       flush=True)
             break
     preemption.restore()
+    if cfg.sample.prompt and state.step >= t.steps:
+        from plt_train.inference import sample_after_training
+        text = sample_after_training(chunks, prepared.tokenizer, cfg.sample)
+        if logging_rank:
+            print(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None
+                  else "[plt_train] sample: needs a looped model at TP=PP=1 (use plt-generate)",
+                  flush=True)
+        last["sample"] = text
     loggers.close()
     return {"step": state.step, **last}
 

@@ -6,7 +6,8 @@
 
 For each model (vanilla; looped R=2, 3; PLT R=2, 3 — same shared block) and batch size
 (1 and 32): a ``--prompt``-token context (1024) in the cache, then ``--new`` (128) decode
-steps timed one by one (device synchronised), after ``--warmup`` untimed steps.
+steps timed one by one (device synchronised), after ``--warmup`` untimed steps, the models
+taking turns step by step so that load drifting on a shared machine hits them alike.
 ``ms_per_token`` is the mean step time: one new token for every sequence of the batch.
 
 The cache is filled with random K/V for the prompt instead of running the prefill
@@ -68,42 +69,52 @@ def synthetic_prefill(gen, batch, args, device):
     return cache, fed
 
 
-def bench_one(name, loops, batch, args, device, dtype) -> dict:
+def bench_batch(models, batch, args, device, dtype) -> list:
+    """All models at one batch size, timed round-robin (step i of every model, then step
+    i+1, ...) so that drifting load on a shared machine hits every model alike."""
     from plt_train.inference import Generator
 
-    model = build(name, loops, args, device, dtype)
-    gen = Generator(model)
     sync = torch.cuda.synchronize if device.is_cuda else (lambda: None)
+    runs = []
+    gens = [Generator(m) for m in models]
     with torch.inference_mode():
-        if args.real_prefill:
-            prompts = [[(7 * i + b) % args.vocab for i in range(args.prompt)]
-                       for b in range(batch)]
-            tokens = torch.tensor(prompts, device=device.device)
-            valid = torch.ones_like(tokens, dtype=torch.bool)
-            cache = gen.new_cache(batch, args.prompt + args.new + args.warmup)
-            _, fed = gen.prefill(tokens, valid, cache)
-        else:
-            cache, fed = synthetic_prefill(gen, batch, args, device.device)
-        token = torch.zeros(batch, dtype=torch.long, device=device.device)
-        times = []
+        for gen in gens:
+            if args.real_prefill:
+                tokens = torch.tensor([[(7 * i + b) % args.vocab for i in range(args.prompt)]
+                                       for b in range(batch)], device=device.device)
+                cache = gen.new_cache(batch, args.prompt + args.new + args.warmup)
+                _, fed = gen.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), cache)
+            else:
+                cache, fed = synthetic_prefill(gen, batch, args, device.device)
+            token = torch.zeros(batch, dtype=torch.long, device=device.device)
+            runs.append({"gen": gen, "cache": cache, "fed": fed, "token": token, "times": []})
         for i in range(args.warmup + args.new):
-            position = torch.full((batch,), cache.length, device=device.device)
-            sync()
-            start = time.perf_counter()
-            logits, fed = gen.decode(token, position, fed, cache)
-            token = logits.argmax(-1)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-    S = cache.length
-    return {"model": name, "loops": loops, "batch": batch,
+            for run in runs:
+                cache = run["cache"]
+                position = torch.full((batch,), cache.length, device=device.device)
+                sync()
+                start = time.perf_counter()
+                logits, run["fed"] = run["gen"].decode(run["token"], position, run["fed"], cache)
+                run["token"] = logits.argmax(-1)
+                sync()
+                if i >= args.warmup:
+                    run["times"].append(time.perf_counter() - start)
+    records = []
+    for (name, loops), run in zip(MODELS, runs):
+        times, S = run["times"], run["cache"].length
+        records.append({
+            "model": name, "loops": loops, "batch": batch,
             "ms_per_token": 1e3 * statistics.fmean(times),
             "ms_per_token_median": 1e3 * statistics.median(times),
-            "kv_bytes": cache.kv_bytes(), "cached_positions": S, "window": args.window,
+            "kv_bytes": run["cache"].kv_bytes(), "cached_positions": S, "window": args.window,
             "kv_bound": 1 + (loops - 1) * args.window / S if name == "plt" else None,
             "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "layers": args.layers, "hidden": args.hidden, "prefill": "real" if
-            args.real_prefill else "synthetic"}
+            "layers": args.layers, "hidden": args.hidden,
+            "prefill": "real" if args.real_prefill else "synthetic"})
+    del runs
+    if device.is_cuda:
+        torch.cuda.empty_cache()
+    return records
 
 
 def device_name(device) -> str:
@@ -175,11 +186,11 @@ def main() -> None:
     init_distributed(device)
     dtype = resolve_dtype("auto", device)
     records = []
+    models = [build(name, loops, args, device, dtype) for name, loops in MODELS]
     for batch in args.batch:
-        for name, loops in MODELS:
-            r = bench_one(name, loops, batch, args, device, dtype)
-            print(f"[bench_decode] {name}-{loops} batch {batch}: {r['ms_per_token']:.2f} ms/token",
-                  flush=True)
+        for r in bench_batch(models, batch, args, device, dtype):
+            print(f"[bench_decode] {r['model']}-{r['loops']} batch {batch}: "
+                  f"{r['ms_per_token']:.2f} ms/token", flush=True)
             records.append(r)
     add_ratios(records)
     args.out.mkdir(parents=True, exist_ok=True)

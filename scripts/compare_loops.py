@@ -24,7 +24,11 @@ MODELS = {
     "vanilla": ["model.name=vanilla"],
     "looped-2": ["model.name=looped", "model.loops=2"],
     "plt-2": ["model.name=plt", "model.loops=2"],
+    # Optional variants (--models): gradient into loop 1's K/V; the input-projection gate.
+    "plt-2-grad-kv": ["model.name=plt", "model.loops=2", "model.loop.detach_kv=false"],
+    "plt-2-input-gate": ["model.name=plt", "model.loops=2", "model.loop.gate=input"],
 }
+DEFAULT_MODELS = ["vanilla", "looped-2", "plt-2"]
 # CPU default: 2 layers of d=256 on 256-token sequences; PLT's window 64 covers a quarter.
 DEFAULT_SET = ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=4",
                "model.seq_length=256", "train.micro_batch_size=8", "train.global_batch_size=16",
@@ -83,7 +87,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "compare_loops")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

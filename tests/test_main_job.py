@@ -1,4 +1,5 @@
-"""The README's main job, end to end: `make train` on this 2-core machine.
+"""The README's main job, end to end: `make train` on this 2-core machine (the flagship:
+PLT-2 with BigMac MoE layers, experts over 2 expert-parallel ranks).
 
 Acceptance: it finishes in under 10 minutes and its validation loss falls clearly below the
 unigram entropy of the corpus (what a model that ignores context would score).  Also checks
@@ -53,3 +54,6 @@ def test_make_train_default_run(tmp_path, data_cache):
     logged = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(logged) == 200 and logged[-1] == train[-1]["loss"]
     assert "step 200/200" in proc.stdout and "ETA" in proc.stdout  # progress is shown
+    # The flagship: PLT-2 with BigMac layers at EP=2, ending with a one-pass-decoded sample.
+    assert {"a2a_MB", "load_balancing_loss"} <= set(train[-1])
+    assert "[plt_train] sample: 'def main(' -> '" in proc.stdout

@@ -33,6 +33,8 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: t
                           device_kwargs: dict):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from plt_train.models.moe.config import moe_transformer_kwargs  # here: no import cycle
+
     bf16 = dtype == torch.bfloat16
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -61,5 +63,6 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: t
         # Loss = sum over tokens / tokens in the global batch, whatever the DP/micro-batching.
         calculate_per_token_loss=True,
         deallocate_pipeline_outputs=True,
+        **moe_transformer_kwargs(model),
         **device_kwargs,
     )

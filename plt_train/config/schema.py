@@ -33,9 +33,41 @@ class LoopConfig:
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-experts MLPs (BigMac issue). ``layer: dense`` keeps the SwiGLU MLP."""
+    """Mixture-of-experts MLPs (BigMac, arXiv 2502.16927). ``layer: dense`` keeps the SwiGLU MLP.
+
+    * ``fine_grained`` (CDAC, DeepSeekMoE style): top-k over ``num_experts`` small experts
+      ``h -> r*h -> h``; tokens cross the expert-parallel all-to-all at width h.
+    * ``bigmac`` (DCCA): one shared descend projection ``h -> r*h`` before dispatch, experts
+      ``r*h -> h -> r*h`` (same parameters and FLOPs as a fine-grained expert), all-to-all at
+      width r*h both ways, gate-weighted sum at r*h, one ascend projection ``r*h -> h``.
+
+    Defaults are the paper's (r = 0.25, 64 experts, top-8, aux loss 1e-3, capacity factor 1.2).
+    Where the paper is silent we follow Megatron-LM: softmax-then-top-k router in fp32, the
+    Switch-style load-balancing loss, drop by router probability.
+    """
 
     layer: str = "dense"  # dense | fine_grained | bigmac
+    num_experts: int = 64
+    top_k: int = 8
+    ratio: float = 0.25  # r: each expert's width is r * hidden_size (must be a whole number)
+    # SwiGLU follows the rest of the model (3 matrices of r*h x h per expert); "relu" is the
+    # paper's ReLU-like MLP (2 matrices).  Both layer types use the same expert activation.
+    activation: str = "swiglu"  # swiglu | relu
+    # DeepSeekMoE shared experts: always-on SwiGLU MLP of width num_shared_experts * r * h on
+    # the full-width hidden state, added to the routed output (also allowed for bigmac).
+    num_shared_experts: int = 0
+    aux_loss_coeff: float = 1e-3  # Switch load-balancing loss (megatron's "aux_loss"); 0 = off
+    z_loss_coeff: Optional[float] = None  # router z-loss (ST-MoE); None = off
+    # Expert capacity = ceil(tokens * top_k / num_experts * factor) per rank's tokens, as in
+    # megatron-core; over-capacity assignments with the lowest router probability are dropped.
+    # None = dropless (every assignment is computed).
+    capacity_factor: Optional[float] = 1.2
+    router_score_function: str = "softmax"  # softmax | sigmoid (megatron's TopKRouter)
+    router_pre_softmax: bool = False  # softmax over all experts before top-k (else after)
+    # Expert GEMMs: "auto" (Transformer Engine's grouped GEMM when installed and the TE
+    # backend is active, else torch._grouped_mm where it runs, else the loop), "grouped"
+    # (torch._grouped_mm), "loop" (one matmul per expert: the reference), "te".
+    expert_gemm: str = "auto"
 
 
 @dataclass
@@ -143,6 +175,18 @@ class LoggingConfig:
 
 
 @dataclass
+class SampleConfig:
+    """A short continuation generated at the end of training (nanochat-style), on every rank
+    in lockstep (so expert-parallel MoE layers can dispatch); looped models with TP = PP = 1."""
+
+    prompt: Optional[str] = None  # None: no sample
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     run_dir: Optional[str] = None  # None: Hydra's run directory (shared by all ranks)
@@ -153,3 +197,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

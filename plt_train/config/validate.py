@@ -104,5 +104,98 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb_mode", f"unknown {cfg.logging.wandb_mode!r}",
                           "offline, online or disabled")
+    _validate_loops(cfg, dp)
     if cfg.checkpoint.save_interval < 0:
         raise ConfigError("checkpoint.save_interval", "must be >= 0", "0 disables periodic saves")
+    _validate_moe(cfg, world_size)
+
+
+def _validate_loops(cfg: RunConfig, data_parallel: int) -> None:
+    """Looped decoders (model.name vanilla / looped / plt)."""
+    m, p = cfg.model, cfg.parallel
+    if m.loops < 1:
+        raise ConfigError("model.loops", f"must be >= 1, got {m.loops}", "set model.loops=1 or more")
+    if m.name == "gpt" and m.loops != 1:
+        raise ConfigError("model.loops", f"{m.loops} loops need a looped model",
+                          "set model.name=looped or model.name=plt")
+    if m.name == "vanilla" and m.loops != 1:
+        raise ConfigError("model.loops", "vanilla runs its block once",
+                          "set model.name=looped or model.name=plt, or model.loops=1")
+    if m.name not in ("vanilla", "looped", "plt"):
+        return
+    if m.loop.window < 1:
+        raise ConfigError("model.loop.window", f"must be >= 1, got {m.loop.window}",
+                          "use the paper's 64")
+    if m.loop.gate not in ("query", "input"):
+        raise ConfigError("model.loop.gate", f"unknown gate {m.loop.gate!r}", "query or input")
+    t = cfg.train
+    if p.pipeline > 1 and m.loops > 1 and m.name != "vanilla":
+        # One virtual pipeline chunk per loop: megatron's interleaved schedule needs the
+        # micro-batches of a step in groups of the pipeline size.
+        mb = t.global_batch_size // (t.micro_batch_size * data_parallel)
+        if mb % p.pipeline:
+            raise ConfigError("train.global_batch_size", f"{mb} micro-batches per step is not "
+                              f"a multiple of parallel.pipeline={p.pipeline} (looped models run "
+                              "megatron's interleaved schedule, one virtual chunk per loop)",
+                              "use a global batch giving a multiple of pipeline micro-batches")
+    if m.backend == "te":
+        raise ConfigError("model.backend", "looped models use their own attention (local "
+                          "backend only)", "set model.backend=auto or local")
+
+
+def _validate_moe(cfg: RunConfig, world_size: int) -> None:
+    """Mixture-of-experts MLPs (``model.moe``, plt_train/models/moe)."""
+    from plt_train.models.common.backends import have_transformer_engine
+
+    m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
+    if moe.layer not in ("dense", "fine_grained", "bigmac"):
+        raise ConfigError("model.moe.layer", f"unknown layer {moe.layer!r}",
+                          "dense, fine_grained or bigmac")
+    if moe.layer == "dense":
+        if p.expert > 1:
+            raise ConfigError("parallel.expert", f"expert parallelism ({p.expert}) needs MoE "
+                              "layers, the model is dense",
+                              "set model.moe.layer=fine_grained or bigmac, or parallel.expert=1")
+        return
+    if moe.num_experts < 1:
+        raise ConfigError("model.moe.num_experts", f"must be >= 1, got {moe.num_experts}",
+                          "the paper uses 64")
+    if moe.num_experts % p.expert:
+        raise ConfigError("model.moe.num_experts", f"{moe.num_experts} experts are not "
+                          f"divisible by parallel.expert={p.expert} (each expert-parallel rank "
+                          "holds the same number of experts)",
+                          f"use a multiple of {p.expert} experts or an expert-parallel size "
+                          f"that divides {moe.num_experts}")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError("model.moe.top_k", f"{moe.top_k} is not in [1, num_experts="
+                          f"{moe.num_experts}]", "route each token to 1..num_experts experts")
+    width = moe.ratio * m.hidden_size
+    if moe.ratio <= 0 or abs(width - round(width)) > 1e-6 or round(width) < 1:
+        raise ConfigError("model.moe.ratio", f"r * hidden_size = {moe.ratio} * {m.hidden_size} "
+                          f"= {width:g} is not a positive whole number",
+                          "pick r so that r * hidden_size is an integer (the expert width)")
+    if moe.activation not in ("swiglu", "relu"):
+        raise ConfigError("model.moe.activation", f"unknown {moe.activation!r}", "swiglu or relu")
+    if moe.expert_gemm not in ("auto", "grouped", "loop", "te"):
+        raise ConfigError("model.moe.expert_gemm", f"unknown {moe.expert_gemm!r}",
+                          "auto, grouped, loop or te")
+    if moe.expert_gemm == "te" and not have_transformer_engine():
+        raise ConfigError("model.moe.expert_gemm", "te requested but Transformer Engine is not "
+                          "installed", "use model.moe.expert_gemm=auto")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError("model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}",
+                          "use e.g. 1.2, or null for dropless routing")
+    if moe.aux_loss_coeff < 0:
+        raise ConfigError("model.moe.aux_loss_coeff", "must be >= 0", "the paper uses 1e-3")
+    if moe.num_shared_experts < 0:
+        raise ConfigError("model.moe.num_shared_experts", "must be >= 0", "0 disables them")
+    if moe.router_score_function not in ("softmax", "sigmoid"):
+        raise ConfigError("model.moe.router_score_function",
+                          f"unknown {moe.router_score_function!r}", "softmax or sigmoid")
+    if p.tensor > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", "MoE layers with tensor parallelism "
+                          "need sequence parallelism (megatron-core refuses TP without it)",
+                          "set parallel.sequence_parallel=true")
+    if p.context > 1:
+        raise ConfigError("parallel.context", "our MoE layers are not tested with context "
+                          "parallelism", "set parallel.context=1")

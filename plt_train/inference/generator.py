@@ -136,3 +136,21 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def sample_after_training(chunks, tokenizer, sample_cfg) -> str | None:
+    """Decode ``sample_cfg.prompt``'s continuation with the trained model (None when this
+    layout or model cannot generate in place; ``plt-generate`` can from the checkpoint)."""
+    from megatron.core import parallel_state as ps
+
+    model = getattr(chunks[0], "module", chunks[0])
+    if len(chunks) != 1 or not hasattr(model, "run_block") or \
+            ps.get_tensor_model_parallel_world_size() != 1 or \
+            ps.get_pipeline_model_parallel_world_size() != 1:
+        return None
+    gen = Generator(model)
+    out = gen.generate([tokenizer.tokenize(sample_cfg.prompt)], sample_cfg.max_new_tokens,
+                       sample_cfg.temperature, sample_cfg.top_p, sample_cfg.seed,
+                       eos_id=tokenizer.eod)
+    model.train()
+    return tokenizer.detokenize(out.tokens[0])

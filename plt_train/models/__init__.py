@@ -17,6 +17,10 @@ from plt_train.models.init import init_weights
 class ModelFamily:
     build: Callable  # (ModelConfig, TransformerConfig, vocab_size, backend) -> MegatronModule
     flops_per_sequence: Callable  # (ModelConfig, vocab_size) -> FlopCount
+    # The chunks megatron's pipeline schedule runs, from this rank's (DDP-wrapped) modules:
+    # the modules themselves, or several virtual chunks sharing them (looped models run one
+    # loop per virtual chunk under pipeline parallelism).
+    schedule_chunks: Callable = lambda chunks: chunks  # noqa: E731
 
 
 def _gpt_family() -> ModelFamily:
@@ -31,8 +35,10 @@ def _looped_family(kind: str) -> Callable[[], ModelFamily]:
 
         from plt_train.models.plt import build_looped
         from plt_train.models.plt.flops import looped_flops_per_sequence
+        from plt_train.models.plt.pipeline import loop_pipeline_chunks
         return ModelFamily(build=build_looped(kind),
-                           flops_per_sequence=partial(looped_flops_per_sequence, kind=kind))
+                           flops_per_sequence=partial(looped_flops_per_sequence, kind=kind),
+                           schedule_chunks=loop_pipeline_chunks)
     return family
 
 

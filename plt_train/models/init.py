@@ -19,7 +19,9 @@ import zlib
 
 import torch
 
-_RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
+# BigMac's ascend projection ends its residual branch too (scaled like megatron-core's latent
+# MoE output projection).
+_RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight", "linear_ascend.weight")
 _ZERO_INIT = ("gswa_gate",)
 
 

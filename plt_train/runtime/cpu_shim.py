@@ -28,6 +28,20 @@ def _to_cpu_device(kwargs: dict) -> dict:
     return kwargs
 
 
+class _NullStream:
+    """Stand-in for a CUDA stream: the MoE alltoall dispatcher's device-to-host copy stream
+    (``_maybe_dtoh_and_synchronize`` records an event on it and synchronises that event)."""
+
+    def wait_stream(self, *_args):
+        return None
+
+    def record_event(self, *_args):
+        return types.SimpleNamespace(synchronize=lambda: None, wait=lambda *_: None)
+
+    def synchronize(self):
+        return None
+
+
 class _CpuCuda:
     """Stand-in for ``torch.cuda`` inside patched megatron modules."""
 
@@ -44,7 +58,7 @@ class _CpuCuda:
 
     @staticmethod
     def Stream(*_args, **_kwargs):  # noqa: N802 - mirrors torch.cuda.Stream
-        return None
+        return _NullStream()
 
     @staticmethod
     def stream(_stream):
@@ -101,8 +115,12 @@ _PROXIED_MODULES = (
     "megatron.core.optimizer.clip_grads",
     # MegatronOptimizer: found_inf / _scale_one / dummy overflow buffers on "cuda"
     "megatron.core.optimizer.optimizer",
-    # MoEAlltoAllTokenDispatcher: torch.cuda.Stream() for the d2h copy of split sizes
+    # MoEAlltoAllTokenDispatcher: torch.cuda.Stream() for the d2h copy of split sizes, an
+    # event recorded on it and synchronised (_maybe_dtoh_and_synchronize)
     "megatron.core.transformer.moe.token_dispatcher",
+    # Router.gating: moves a CPU router weight to torch.cuda.current_device() on every
+    # forward; TopKRouter: expert-bias / global-aux-loss buffers on the current device
+    "megatron.core.transformer.moe.router",
     # _ParamAndGradBuffer.__init__: param/grad buffers on torch.cuda.current_device()
     "megatron.core.distributed.param_and_grad_buffer",
     # DistributedDataParallel.__init__: torch.cuda.Stream for overlapped communication

@@ -64,6 +64,9 @@ def init_distributed(device: DeviceInfo, tp: int = 1, pp: int = 1, cp: int = 1, 
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
+        # Experts are never sharded over TP (plt_train.models.moe): megatron-core's default
+        # (expert TP = TP) would build expert groups our MoE layers do not use.
+        expert_tensor_parallel_size=1,
     )
     return ParallelDims(
         world=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp, cp=cp, ep=ep,

@@ -192,6 +192,15 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state: dict) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def load_model_weights(path: str | os.PathLike, chunks) -> None:
+    """Only the model's weights (inference), into any parallel layout."""
+    from megatron.core import dist_checkpointing
+
+    model = _unwrap(chunks[0])
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
+
+
 def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 

@@ -4,9 +4,19 @@
 all micro-batches of the global batch (gradient accumulation).  The loss is summed over tokens
 and divided by the tokens of the whole global batch (``calculate_per_token_loss``), so any
 DP / micro-batch split computes the same number as one process.
+
+Mixture-of-experts auxiliary losses (load balancing, z-loss) follow Megatron-LM: the router
+attaches each one to its output with ``MoEAuxLossAutoScaler``, so its gradient joins the LM
+loss's in the backward pass (the schedule sets the scale), i.e. the objective optimised is
+``lm loss + coeff * aux loss``.  The reported ``loss`` stays the LM loss (comparable with dense
+models).  Per-step metrics that model components contribute (``training/extra_metrics.py``)
+land in the step's ``extra`` dict: the MoE layers report their aux losses from megatron's own
+tracker (``load_balancing_loss``, ``z_loss``: mean per layer call, before the coefficient, as
+Megatron-LM logs them) and their all-to-all traffic.
 """
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -40,9 +50,17 @@ def _reduce_loss(reports) -> float | None:
 
 def _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
                   device, forward_only):
+    """Several chunks on a pipeline rank (virtual stages) take the interleaved schedule, which
+    wants one data iterator per chunk: each chunk reads every micro-batch once, in order, so
+    they share the one iterator through ``tee``."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    return get_forward_backward_func()(
+    pp = ps.get_pipeline_model_parallel_world_size()
+    vp = len(chunks) if pp > 1 and len(chunks) > 1 else None
+    if vp:
+        data_iterator = list(itertools.tee(data_iterator, vp))
+    return get_forward_backward_func(pp_size=pp, vp_size=vp)(
         forward_step_func=partial(_forward_step, device),
         data_iterator=data_iterator,
         model=chunks,
@@ -54,28 +72,34 @@ def _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_bat
 
 
 def train_step(chunks, optimizer, scheduler, data_iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, device) -> dict:
+               seq_length: int, micro_batch_size: int, device, stages=None) -> dict:
+    """``chunks``: this rank's modules; ``stages``: what the schedule runs (default the
+    modules; virtual chunks sharing them for looped models under pipeline parallelism)."""
+    from plt_train.training.extra_metrics import collect_step_metrics, reset_step_metrics
+
+    reset_step_metrics()
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _run_schedule(chunks, data_iterator, num_microbatches, seq_length,
+    reports = _run_schedule(stages or chunks, data_iterator, num_microbatches, seq_length,
                             micro_batch_size, device, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
+    extra = collect_step_metrics()  # e.g. MoE aux losses and all-to-all traffic
     return {"loss": _reduce_loss(reports), "grad_norm": grad_norm,
-            "lr": optimizer.param_groups[0]["lr"], "skipped": not ok}
+            "lr": optimizer.param_groups[0]["lr"], "skipped": not ok, "extra": extra}
 
 
 @torch.no_grad()
 def evaluate(chunks, data_iterator, iters: int, num_microbatches: int, seq_length: int,
-             micro_batch_size: int, device) -> float | None:
+             micro_batch_size: int, device, stages=None) -> float | None:
     for chunk in chunks:
         chunk.eval()
     reports = []
     for _ in range(iters):
-        reports += _run_schedule(chunks, data_iterator, num_microbatches, seq_length,
-                                 micro_batch_size, device, forward_only=True)
+        reports += _run_schedule(stages or chunks, data_iterator, num_microbatches,
+                                 seq_length, micro_batch_size, device, forward_only=True)
     for chunk in chunks:
         chunk.train()
     return _reduce_loss(reports)

@@ -11,7 +11,7 @@ from plt_train.config.plan import plan
 from tests.config.test_validate import compose_run
 from tests.conftest import REPO
 
-BIG = ["model=1b", "parallel.tensor=8", "parallel.pipeline=4", "train.global_batch_size=1024",
+BIG = ["model=1b", "moe=dense", "parallel=data", "parallel.tensor=8", "parallel.pipeline=4", "train.global_batch_size=1024",
        "train.micro_batch_size=2"]
 
 
@@ -32,7 +32,7 @@ def test_parameter_count_matches_the_built_model():
     from plt_train.runtime import destroy_distributed, detect_device, init_distributed
     from plt_train.runtime.device import megatron_device_kwargs
 
-    cfg = compose_run(["model=debug"])
+    cfg = compose_run(["model=debug", "moe=dense", "parallel=data"])
     dev = detect_device()
     init_distributed(dev)
     try:

@@ -16,10 +16,15 @@ def compose_run(overrides: list[str]) -> RunConfig:
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
+# Each bad config below is one change to the dense GPT baseline (the default is the flagship).
+DENSE_BASELINE = ["model=small", "moe=dense", "parallel=data"]
+
+
 def test_default_config_is_valid_for_two_processes():
     cfg = compose_run([])
     validate(cfg, world_size=2)
-    assert cfg.model.num_layers == 4 and cfg.parallel.tensor == 1
+    assert (cfg.model.name, cfg.model.loops, cfg.model.moe.layer, cfg.parallel.expert) == (
+        "plt", 2, "bigmac", 2)  # the flagship
 
 
 @pytest.mark.parametrize("overrides, world, field, words", [
@@ -36,12 +41,19 @@ def test_default_config_is_valid_for_two_processes():
     (["optim.warmup_steps=1000"], 2, "optim.warmup_steps", "exceeds"),
     (["optim.min_lr=1.0"], 2, "optim.min_lr", "must be in"),
     (["model.name=nope"], 2, "model.name", "unknown model"),
+    (["model.loops=2"], 2, "model.loops", "need a looped model"),
+    (["model.name=vanilla", "model.loops=3"], 2, "model.loops", "runs its block once"),
+    (["model.name=plt", "model.loops=0"], 2, "model.loops", "must be >= 1"),
+    (["model.name=plt", "model.loops=2", "model.loop.window=0"], 2, "model.loop.window", ">= 1"),
+    (["model.name=plt", "model.loops=2", "model.loop.gate=x"], 2, "model.loop.gate", "unknown"),
+    (["model.name=plt", "model.loops=2", "parallel.pipeline=2", "train.global_batch_size=24"],
+     2, "train.global_batch_size", "interleaved schedule"),
     (["model.backend=te"], 2, "model.backend", "not installed"),
     (["model.make_vocab_size_divisible_by=127", "parallel.tensor=2"], 2,
      "model.make_vocab_size_divisible_by", "multiple"),
 ])
 def test_invalid_configs_name_the_field(overrides, world, field, words):
-    cfg = compose_run(overrides)
+    cfg = compose_run(DENSE_BASELINE + overrides)
     with pytest.raises(ConfigError) as err:
         validate(cfg, world)
     assert err.value.field == field

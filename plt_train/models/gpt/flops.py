@@ -84,9 +84,11 @@ def flops_per_sequence_from_config(model_cfg: ModelConfig, vocab_size: int) -> F
 
     ``vocab_size`` is passed separately because the config's may be None until the tokenizer
     is known; pass the PADDED size, since the LM head really multiplies by all of it.  The FFN
-    size comes from the same rule the model builder uses (``config.megatron.ffn_size``).
+    size comes from the same rule the model builder uses (``config.megatron.ffn_size``); with
+    ``model.moe.layer`` fine_grained or bigmac the ``mlp`` component is the MoE layer's
+    (``models/moe/flops.py``: router + active experts + BigMac's projections).
     """
-    return gpt_flops_per_sequence(
+    count = gpt_flops_per_sequence(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
@@ -95,3 +97,14 @@ def flops_per_sequence_from_config(model_cfg: ModelConfig, vocab_size: int) -> F
         seq_length=model_cfg.seq_length,
         vocab_size=vocab_size,
     )
+    if model_cfg.moe.layer == "dense":
+        return count
+    # MoE MLPs (model.moe): the router, the top-k ACTIVE experts and BigMac's descend/ascend
+    # projections replace the dense MLP term (plt_train.models.moe.flops).
+    from plt_train.models.moe.flops import moe_mlp_flops_per_token
+
+    components = dict(count.components)
+    components["mlp"] = (model_cfg.num_layers * model_cfg.seq_length
+                         * moe_mlp_flops_per_token(model_cfg))
+    forward = sum(components.values())
+    return FlopCount(forward=forward, training=3 * forward, components=components)

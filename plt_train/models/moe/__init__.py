@@ -2,6 +2,12 @@
 
 Every decoder builder asks ``mlp_spec`` for its MLP, so any model (GPT, looped, PLT) gets MoE
 layers from ``model.moe`` without knowing about them.
+
+    accounting.py  all-to-all bytes / time counters (measured at the call)
+    config.py      model.moe -> TransformerConfig fields
+    experts.py     grouped-GEMM experts (torch._grouped_mm; per-expert loop reference; TE)
+    layer.py       FineGrainedMoE and BigMacMoE on megatron-core's MoELayer
+    flops.py       MoE FLOPs (active experts only) and the paper's Table 3 formulas
 """
 from __future__ import annotations
 
@@ -10,13 +16,50 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from plt_train.config.schema import ModelConfig
 
 
+def experts_spec(model: ModelConfig) -> ModuleSpec:
+    """Routed experts: fine_grained ``h -> r*h -> h``, bigmac ``r*h -> h -> r*h``."""
+    from plt_train.models.common.backends import resolve_backend
+    from plt_train.models.moe.config import expert_width
+    from plt_train.models.moe.experts import GroupedExperts, TEExperts
+
+    moe, h, w = model.moe, model.hidden_size, expert_width(model)
+    sizes = dict(input_size=h, hidden_size=w) if moe.layer == "fine_grained" else \
+        dict(input_size=w, hidden_size=h)
+    use_te = moe.expert_gemm == "te" or (moe.expert_gemm == "auto"
+                                         and resolve_backend(model.backend) == "te")
+    if use_te:
+        return ModuleSpec(module=TEExperts, params={**sizes, "activation": moe.activation})
+    return ModuleSpec(module=GroupedExperts,
+                      params={**sizes, "activation": moe.activation, "gemm": moe.expert_gemm})
+
+
 def mlp_spec(model: ModelConfig) -> ModuleSpec:
     """The MLP ``ModuleSpec`` of every decoder layer for ``model.moe.layer``."""
     from plt_train.models.gpt.specs import local_mlp_spec
 
-    if model.moe.layer == "dense":
+    layer = model.moe.layer
+    if layer == "dense":
         return local_mlp_spec()
-    raise NotImplementedError(f"model.moe.layer={model.moe.layer!r} is not built yet")
+    if layer not in ("fine_grained", "bigmac"):
+        raise ValueError(f"unknown model.moe.layer {layer!r}: dense, fine_grained or bigmac")
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    from plt_train.models.moe.config import expert_width
+    from plt_train.models.moe.layer import BigMacMoE, FineGrainedMoE, Router, patch_megatron_moe
+
+    patch_megatron_moe()
+    shared = None
+    if model.moe.num_shared_experts:
+        shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    submodules = MoESubmodules(experts=experts_spec(model), shared_experts=shared, router=Router)
+    if layer == "fine_grained":
+        return ModuleSpec(module=FineGrainedMoE, submodules=submodules)
+    return ModuleSpec(module=BigMacMoE, submodules=submodules,
+                      params={"latent_size": expert_width(model)})
 
 
-__all__ = ["mlp_spec"]
+__all__ = ["experts_spec", "mlp_spec"]

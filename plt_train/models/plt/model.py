@@ -101,6 +101,7 @@ class LoopedGPTModel(GPTModel):
         """All R loops over whole sequences -> (last loop's output, fed-on outputs of the
         non-final loops)."""
         x, fed = emb, []
+        self.loop_state.shared_kv.clear()  # all loops run here: nothing may be left over
         for r in range(self.loops):
             self.loop_state.begin(r, key_valid=key_valid, cache=cache)
             h = self.run_block(x, rope)

@@ -1,0 +1,250 @@
+"""The two MoE layers, on megatron-core's ``MoELayer`` machinery.
+
+Both reuse megatron-core 0.16.1 as shipped for the router (``TopKRouter``: softmax/sigmoid
+top-k, capacity dropping, the load-balancing and z losses with their ``MoEAuxLossAutoScaler``
+gradient and the aux-loss tracker) and the all-to-all token dispatcher
+(``MoEAlltoAllTokenDispatcher``: permutation, split sizes over the expert-parallel group,
+sorting by local expert).  We replace only:
+
+* the experts: ``GroupedExperts`` (plain torch grouped GEMM; megatron's need TE or the
+  grouped_gemm CUDA package);
+* the dispatcher's two all-to-alls, routed through ``accounting.counted_all_to_all`` so every
+  run reports the bytes and time on the wire;
+* where the gate probabilities are applied: megatron sends each token's probability along with
+  it in a second all-to-all and scales inside the expert.  We keep the probabilities at the
+  source and apply them in the final un-permutation (the gate-weighted sum of the paper's
+  DCCA, computed where the token lives), so only hidden states cross the wire and the bytes of
+  DCCA are exactly r times those of CDAC.  ``y = sum_k p_k E_k(x)`` either way;
+* the router's aux/z-loss token scaling, which in 0.16.1 shrinks those losses' gradients by
+  1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix).
+
+Capacity factor: megatron-core drops per SOURCE rank, before dispatch (capacity from the
+rank's own tokens), so the expert-parallel size does not change which tokens drop (checked in
+tests/distributed/test_moe_layer_parity.py); sequence parallelism does (each TP rank routes
+1/TP of the tokens), as in Megatron-LM.
+
+``FineGrainedMoE`` (CDAC): route on x, dispatch x (width h), experts ``h -> r*h -> h``,
+combine at width h.  ``BigMacMoE`` (DCCA): route on the full-width x, ``x' = x W_down``
+(h -> r*h, no bias), dispatch x' (width r*h), experts ``r*h -> h -> r*h``, combine and sum at
+r*h, ``y = y' W_up`` (r*h -> h).  Shared experts (optional) run on the full-width x in both and
+are added at the end, as in megatron-core's latent MoE.
+
+Tensor parallelism: the layer needs sequence parallelism (megatron-core refuses MoE with
+TP > 1 in training without it) and expert tensor parallel size 1: each TP rank routes its
+slice of the sequence, the router and the projections are replicated (their gradients are
+all-reduced over TP like the norms', via the ``sequence_parallel`` attribute).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler, save_to_aux_losses_tracker, unpermute, z_loss_func,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from plt_train.models.moe.accounting import COUNTER, a2a_step_metrics, counted_all_to_all
+
+# Training-mode router calls per layer number since the last read: the denominator of the
+# logged aux losses (a looped model runs each layer R times per micro-batch).
+_ROUTER_CALLS: dict = {}
+
+
+def patch_megatron_moe() -> None:
+    """Two fixes to megatron-core 0.16.1, applied on CPU and GPU alike (they are bugs in the
+    package, not CPU workarounds):
+
+    * ``moe_utils`` binds ``te_general_gemm`` only when Transformer Engine imports, yet the
+      router's GEMM tests ``te_general_gemm is not None``: a NameError without TE.  Binding it
+      to None selects megatron's own torch.mm path.
+    * ``TransformerLayer`` logs "Unknown MLP type" for any MLP class but its own; ours get the
+      process groups from ``parallel_state`` like megatron's defaults, so the warning is noise.
+    """
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _OurMLPFilter) for f in layer_logger.filters):
+        layer_logger.addFilter(_OurMLPFilter())
+
+
+class _OurMLPFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+def reset_aux_losses() -> None:
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    clear_aux_losses_tracker()
+    _ROUTER_CALLS.clear()
+
+
+def aux_loss_step_metrics() -> dict:
+    """megatron-core's aux-loss tracker after a training step, reduced over ranks with
+    megatron's own ``reduce_aux_losses_tracker_across_ranks`` (PP sum, TP/CP sum, DP mean),
+    then divided by the router calls of the step: the mean per layer and micro-batch (and per
+    loop of a looped model), before the coefficient, as Megatron-LM logs
+    ``load_balancing_loss``.  A collective: every rank calls it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    values = next(iter(tracker.values()))["values"]
+    calls = torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
+    for layer, n in _ROUTER_CALLS.items():
+        calls[layer - 1] = n
+    dist.all_reduce(calls, group=ps.get_pipeline_model_parallel_group())
+    reduce_aux_losses_tracker_across_ranks()
+    total = calls.sum().clamp(min=1)
+    out = {name: (entry["values"].float().sum() / total).item()
+           for name, entry in sorted(tracker.items())}
+    reset_aux_losses()
+    return out
+
+
+class Router(TopKRouter):
+    """megatron-core's ``TopKRouter`` with its auxiliary-loss gradients made independent of the
+    TP / CP size under ``calculate_per_token_loss`` (which we always use).
+
+    In 0.16.1 the load-balancing and z losses are multiplied by the rank's LOCAL token count
+    before ``MoEAuxLossAutoScaler``, while ``finalize_model_grads`` divides by the global token
+    count; with sequence parallelism each TP rank holds 1/TP of the tokens, so the effective
+    coefficient becomes coeff / TP (measured: the router gradient at TP=2 is exactly half of
+    TP=1's; tests/distributed/test_moe_layer_parity.py).  Megatron-LM fixed this upstream by
+    scaling with ``tp_cp_group.size()`` (NVIDIA/Megatron-LM PR #5047, "Fix MoE aux_loss /
+    z_loss gradient scaling with TP > 1"); this is that fix, for the two loss types we expose.
+    """
+
+    def forward(self, input, padding_mask=None):
+        if self.training and torch.is_grad_enabled() and self.layer_number is not None:
+            _ROUTER_CALLS[self.layer_number] = _ROUTER_CALLS.get(self.layer_number, 0) + 1
+        return super().forward(input, padding_mask=padding_mask)
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
+                                           aux_loss_name, reduce_group,
+                                           reduce_group_has_dp=False, valid_token_count=None):
+        if self.calculate_per_token_loss and reduce_group is self.tp_cp_group:
+            local = activation.shape[0] if valid_token_count is None else valid_token_count
+            valid_token_count = local * self.tp_cp_group.size()
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    def apply_z_loss(self, logits, padding_mask=None):
+        if not (self.calculate_per_token_loss and self.config.moe_z_loss_coeff is not None
+                and self.training and torch.is_grad_enabled()):
+            return super().apply_z_loss(logits, padding_mask=padding_mask)
+        # megatron's own code path, with the token count of the whole TP x CP group.
+        coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+        z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask)
+        local = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
+        logits = MoEAuxLossAutoScaler.apply(logits, z_loss * local * self.tp_cp_group.size())
+        # Logged as the mean over the whole TP x CP group's tokens, averaged over DP (megatron
+        # logs the last rank's local value, which then depends on the layout).
+        size = self.tp_cp_group.size()
+        save_to_aux_losses_tracker("z_loss", z_loss / coeff / size, self.layer_number,
+                                   self.config.num_layers, reduce_group=self.tp_cp_group)
+        return logits
+
+
+class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher with counted all-to-alls and the probabilities applied
+    at the source after the combine (see the module docstring)."""
+
+    def token_dispatch(self, permuted_tokens, permuted_probs):
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_ep_alltoall", self.tokens_per_expert)
+        tokens = counted_all_to_all(self.ep_group, permuted_tokens, self.output_splits,
+                                    self.input_splits, "dispatch")
+        return tokens, None  # the probabilities stay here
+
+    def token_combine(self, hidden_states, *_args, **_kwargs):
+        return counted_all_to_all(self.ep_group, hidden_states, self.input_splits,
+                                  self.output_splits, "combine")
+
+    def combine_postprocess(self, permuted_tokens):
+        """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``."""
+        output = unpermute(
+            permuted_tokens, self.reversed_local_input_permutation_mapping,
+            restore_shape=self.hidden_shape_before_permute, probs=self.probs,
+            routing_map=self.routing_map, fused=False, drop_and_pad=self.drop_and_pad)
+        return output.view(self.hidden_shape)
+
+
+class FineGrainedMoE(MoELayer):
+    """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring)."""
+
+    def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
+                 pg_collection=None):
+        patch_megatron_moe()
+        if config.expert_tensor_parallel_size != 1:
+            raise ValueError("our MoE layers need expert_tensor_parallel_size=1")
+        pg_collection = pg_collection or moe_utils.get_default_pg_collection()
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        self.token_dispatcher = AccountedAlltoAllDispatcher(
+            self.num_local_experts, self.local_expert_indices, config=self.config,
+            pg_collection=pg_collection)
+        from plt_train.training.extra_metrics import register_step_metrics
+        register_step_metrics("moe_a2a", reset=COUNTER.reset, collect=a2a_step_metrics)
+        register_step_metrics("moe_aux", reset=reset_aux_losses, collect=aux_loss_step_metrics)
+
+
+class _Projection(torch.nn.Module):
+    """A bias-free linear map replicated on every rank (BigMac's descend / ascend)."""
+
+    def __init__(self, config, in_features: int, out_features: int, init_method):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features,
+                                                     dtype=config.params_dtype))
+        init_method(self.weight)
+        # Under sequence parallelism each TP rank sees its own tokens: the gradient is partial
+        # and is all-reduced over TP by finalize_model_grads, like the norms' and the router's.
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class BigMacMoE(FineGrainedMoE):
+    """DCCA: descend, communicate, communicate, ascend (module docstring).
+
+    ``linear_descend`` (h -> r*h) and ``linear_ascend`` (r*h -> h) are ONE projection each per
+    layer, shared by all experts.  Initialised like megatron-core's latent-MoE projections:
+    normal(0, std), the ascend (an output of the residual branch) scaled by 1/sqrt(2L).
+    """
+
+    def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
+                 pg_collection=None, latent_size: int = 0):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if latent_size <= 0:
+            raise ValueError("BigMacMoE needs latent_size = r * hidden_size > 0")
+        self.latent_size = latent_size
+        self.linear_descend = _Projection(config, config.hidden_size, latent_size,
+                                          config.init_method)
+        self.linear_ascend = _Projection(config, latent_size, config.hidden_size,
+                                         config.output_layer_init_method)
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        latent = self.linear_descend(hidden_states)  # router already saw the full-width x
+        return self.token_dispatcher.dispatch_preprocess(latent, routing_map, probs)
+
+    def postprocess(self, output, shared_expert_output):
+        output = self.token_dispatcher.combine_postprocess(output)  # gate-weighted sum at r*h
+        output = self.linear_ascend(output)
+        if shared_expert_output is not None:
+            output = output + shared_expert_output
+        return output
+
+
+__all__ = ["AccountedAlltoAllDispatcher", "BigMacMoE", "FineGrainedMoE", "patch_megatron_moe"]

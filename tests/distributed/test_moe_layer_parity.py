@@ -1,0 +1,74 @@
+"""MoE layouts reproduce EP=1 at the LAYER level (fp32, CPU, gloo, 4 processes), both types.
+
+``moe_layer_check.py`` runs one MoE layer at EP=1, EP=2, EP=4 and TP=2 x EP=2 (sequence
+parallel) on the same tokens per rank and the same weights, and reports: outputs and
+gradients against EP=1 (dropless, and with a capacity factor); all-to-all bytes against the
+exact count from the routing map, and bigmac vs fine_grained for the same routing; the
+aux/z-loss gradient at TP=2 against TP=1.  (Training-level parity: test_moe_parity.py.)
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed._moe_launch import torchrun_script
+
+NPROC = 4
+
+
+@pytest.fixture(scope="module")
+def layer_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_layer") / "report.json"
+    torchrun_script("tests/distributed/moe_layer_check.py", str(out), NPROC)
+    return json.loads(out.read_text())
+
+
+def test_layer_outputs_and_grads_match_ep1(layer_report):
+    layouts = layer_report["layouts"]
+    expected = {f"{t}|cap={c}|{l}" for t in ("fine_grained", "bigmac")
+                for c, ls in (("None", ("tp1_ep2", "tp1_ep4", "tp2_ep2")),
+                              ("1.2", ("tp1_ep2", "tp1_ep4"))) for l in ls}
+    assert set(layouts) == expected
+    for key, ranks in layouts.items():
+        assert len(ranks) == NPROC
+        for rank, diffs in ranks.items():
+            # Same tokens, same routing: outputs bit-identical; gradients up to summation
+            # order (expert gradients add the EP group's tokens in another order).
+            assert diffs["out"] == 0.0, (key, rank)
+            for name, d in diffs.items():
+                assert d < 1e-5, (key, rank, name, d)
+            assert any(n.startswith("grad:experts.") for n in diffs), diffs
+            if key.startswith("bigmac"):
+                assert {"grad:linear_descend.weight", "grad:linear_ascend.weight"} <= set(diffs)
+
+
+def test_capacity_factor_drops_tokens_per_source_rank(layer_report):
+    """With capacity 1.2 tokens really are dropped, and the outputs still match EP=1:
+    megatron-core computes the capacity from each rank's own tokens before dispatch, so EP
+    does not change which tokens drop (sequence parallelism does: fewer tokens per rank)."""
+    kept = [v for layer in layer_report["capacity"].values() for v in layer.values()]
+    assert min(kept) < 1.0 and all(0.5 < k <= 1.0 for k in kept)
+
+
+def test_a2a_bytes_are_measured_and_bigmac_is_r_times_fine_grained(layer_report):
+    b = layer_report["bytes"]
+    for ep in (2, 4):
+        fg, bm = b[f"fine_grained|ep{ep}"], b[f"bigmac|ep{ep}"]
+        for rank in fg:
+            for rec in (fg[rank], bm[rank]):
+                assert rec["measured"] == rec["expected_from_routing"] > 0
+                phases = rec["phases"]
+                assert all(phases[p]["calls"] == 1 for p in phases)  # one layer, fwd + bwd
+                # The backward of an all-to-all is the reverse all-to-all: the gradient of the
+                # dispatch goes where the combine went, and vice versa.
+                assert phases["dispatch_fwd"]["wire_bytes"] == phases["combine_bwd"]["wire_bytes"]
+                assert phases["combine_fwd"]["wire_bytes"] == phases["dispatch_bwd"]["wire_bytes"]
+            # Same tokens and routing (the router weights are the same draw): exactly r x.
+            assert bm[rank]["measured"] * 4 == fg[rank]["measured"], (ep, rank)
+
+
+def test_aux_and_z_loss_gradients_do_not_depend_on_tp(layer_report):
+    for rank, rec in layer_report["aux_tp"].items():
+        assert rec["tp1_norm"] > 1.0
+        assert rec["diff"] <= 1e-6 * rec["tp1_norm"] * 100, rec  # ~1e-7 relative, fp32

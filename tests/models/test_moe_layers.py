@@ -1,0 +1,261 @@
+"""MoE building blocks in one process: experts, the two layers against their formulas, the
+aux-loss gradient, FLOPs and parameter counts (including the paper's Table 3 example)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
+from plt_train.runtime import detect_device, init_distributed, set_seed
+from plt_train.runtime.device import megatron_device_kwargs
+
+H, S, B = 64, 12, 3
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    dev = detect_device()
+    init_distributed(dev)
+    set_seed(0)
+    yield dev
+    from plt_train.runtime import destroy_distributed
+    destroy_distributed()
+
+
+def _model(layer="bigmac", **moe_kw) -> ModelConfig:
+    moe = {"num_experts": 8, "top_k": 2, "capacity_factor": None, "aux_loss_coeff": 0.0, **moe_kw}
+    return ModelConfig(num_layers=2, hidden_size=H, num_attention_heads=4, seq_length=S,
+                       moe=MoEConfig(layer=layer, **moe))
+
+
+def _layer(dev, model: ModelConfig, seed: int = 3):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.init import init_weights
+    from plt_train.models.moe import mlp_spec
+
+    tc = to_transformer_config(model, ParallelConfig(), torch.float32, megatron_device_kwargs(dev))
+    layer = build_module(mlp_spec(model), config=tc)
+    layer.set_layer_number(1)
+    init_weights([layer], seed=seed, std=0.1, num_layers=model.num_layers)
+    return layer
+
+
+# --- experts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_experts_match_the_per_expert_loop(one_rank, activation, dtype):
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.moe.experts import GroupedExperts
+
+    tc = to_transformer_config(_model(), ParallelConfig(), dtype, megatron_device_kwargs(one_rank))
+    grouped = GroupedExperts(4, tc, input_size=16, hidden_size=32, activation=activation,
+                             gemm="grouped")
+    loop = GroupedExperts(4, tc, input_size=16, hidden_size=32, activation=activation,
+                          gemm="loop")
+    loop.load_state_dict(grouped.state_dict())
+    counts = torch.tensor([5, 0, 9, 2])  # an expert without tokens
+    x = torch.randn(16, 16, dtype=dtype)
+    g = torch.randn(16, 16, dtype=dtype)
+    outs, grads = [], []
+    for experts in (grouped, loop):
+        xi = x.clone().requires_grad_(True)
+        out, bias = experts(xi, counts)
+        assert bias is None and out.shape == (16, 16) and out.dtype == dtype
+        out.backward(g)
+        outs.append(out)
+        grads.append([xi.grad, experts.linear_fc1.weight.grad, experts.linear_fc2.weight.grad])
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+    assert torch.count_nonzero(grads[0][1][1]) == 0  # no tokens, no gradient
+    # Reference for expert 2 by hand.
+    w1, w2 = loop.linear_fc1.weight[2].float(), loop.linear_fc2.weight[2].float()
+    h = x[5:14].float() @ w1
+    h = F.silu(h[:, :32]) * h[:, 32:] if activation == "swiglu" else F.relu(h)
+    torch.testing.assert_close(outs[1][5:14].float(), h @ w2, **({} if dtype == torch.float32
+                                                                   else dict(rtol=3e-2, atol=3e-2)))
+
+
+def test_experts_checkpoint_keys_carry_the_global_expert_axis(one_rank):
+    layer = _layer(one_rank, _model("bigmac"))
+    sd = layer.sharded_state_dict(prefix="mlp.")
+    fc1 = sd["mlp.experts.linear_fc1.weight"]
+    assert fc1.global_shape == (8, 16, 2 * H) and fc1.global_offset == (0, 0, 0)
+    assert fc1.data.data_ptr() == layer.experts.linear_fc1.weight.data_ptr()
+    assert not getattr(layer.experts.linear_fc1.weight, "allreduce", True)  # expert-DP reduced
+    assert {"mlp.linear_descend.weight", "mlp.linear_ascend.weight", "mlp.router.weight"} <= set(sd)
+
+
+# --- the layers against their definitions ---------------------------------------------------
+
+def _routing(layer, x):
+    with torch.no_grad():
+        probs, rmap = layer.router(x)
+    return probs, rmap  # [T, E], gate weights zero outside the top-k
+
+
+def _expert(layer, e, v):
+    w1, w2 = layer.experts.linear_fc1.weight[e], layer.experts.linear_fc2.weight[e]
+    h = v @ w1
+    a, b = h.chunk(2, dim=-1)
+    return (F.silu(a) * b) @ w2
+
+
+@pytest.mark.parametrize("layer_type", ["fine_grained", "bigmac"])
+def test_layer_is_the_papers_formula(one_rank, layer_type):
+    """CDAC: y = sum_k p_k E_k(x).  DCCA: y = W_up sum_k p_k E_k(W_down x), router on x."""
+    layer = _layer(one_rank, _model(layer_type))
+    x = torch.randn(S, B, H)
+    out, bias = layer(x)
+    assert bias is None and out.shape == x.shape
+    flat = x.reshape(-1, H)
+    probs, rmap = _routing(layer, flat)
+    assert (rmap.sum(-1) == 2).all()
+    want = torch.zeros_like(flat)
+    with torch.no_grad():
+        v = flat @ layer.linear_descend.weight.T if layer_type == "bigmac" else flat
+        acc = torch.zeros(v.shape)
+        for t in range(flat.shape[0]):
+            for e in rmap[t].nonzero().flatten().tolist():
+                acc[t] += probs[t, e] * _expert(layer, e, v[t:t + 1])[0]
+        want = acc @ layer.linear_ascend.weight.T if layer_type == "bigmac" else acc
+    torch.testing.assert_close(out.reshape(-1, H).detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bigmac_and_fine_grained_experts_have_equal_size(one_rank):
+    from plt_train.models.moe.flops import moe_layer_parameters
+
+    fg, bm = _layer(one_rank, _model("fine_grained")), _layer(one_rank, _model("bigmac"))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    r_h = H // 4
+    assert n(fg.experts) == n(bm.experts) == 8 * 3 * H * r_h  # SwiGLU: 3 matrices of r*h x h
+    assert n(bm) - n(fg) == 2 * r_h * H  # BigMac adds 2 r h^2 (descend + ascend)
+    assert moe_layer_parameters(_model("bigmac"))["total"] == n(bm)
+    assert moe_layer_parameters(_model("fine_grained"))["total"] == n(fg)
+    assert moe_layer_parameters(_model("fine_grained"))["active"] == 8 * H + 2 * 3 * H * r_h
+
+
+def test_shared_experts_are_added_to_the_routed_output(one_rank):
+    model = _model("fine_grained", num_shared_experts=2)
+    layer = _layer(one_rank, model)
+    assert layer.shared_experts.linear_fc1.weight.shape == (2 * 2 * 16, H)  # gate|up, 2 x r*h
+    x = torch.randn(S, B, H)
+    with torch.no_grad():
+        out, _ = layer(x)
+        shared = layer.shared_experts(x)
+        layer.use_shared_expert = False
+        routed, _ = layer(x)
+    torch.testing.assert_close(out, routed + shared)
+
+
+def test_aux_loss_gradient_reaches_the_router(one_rank):
+    """The load-balancing loss is part of the objective: with a zero upstream gradient the
+    router still gets coeff * d(aux)/dW (times the tokens, which the per-token loss divides
+    by again), computed here from the Switch formula by hand."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    coeff = 0.5
+    layer = _layer(one_rank, _model("bigmac", aux_loss_coeff=coeff))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    x = torch.randn(S, B, H)
+    out, _ = layer(x)
+    out.backward(torch.zeros_like(out))
+    got = layer.router.weight.grad.clone()
+
+    w = layer.router.weight.detach().clone().requires_grad_(True)
+    flat = x.reshape(-1, H)
+    scores = torch.softmax(flat @ w.T, dim=-1)
+    T, E, k = flat.shape[0], 8, 2
+    counts = torch.zeros(E).scatter_add_(0, scores.topk(k, dim=-1).indices.flatten(),
+                                         torch.ones(T * k))
+    aux = coeff * E / (k * T * T) * (scores.sum(0) * counts).sum()
+    (aux * T).backward()
+    torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-7)
+    assert got.abs().sum() > 0
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_type", ["fine_grained", "bigmac"])
+def test_mlp_flops_count_the_active_experts(one_rank, layer_type):
+    """FlopCounterMode on the layer (per-expert matmuls, dropless: exactly top_k per token)
+    equals the formula; the model's MFU count uses it for its mlp component."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from plt_train.models.gpt.flops import flops_per_sequence_from_config
+    from plt_train.models.moe.flops import moe_mlp_flops_per_token
+
+    model = _model(layer_type, expert_gemm="loop")
+    layer = _layer(one_rank, model)
+    x = torch.randn(S, B, H)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(x)
+    per_token = moe_mlp_flops_per_token(model)
+    assert counter.get_total_flops() == S * B * per_token
+    r_h = H // 4
+    expected = 2 * H * 8 + 2 * 3 * 2 * H * r_h + (4 * H * r_h if layer_type == "bigmac" else 0)
+    assert per_token == expected
+    count = flops_per_sequence_from_config(model, vocab_size=256)
+    assert count.components["mlp"] == model.num_layers * S * per_token
+    dense = flops_per_sequence_from_config(_model("dense"), vocab_size=256)
+    assert count.components["qkv_proj"] == dense.components["qkv_proj"]
+    assert count.training == 3 * count.forward
+
+
+def test_table3_reproduces_the_papers_gpt3_xl_example():
+    """GPT3-XL, 64 experts top-8, ep=32, bf16, 0.5M tokens: params 3.73B -> 3.78B, FLOPs +4.5%,
+    all-to-all 1488 GiB -> 372 GiB per iteration (PAPERS.md section 2)."""
+    from plt_train.models.moe.flops import paper_table3
+
+    kw = dict(b=256, s=2048, l=24, h=2048, v=50257, e=64, top_k=8, r=0.25, ep=32)
+    fg, bm = paper_table3("fine_grained", **kw), paper_table3("bigmac", **kw)
+    assert round(fg.params / 1e9, 2) == 3.73 and round(bm.params / 1e9, 2) == 3.78
+    assert bm.flops / fg.flops == pytest.approx(1.045, abs=1e-3)
+    assert fg.a2a_elements * 2 / 2**30 == pytest.approx(1488)
+    assert bm.a2a_elements * 2 / 2**30 == pytest.approx(372)
+    assert math.isclose(bm.a2a_elements, 0.25 * fg.a2a_elements)
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+def test_single_rank_all_to_all_is_free_and_uncounted(one_rank):
+    from megatron.core import parallel_state as ps
+
+    from plt_train.models.moe.accounting import COUNTER, counted_all_to_all
+
+    COUNTER.reset()
+    x = torch.randn(5, 4, requires_grad=True)
+    y = counted_all_to_all(ps.get_expert_model_parallel_group(), x, [5], [5], "dispatch")
+    y.sum().backward()
+    snap = COUNTER.snapshot()
+    assert y is x or torch.equal(y, x)
+    assert snap["a2a_bytes"] == 0 and snap["a2a_calls"] == 0
+    with pytest.raises(ValueError):
+        counted_all_to_all(ps.get_expert_model_parallel_group(), x, None, None, "other")
+
+
+def test_logged_aux_loss_is_the_mean_per_layer_call(one_rank):
+    """A looped model runs each MoE layer R times per micro-batch: the logged load-balancing
+    loss (megatron's tracker / router calls) must not grow with R."""
+    from plt_train.models.moe.layer import aux_loss_step_metrics, reset_aux_losses
+
+    layer = _layer(one_rank, _model("bigmac", aux_loss_coeff=0.01, z_loss_coeff=0.001))
+    x = torch.randn(S, B, H)
+    reset_aux_losses()
+    layer(x)
+    once = aux_loss_step_metrics()
+    for _ in range(3):
+        layer(x)
+    thrice = aux_loss_step_metrics()
+    assert set(once) == {"load_balancing_loss", "z_loss"}
+    for name in once:
+        assert thrice[name] == pytest.approx(once[name], rel=1e-6)
+    assert 0.9 < once["load_balancing_loss"] < 2.0
+    assert all(v == 0 for v in aux_loss_step_metrics().values())  # read once, then cleared
