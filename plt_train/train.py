@@ -168,6 +168,8 @@ def _main(hydra_cfg) -> dict | None:
     except (ConfigError, DataError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"plt-train: {err}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every worker once one exits: let rank 0 say why first
+            time.sleep(5)
         sys.exit(2)
     finally:
         destroy_distributed()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,12 @@ from tests.conftest import REPO
 
 
 def test_bench_decode_tiny_writes_records_and_plot(tmp_path):
+    # A fresh process group: not the variables an in-process test left in our environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tiny", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((tmp_path / "bench_decode.json").read_text())
     assert (tmp_path / "bench_decode.png").stat().st_size > 1000
