@@ -25,6 +25,18 @@ def data_cache(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process megatron group for in-process model tests; yields the device."""
+    from plt_train.runtime import destroy_distributed, detect_device, init_distributed, set_seed
+
+    dev = detect_device()
+    init_distributed(dev)
+    set_seed(0)
+    yield dev
+    destroy_distributed()
+
+
 def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None = None,
               timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     cmd = TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", "-m", "plt_train.train",

@@ -5,17 +5,7 @@
 # measures lands in $OUT; the table prints last.
 #
 #   device run, carry [".whl"]:  bash scripts/device/gpu_check.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PLT_TRAIN_CACHE=/tmp/plt_cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/env.sh"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__)" \
     | tee -a "$OUT/gpu.txt"
 

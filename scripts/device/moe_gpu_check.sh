@@ -4,17 +4,7 @@
 #     and their times; fp32 falls back to the loop.
 #  2. scripts/bench_moe.py at a GPU shape, EP=1 (one GPU: no all-to-all on the wire).
 #  3. GPT + bigmac / fine_grained MoE layers train 8 steps through plt_train.train in bf16.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PLT_TRAIN_CACHE=/tmp/plt_cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/env.sh"
 
 echo "== 1. experts: grouped GEMM vs loop on CUDA"
 timeout 150 python3 - <<'PY' 2>&1 | grep -v -i warn | tee "$OUT/experts.log"

@@ -3,17 +3,7 @@
 #  1. One-pass PLT decoding vs the full forward on CUDA (fp32 and bf16), R = 1..3.
 #  2. scripts/bench_decode.py at the issue's shape (16 layers, d=2048, prompt 1024, 128 new
 #     tokens, batch 1 and 32), bf16, eager (no CUDA graphs yet: that is the kernels issue).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/env.sh"
 
 echo "== 1. decode == full forward on CUDA"
 timeout 120 python3 - <<'PY' 2>&1 | grep -v -i warn | tee "$OUT/decode_check.log"

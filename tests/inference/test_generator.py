@@ -11,20 +11,9 @@ import pytest
 import torch
 
 from plt_train.config.schema import LoopConfig, ModelConfig, ParallelConfig
-from plt_train.runtime import detect_device, init_distributed, set_seed
 from plt_train.runtime.device import megatron_device_kwargs
 
 VOCAB, WINDOW, NEW = 100, 4, 12
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    dev = detect_device()
-    init_distributed(dev)
-    set_seed(0)
-    yield dev
-    from plt_train.runtime import destroy_distributed
-    destroy_distributed()
 
 
 def build(dev, name, loops=1, **loop_kw):

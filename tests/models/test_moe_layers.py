@@ -9,20 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
-from plt_train.runtime import detect_device, init_distributed, set_seed
 from plt_train.runtime.device import megatron_device_kwargs
 
 H, S, B = 64, 12, 3
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    dev = detect_device()
-    init_distributed(dev)
-    set_seed(0)
-    yield dev
-    from plt_train.runtime import destroy_distributed
-    destroy_distributed()
 
 
 def _model(layer="bigmac", **moe_kw) -> ModelConfig:
