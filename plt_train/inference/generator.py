@@ -63,8 +63,8 @@ class Generator:
         m = self.model
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         cache.valid[:, :tokens.shape[1]] = valid
-        hidden, fed = m.run_loops(m.embed(tokens, positions), m.rope_at(positions),
-                                  key_valid=valid, cache=cache)
+        rope = m.rope_at(positions, cache.max_len)
+        hidden, fed = m.run_loops(m.embed(tokens, positions), rope, key_valid=valid, cache=cache)
         m.loop_state.begin()
         cache.advance(tokens.shape[1])
         return m.head(hidden), [f[-1:] for f in fed]
@@ -75,7 +75,7 @@ class Generator:
         m, R, B = self.model, self.loops, token.shape[0]
         cache.valid[:, cache.length] = True
         emb = m.embed(token[:, None], position[:, None])  # [1, B, h]
-        rope = m.rope_at(position[:, None])  # [1, B, 1, d]
+        rope = m.rope_at(position[:, None], cache.max_len)  # [1, B, 1, d]
         state = m.loop_state
         if self.one_pass:
             rows = [emb] + [m.cross_loop_input(emb, f) for f in fed]  # the shift: last step's
@@ -90,7 +90,8 @@ class Generator:
             for r in range(R):
                 state.begin(r, cache=cache, decoding=True)
                 hidden = m.run_block(x, rope)
-                x = m.between_loops(hidden)
+                if r < R - 1:
+                    x = m.between_loops(hidden)
         state.begin()
         cache.advance()
         return m.head(hidden)[:, -1], fed

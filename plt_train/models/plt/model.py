@@ -149,7 +149,11 @@ class LoopedGPTModel(GPTModel):
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
 
-    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE frequencies for explicit positions [b, s] -> [s, b, 1, dim] (inference)."""
-        table = self.rotary_pos_emb(int(positions.max()) + 1)  # [T, 1, 1, dim]
+    def rope_at(self, positions: torch.Tensor, max_len: int) -> torch.Tensor:
+        """RoPE frequencies for explicit positions [b, s] (all < ``max_len``) -> [s, b, 1, dim].
+
+        The table is megatron's ``RotaryEmbedding(max_len)``, which it caches per length: a
+        fixed ``max_len`` (the KV cache's) computes it once per generation, with no host sync.
+        """
+        table = self.rotary_pos_emb(max_len)  # [max_len, 1, 1, dim]
         return table[positions.t()].flatten(2, 3)
