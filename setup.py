@@ -6,7 +6,7 @@ setup(
     description="Distributed pretraining for Parallel Loop Transformers and BigMac MoE "
                 "on megatron-core",
     python_requires=">=3.11",
-    packages=find_packages(include=["plt_train", "plt_train.*"]),
+    packages=find_packages(include=["plt_train", "plt_train.*", "kernels", "kernels.*"]),
     # Install torch first, pinned (a bare `torch` requirement pulls a multi-GB CUDA build on
     # CPU machines): `pip install torch==2.13.0` then `pip install -e .`.
     install_requires=[
@@ -23,7 +23,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib", "hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
+        # triton: the kernel tests run each Triton kernel through its CPU interpreter (about
+        # 1 GB installed, so only here; CUDA builds of torch bring their own).
+        "dev": ["pytest>=8", "matplotlib", "hydra-submitit-launcher==1.2.0", "submitit==1.5.4",
+                "triton>=3.6"],
         # Hydra sweeps submitted to Slurm (hydra/launcher=submitit_slurm).
         "slurm": ["hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
         # Transformer Engine builds against CUDA: GPU machines only. apex is used when present

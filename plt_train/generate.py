@@ -4,8 +4,11 @@ Reads the run's config (``RUN_DIR/.hydra/config.yaml``), rebuilds its model on o
 (whatever layout it was trained with: distributed checkpoints reshard), loads the latest
 checkpoint's weights and decodes with ``inference.Generator``: KV-cached, and for PLT one
 batched pass per new token.  Several ``--prompt`` values form one left-padded batch.
+``--cuda-graph`` (auto: on for CUDA with dense MLPs) replays each decode step from a CUDA
+graph; ``--kernel`` overrides the run's ``model.loop.kernel`` (PLT's attention kernels).
 
-Python API: ``load_for_generation(run_dir) -> (generator, tokenizer)``.
+Python API: ``load_for_generation(run_dir, cuda_graph=..., kernel=...) -> (generator,
+tokenizer)``.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import time
 from pathlib import Path
 
 
-def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None):
-    """(Generator, Tokenizer) for a run directory; starts a one-process group if needed."""
+def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None,
+                        cuda_graph: str = "auto", kernel: str | None = None):
+    """(Generator, Tokenizer) for a run directory; starts a one-process group if needed.
+    ``kernel`` (auto | triton | torch) replaces the saved ``model.loop.kernel``."""
     from omegaconf import OmegaConf
 
     from plt_train.config import RunConfig
@@ -32,6 +37,8 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
     run_dir = Path(run_dir)
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
+    if kernel is not None:
+        cfg.model.loop.kernel = kernel
     ckpt = checkpoint or latest_checkpoint(cfg.checkpoint.dir or run_dir / "checkpoints")
     if not ckpt:
         raise FileNotFoundError(f"no checkpoint under {run_dir} (train with saving enabled)")
@@ -45,7 +52,7 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
     chunks, _, _ = build_model(cfg.model, ParallelConfig(), tokenizer.vocab_size, dtype,
                                megatron_device_kwargs(device), cfg.train.seed, device.device)
     load_model_weights(ckpt, chunks)
-    return Generator(chunks[0]), tokenizer
+    return Generator(chunks[0], cuda_graph=cuda_graph), tokenizer
 
 
 def main(argv=None) -> None:
@@ -57,13 +64,19 @@ def main(argv=None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default=None, help="a step directory (default: latest)")
+    ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                    help="replay each decode step from a CUDA graph (auto: on for CUDA "
+                         "unless the model has MoE layers, whose routing syncs with the host)")
+    ap.add_argument("--kernel", default=None, choices=["auto", "triton", "torch"],
+                    help="model.loop.kernel (default: the run's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    generator, tokenizer = load_for_generation(args.run_dir, args.checkpoint)
+    generator, tokenizer = load_for_generation(args.run_dir, args.checkpoint, args.cuda_graph,
+                                               args.kernel)
     prompts = [tokenizer.tokenize(p) for p in args.prompt]
     start = time.perf_counter()
     out = generator.generate(prompts, args.max_new_tokens, args.temperature, args.top_p,
@@ -74,7 +87,8 @@ def main(argv=None) -> None:
         print("-" * 40)
     n = sum(len(t) for t in out.tokens)
     print(f"[plt-generate] {generator.kind} loops={generator.loops}: {n} tokens in "
-          f"{seconds:.2f} s, KV cache {out.kv_bytes / 2**20:.2f} MiB", file=sys.stderr)
+          f"{seconds:.2f} s, KV cache {out.kv_bytes / 2**20:.2f} MiB, decode steps "
+          f"{generator.step_mode}", file=sys.stderr)
 
 
 if __name__ == "__main__":

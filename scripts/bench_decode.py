@@ -18,8 +18,18 @@ The cache is filled with random K/V for the prompt instead of running the prefil
 ``1 + (R-1) * w / S`` x vanilla.  On CPU the matmuls of 32 x R rows are compute-bound, so the
 batch-32 target is a GPU target (decode there is weight-bandwidth-bound).
 
+Decode-step variants, side by side in one run (every combination is timed, round-robin):
+``--cuda-graph off on`` (eager steps vs one CUDA graph per step, replayed; ``auto`` = on for
+CUDA with dense MLPs) and ``--kernel torch triton`` (``model.loop.kernel``: PLT's decode
+attention as SDPA calls vs one Triton launch per layer; vanilla and looped do not use it and
+are timed once per ``--cuda-graph`` value).  E.g. on a GPU::
+
+    python scripts/bench_decode.py --cuda-graph off on --kernel torch triton ...
+
+``latency_vs_vanilla`` compares with vanilla under the same ``--cuda-graph`` mode.
+
 Prints a table last; writes JSON (records with model, loops, batch, ms_per_token, kv_bytes,
-device, ...) and a PNG plot.
+device, cuda_graph, kernel, ...) and a PNG plot (of the first variant).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ MODELS = [("vanilla", 1), ("looped", 2), ("looped", 3), ("plt", 2), ("plt", 3)]
 
 
 def build(name, loops, args, device, dtype):
+    """Random weights; every model from the same seed, so they share the block's weights."""
     from plt_train.config.schema import LoopConfig, ModelConfig, ParallelConfig
     from plt_train.models import build_model
     from plt_train.runtime.device import megatron_device_kwargs
@@ -61,24 +72,43 @@ def synthetic_prefill(gen, batch, args, device):
         for t in (k, v):
             t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32))
     cache.valid[:, :args.prompt] = True
-    for mask in cache.win_valid.values():
-        mask[:] = True
+    cache.win_valid[:] = True
     cache.advance(args.prompt)
     fed = [torch.randn(1, batch, args.hidden, generator=g, device=device).to(gen.dtype)
            for _ in range(gen.loops - 1)] if gen.one_pass else []
     return cache, fed
 
 
+def variants(args) -> list:
+    """(model name, loops, cuda_graph choice, kernel choice or None) for every timed run."""
+    out = []
+    for graph in args.cuda_graph:
+        for name, loops in MODELS:
+            kernels = args.kernel if name == "plt" else [None]
+            out += [(name, loops, graph, kernel) for kernel in kernels]
+    return out
+
+
+def distinct_step_modes(choices: list, model, device) -> list:
+    """``--cuda-graph`` values as on/off, once each (auto is one of them on this device)."""
+    from plt_train.inference.generator import step_mode
+
+    modes = [step_mode(c, model, device.device) for c in choices]
+    return list(dict.fromkeys("on" if m == "graph" else "off" for m in modes))
+
+
 def bench_batch(models, batch, args, device, dtype) -> list:
-    """All models at one batch size, timed round-robin (step i of every model, then step
-    i+1, ...) so that drifting load on a shared machine hits every model alike."""
+    """All variants at one batch size, timed round-robin (step i of every run, then step
+    i+1, ...) so that drifting load on a shared machine hits every run alike.  The first
+    (untimed warm-up) step of a CUDA-graph run captures its graph."""
     from plt_train.inference import Generator
 
     sync = torch.cuda.synchronize if device.is_cuda else (lambda: None)
     runs = []
-    gens = [Generator(m) for m in models]
     with torch.inference_mode():
-        for gen in gens:
+        for name, loops, graph, kernel in variants(args):
+            model = models[(name, loops)]
+            gen = Generator(model, cuda_graph=graph)
             if args.real_prefill:
                 tokens = torch.tensor([[(7 * i + b) % args.vocab for i in range(args.prompt)]
                                        for b in range(batch)], device=device.device)
@@ -87,10 +117,12 @@ def bench_batch(models, batch, args, device, dtype) -> list:
             else:
                 cache, fed = synthetic_prefill(gen, batch, args, device.device)
             token = torch.zeros(batch, dtype=torch.long, device=device.device)
-            runs.append({"gen": gen, "cache": cache, "fed": fed, "token": token, "times": []})
+            runs.append({"model": (name, loops), "kernel": kernel, "gen": gen, "cache": cache,
+                         "fed": fed, "token": token, "times": []})
         for i in range(args.warmup + args.new):
             for run in runs:
-                cache = run["cache"]
+                cache, model = run["cache"], run["gen"].model
+                model.opts.kernel = run["kernel"] or "auto"  # read at run (or capture) time
                 position = torch.full((batch,), cache.length, device=device.device)
                 sync()
                 start = time.perf_counter()
@@ -100,10 +132,11 @@ def bench_batch(models, batch, args, device, dtype) -> list:
                 if i >= args.warmup:
                     run["times"].append(time.perf_counter() - start)
     records = []
-    for (name, loops), run in zip(MODELS, runs):
-        times, S = run["times"], run["cache"].length
+    for run in runs:
+        (name, loops), times, S = run["model"], run["times"], run["cache"].length
         records.append({
             "model": name, "loops": loops, "batch": batch,
+            "cuda_graph": run["gen"].step_mode, "kernel": run["kernel"],
             "ms_per_token": 1e3 * statistics.fmean(times),
             "ms_per_token_median": 1e3 * statistics.median(times),
             "kv_bytes": run["cache"].kv_bytes(), "cached_positions": S, "window": args.window,
@@ -117,6 +150,11 @@ def bench_batch(models, batch, args, device, dtype) -> list:
     return records
 
 
+def label(r: dict) -> str:
+    kernel = f", kernel {r['kernel']}" if r["kernel"] else ""
+    return f"{r['model']}-{r['loops']} ({r['cuda_graph']}{kernel})"
+
+
 def device_name(device) -> str:
     if device.is_cuda:
         return torch.cuda.get_device_name()
@@ -125,15 +163,20 @@ def device_name(device) -> str:
 
 
 def add_ratios(records: list) -> None:
-    base = {r["batch"]: r for r in records if r["model"] == "vanilla"}
+    base = {(r["batch"], r["cuda_graph"]): r for r in records if r["model"] == "vanilla"}
     for r in records:
-        b = base.get(r["batch"])
+        b = base.get((r["batch"], r["cuda_graph"]))
         if b:
             r["latency_vs_vanilla"] = r["ms_per_token"] / b["ms_per_token"]
             r["kv_vs_vanilla"] = r["kv_bytes"] / b["kv_bytes"]
 
 
 def plot(records: list, path: Path) -> None:
+    """Latency and KV bytes vs vanilla, for the first variant (``--cuda-graph`` and
+    ``--kernel`` values) only."""
+    graph = records[0]["cuda_graph"]
+    kernel = next((r["kernel"] for r in records if r["kernel"]), None)
+    records = [r for r in records if r["cuda_graph"] == graph and r["kernel"] in (None, kernel)]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,12 +215,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--real-prefill", action="store_true")
+    ap.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                    help="decode step eager (off) or replayed from a CUDA graph (on); "
+                         "several values: each is timed")
+    ap.add_argument("--kernel", nargs="+", default=["auto"], choices=["auto", "triton", "torch"],
+                    help="model.loop.kernel of the PLT models (decode attention); several "
+                         "values: each is timed")
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_decode")
     args = ap.parse_args()
-    if args.tiny:
-        args.layers, args.hidden, args.heads, args.groups = 2, 64, 4, 2
-        args.vocab, args.window, args.prompt, args.new, args.batch = 256, 8, 32, 6, [1, 4]
+    if args.tiny:  # small defaults; options given explicitly still win
+        tiny = dict(layers=2, hidden=64, heads=4, groups=2, vocab=256, window=8, prompt=32,
+                    new=6, batch=[1, 4])
+        for key, value in tiny.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
     warnings.filterwarnings("ignore")
     from plt_train.runtime import detect_device, init_distributed
     from plt_train.runtime.device import resolve_dtype
@@ -185,11 +237,13 @@ def main() -> None:
     device = detect_device()
     init_distributed(device)
     dtype = resolve_dtype("auto", device)
+    args.warmup = max(args.warmup, 1)  # a graph run's first step captures it: never timed
     records = []
-    models = [build(name, loops, args, device, dtype) for name, loops in MODELS]
+    models = {(name, loops): build(name, loops, args, device, dtype) for name, loops in MODELS}
+    args.cuda_graph = distinct_step_modes(args.cuda_graph, models[MODELS[0]], device)
     for batch in args.batch:
         for r in bench_batch(models, batch, args, device, dtype):
-            print(f"[bench_decode] {r['model']}-{r['loops']} batch {batch}: "
+            print(f"[bench_decode] {label(r)} batch {batch}: "
                   f"{r['ms_per_token']:.2f} ms/token", flush=True)
             records.append(r)
     add_ratios(records)
@@ -198,11 +252,12 @@ def main() -> None:
     plot(records, args.out / "bench_decode.png")
     print(f"\ndevice: {records[0]['device']}, {records[0]['dtype']}, {args.layers} layers, "
           f"d={args.hidden}, prompt {args.prompt}, {args.new} new tokens, window {args.window}")
-    print(f"{'model':10} {'batch':>5} {'ms/token':>9} {'x vanilla':>9} {'KV MiB':>9} "
-          f"{'KV x van.':>9} {'KV bound':>9}")
+    print(f"{'model':10} {'step':>6} {'kernel':>6} {'batch':>5} {'ms/token':>9} "
+          f"{'x vanilla':>9} {'KV MiB':>9} {'KV x van.':>9} {'KV bound':>9}")
     for r in records:
         bound = f"{r['kv_bound']:.4f}" if r["kv_bound"] else "-"
-        print(f"{r['model'] + '-' + str(r['loops']):10} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
+        print(f"{r['model'] + '-' + str(r['loops']):10} {r['cuda_graph']:>6} "
+              f"{r['kernel'] or '-':>6} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
               f"{r['latency_vs_vanilla']:>9.2f} {r['kv_bytes'] / 2**20:>9.2f} "
               f"{r['kv_vs_vanilla']:>9.4f} {bound:>9}")
     print(f"JSON and plot in {args.out}")

@@ -29,6 +29,11 @@ class LoopConfig:
     emb_scale: float = 1.0  # loop r >= 2 input: emb_scale * Embed(x) + hidden_scale * shift(h)
     hidden_scale: float = 1.0
     norm_between_loops: bool = True  # feed the shared final norm of non-final loop outputs
+    # Attention kernels of the later loops (fused G-SWA in training and prefill, one launch per
+    # layer in decode): "auto" (Triton on CUDA once the kernel passed its first-use check
+    # against the pure-torch reference there, else the reference), "triton" (required; on CPU
+    # only under TRITON_INTERPRET=1, for tests) or "torch".  kernels/__init__.py.
+    kernel: str = "auto"
 
 
 @dataclass
@@ -68,6 +73,10 @@ class MoEConfig:
     # backend is active, else torch._grouped_mm where it runs, else the loop), "grouped"
     # (torch._grouped_mm), "loop" (one matmul per expert: the reference), "te".
     expert_gemm: str = "auto"
+    # BigMac's fused DCCA dispatch / combine (descend + permute, gather-sum + ascend): "auto"
+    # (Triton on CUDA once it passed its first-use check, else torch), "triton" (required) or
+    # "torch".
+    dcca_kernel: str = "auto"
 
 
 @dataclass

@@ -128,6 +128,7 @@ def _validate_loops(cfg: RunConfig, data_parallel: int) -> None:
                           "use the paper's 64")
     if m.loop.gate not in ("query", "input"):
         raise ConfigError("model.loop.gate", f"unknown gate {m.loop.gate!r}", "query or input")
+    _validate_kernel_choice("model.loop.kernel", m.loop.kernel)
     t = cfg.train
     if p.pipeline > 1 and m.loops > 1 and m.name != "vanilla":
         # One virtual pipeline chunk per loop: megatron's interleaved schedule needs the
@@ -182,6 +183,7 @@ def _validate_moe(cfg: RunConfig, world_size: int) -> None:
     if moe.expert_gemm == "te" and not have_transformer_engine():
         raise ConfigError("model.moe.expert_gemm", "te requested but Transformer Engine is not "
                           "installed", "use model.moe.expert_gemm=auto")
+    _validate_kernel_choice("model.moe.dcca_kernel", moe.dcca_kernel)
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError("model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}",
                           "use e.g. 1.2, or null for dropless routing")
@@ -199,3 +201,15 @@ def _validate_moe(cfg: RunConfig, world_size: int) -> None:
     if p.context > 1:
         raise ConfigError("parallel.context", "our MoE layers are not tested with context "
                           "parallelism", "set parallel.context=1")
+
+
+def _validate_kernel_choice(key: str, choice: str) -> None:
+    """auto | triton | torch; "triton" must be usable on the device this run will get."""
+    from kernels import KERNEL_CHOICES, triton_unusable_reason
+
+    if choice not in KERNEL_CHOICES:
+        raise ConfigError(key, f"unknown {choice!r}", ", ".join(KERNEL_CHOICES))
+    if choice == "triton":
+        why = triton_unusable_reason("cuda" if torch.cuda.is_available() else "cpu")
+        if why:
+            raise ConfigError(key, f"triton requested but {why}", f"use {key}=auto")

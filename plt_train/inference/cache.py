@@ -5,11 +5,16 @@
   loop r's keys at every earlier position.
 - ``plt``: loop 1's full cache per layer, shared by every loop, plus for each later loop a
   rolling cache of its last ``w`` positions per layer (G-SWA's local branch).  So
-  ``kv_bytes(plt) / kv_bytes(vanilla) = 1 + (R-1) * w / S`` for S cached positions.
+  ``kv_bytes(plt) / kv_bytes(vanilla) = 1 + (R-1) * w / S`` for S cached positions.  The
+  windows of all later loops of a layer are one tensor [R-1, batch, kv_heads, w, head_dim],
+  so one kernel launch can read them all (kernels/plt_decode.py).
 
 Layout: ``[batch, kv_heads, positions, head_dim]`` (SDPA's).  Batched prompts are left-padded;
 ``valid`` [batch, positions] marks real tokens.  Position ``t = length`` is the one being
-decoded; the generator marks it valid before the pass and calls ``advance`` after it.
+decoded.  A decode step touches the cache only through device tensors (``cursor`` holds
+``length``; writes are ``index_copy_`` at it), so it has no host sync and fixed addresses and
+can be captured in a CUDA graph; ``begin_step`` marks the position valid, the step appends
+K/V, and ``advance`` (outside any graph) moves both counters on.
 """
 from __future__ import annotations
 
@@ -20,18 +25,22 @@ class KVCache:
     def __init__(self, *, batch: int, max_len: int, layer_numbers, kv_heads: int,
                  head_dim: int, full_loops, window_loops=(), window: int = 0,
                  dtype=torch.float32, device="cpu"):
-        def zeros(n):
-            return torch.zeros(batch, kv_heads, n, head_dim, dtype=dtype, device=device)
+        def zeros(*lead, n):
+            return torch.zeros(*lead, batch, kv_heads, n, head_dim, dtype=dtype, device=device)
 
         self.max_len, self.window, self.length = max_len, window, 0
         self.full_loops = set(full_loops)
-        self.full = {(r, l): (zeros(max_len), zeros(max_len))
+        self.window_loops = list(window_loops)  # loop of each window's index: 1 .. R-1
+        self.full = {(r, l): (zeros(n=max_len), zeros(n=max_len))
                      for r in full_loops for l in layer_numbers}
-        self.win = {(r, l): (zeros(window), zeros(window))
-                    for r in window_loops for l in layer_numbers}
-        self.win_valid = {r: torch.zeros(batch, window, dtype=torch.bool, device=device)
-                          for r in window_loops}
+        self.win = {l: (zeros(len(self.window_loops), n=window),
+                        zeros(len(self.window_loops), n=window))
+                    for l in layer_numbers} if self.window_loops else {}
+        # Which window slots hold a real token (the same for every later loop).
+        self.win_valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # == length
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # == length % window
 
     def kv_bytes(self) -> int:
         """Bytes held for keys and values (masks excluded)."""
@@ -52,20 +61,32 @@ class KVCache:
         s = k.shape[0]
         positions = torch.arange(max(0, s - self.window), s, device=k.device)
         slots = positions % self.window
-        for dst, src in zip(self.win[(loop, layer)], (k, v)):
-            dst[:, :, slots] = src[positions].permute(1, 2, 0, 3)
-        self.win_valid[loop][:, slots] = self.valid[:, positions]
+        i = self.window_loops.index(loop)
+        for dst, src in zip(self.win[layer], (k, v)):
+            dst[i][:, :, slots] = src[positions].permute(1, 2, 0, 3)
+        self.win_valid[:, slots] = self.valid[:, positions]
 
-    # -- decode: one position per sequence, [1, b, heads, dim] ------------------------------
+    # -- decode: one position per sequence, [1, rows, heads, dim]; device indices only -------
+    def begin_step(self) -> None:
+        """Mark the position being decoded (``cursor``) as a real token of every sequence,
+        in the full mask and in its window slot."""
+        self.valid.index_fill_(1, self.cursor, True)
+        if self.window:
+            torch.remainder(self.cursor, self.window, out=self.slot)
+            self.win_valid.index_fill_(1, self.slot, True)
+
     def append_full(self, loop: int, layer: int, k, v) -> None:
+        """k/v [1, b, kv_heads, d] at position ``cursor``."""
         for dst, src in zip(self.full[(loop, layer)], (k, v)):
-            dst[:, :, self.length] = src[0]
+            dst.index_copy_(2, self.cursor, src[0].unsqueeze(2))
 
-    def append_window(self, loop: int, layer: int, k, v) -> None:
-        slot = self.length % self.window
-        for dst, src in zip(self.win[(loop, layer)], (k, v)):
-            dst[:, :, slot] = src[0]
-        self.win_valid[loop][:, slot] = self.valid[:, self.length]
+    def append_windows(self, layer: int, k, v) -> None:
+        """k/v [1, n*b, kv_heads, d]: rows of the first n later loops (loop-major), each into
+        its loop's window at slot ``cursor % window``."""
+        for dst, src in zip(self.win[layer], (k, v)):
+            n = src.shape[1] // dst.shape[1]
+            rows = src[0].reshape(n, dst.shape[1], *src.shape[2:]).unsqueeze(3)
+            dst[:n].index_copy_(3, self.slot, rows)
 
     def full_view(self, loop: int, layer: int):
         """The whole preallocated cache; positions not written yet are invalid.  A fixed
@@ -75,11 +96,14 @@ class KVCache:
         k, v = self.full[(loop, layer)]
         return k, v, self.valid
 
-    def window_view(self, loop: int, layer: int):
-        k, v = self.win[(loop, layer)]
-        return k, v, self.win_valid[loop]
+    def windows(self, layer: int, n: int):
+        """The first n later loops' windows of ``layer``: k, v [n, b, kv_heads, w, d] and
+        the slot mask [b, w]."""
+        k, v = self.win[layer]
+        return k[:n], v[:n], self.win_valid
 
     def advance(self, n: int = 1) -> None:
         self.length += n
         if self.length > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+        self.cursor.fill_(self.length)  # no host sync: a scalar fill

@@ -8,6 +8,10 @@
   loop r: that embedding plus loop r-1's output at the PREVIOUS position), so the R rows go
   through the shared block as ONE batch of R*B rows; row R gives the logits, rows 1..R-1 are
   kept for the next step.
+- A decode step has fixed shapes and indexes the cache through device tensors only, so on
+  CUDA it is captured once per cache in a CUDA graph and replayed per token
+  (``cuda_graph``, ``static_step.py``); the attention of a PLT layer's R rows can be one
+  Triton launch (``model.loop.kernel``, kernels/plt_decode.py).
 
 Greedy (temperature 0) or temperature + top-p (nucleus) sampling; prompts of different
 lengths are left-padded and masked, with RoPE positions counted from each prompt's start.
@@ -15,11 +19,13 @@ lengths are left-padded and masked, with RoPE positions counted from each prompt
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import Optional
 
 import torch
 
 from plt_train.inference.cache import KVCache
+from plt_train.inference.static_step import StaticDecodeStep
 
 
 @dataclass
@@ -31,8 +37,21 @@ class Generation:
     kv_bytes: int
 
 
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")
+
+
 class Generator:
-    def __init__(self, model):
+    """KV-cached generation for one process.
+
+    ``cuda_graph``: ``on`` captures one decode step in a CUDA graph per cache and replays it
+    for every token (static buffers, no host sync; see ``inference/static_step.py``);
+    ``off`` runs it eagerly; ``auto`` = on for CUDA unless the model has MoE layers, whose
+    token routing syncs with the host (per-expert token counts) and so cannot be captured;
+    off on CPU.  ``static`` runs the graph's buffers and copies without capturing (what the
+    CPU tests compare with the eager step).
+    """
+
+    def __init__(self, model, cuda_graph: str = "auto"):
         from megatron.core import parallel_state as ps
 
         if ps.get_tensor_model_parallel_world_size() != 1 or \
@@ -43,6 +62,9 @@ class Generator:
         self.one_pass = self.kind == "plt" and self.loops > 1
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.cuda_graph = cuda_graph
+        self.step_mode = step_mode(cuda_graph, model, self.device)  # eager | static | graph
+        self._static = None  # the StaticDecodeStep of the current cache
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         attn = self.model.decoder.layers[0].self_attention
@@ -72,8 +94,35 @@ class Generator:
     @torch.no_grad()
     def decode(self, token: torch.Tensor, position: torch.Tensor, fed: list, cache: KVCache):
         """One new token per sequence (token/position [B]) -> (logits [B, V], fed)."""
+        if self.step_mode == "eager":
+            logits, fed = self.decode_step(token, position, fed, cache)
+        else:
+            static = self._static
+            if static is None or static.cache is not cache:
+                self._static = None  # free the old graph's memory before capturing anew
+                try:
+                    static = self._static = StaticDecodeStep(
+                        self.decode_step, cache, token, position, fed,
+                        capture=self.step_mode == "graph")
+                except Exception as exc:
+                    if self.cuda_graph != "auto":
+                        raise
+                    # auto never breaks generation: a step this stack cannot capture (a
+                    # kernel or layer with a host sync we did not foresee) runs eagerly.
+                    warnings.warn(f"decode step not capturable ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); decoding eagerly")
+                    self.step_mode = "eager"
+                    return self.decode(token, position, fed, cache)
+            logits, fed = static(token, position, fed)
+            logits = logits.clone()  # the graph's output buffer is rewritten by each replay
+        cache.advance()
+        return logits, fed
+
+    def decode_step(self, token, position, fed, cache: KVCache):
+        """The device work of a decode step at ``cache.cursor``: fixed shapes, no host sync
+        (so it can be captured in a CUDA graph); ``decode`` advances the cache after it."""
         m, R, B = self.model, self.loops, token.shape[0]
-        cache.valid[:, cache.length] = True
+        cache.begin_step()
         emb = m.embed(token[:, None], position[:, None])  # [1, B, h]
         rope = m.rope_at(position[:, None], cache.max_len)  # [1, B, 1, d]
         state = m.loop_state
@@ -93,7 +142,6 @@ class Generator:
                 if r < R - 1:
                     x = m.between_loops(hidden)
         state.begin()
-        cache.advance()
         return m.head(hidden)[:, -1], fed
 
     @torch.no_grad()
@@ -126,6 +174,26 @@ class Generator:
                           prompt_logits=prompt_logits, pad=pad, kv_bytes=cache.kv_bytes())
 
 
+def step_mode(cuda_graph: str, model, device) -> str:
+    """``Generator(cuda_graph=...)`` -> how decode steps run: eager, static or graph."""
+    if cuda_graph not in (*CUDA_GRAPH_CHOICES, "static"):
+        raise ValueError(f"cuda_graph={cuda_graph!r}: one of {', '.join(CUDA_GRAPH_CHOICES)}")
+    moe = bool(getattr(model.config, "num_moe_experts", None))
+    cuda = torch.device(device).type == "cuda"
+    if cuda_graph == "on":
+        if not cuda:
+            raise ValueError("cuda_graph=on needs a CUDA device (use auto or off)")
+        if moe:
+            raise ValueError("cuda_graph=on: MoE layers route tokens with host syncs "
+                             "(per-expert token counts), which a CUDA graph cannot capture; "
+                             "use auto or off")
+    if cuda_graph == "static":
+        return "static"
+    if cuda_graph == "on" or (cuda_graph == "auto" and cuda and not moe):
+        return "graph"
+    return "eager"
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
     """[B, V] -> [B]: argmax at temperature 0, else nucleus sampling."""
     if temperature <= 0:
@@ -149,7 +217,9 @@ def sample_after_training(chunks, tokenizer, sample_cfg) -> str | None:
             ps.get_tensor_model_parallel_world_size() != 1 or \
             ps.get_pipeline_model_parallel_world_size() != 1:
         return None
-    gen = Generator(model)
+    # Eager steps: a one-off sample does not repay a capture, and capturing inside a training
+    # process risks clashing with its NCCL watchdog's event queries.
+    gen = Generator(model, cuda_graph="off")
     out = gen.generate([tokenizer.tokenize(sample_cfg.prompt)], sample_cfg.max_new_tokens,
                        sample_cfg.temperature, sample_cfg.top_p, sample_cfg.seed,
                        eos_id=tokenizer.eod)

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from tests.conftest import DEBUG_ARGS, REPO, run_train
 
 ARGS = DEBUG_ARGS + ["model.name=plt", "model.loops=2", "model.loop.window=8", "train.steps=3",
@@ -46,9 +48,11 @@ def test_generate_from_pipeline_checkpoint(tmp_path, data_cache):
 
     gen = subprocess.run([sys.executable, "-m", "plt_train.generate", str(pp2),
                           "--prompt", "import os", "--prompt", "def f(x):",
-                          "--max-new-tokens", "12"], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "12", "--cuda-graph", "auto", "--kernel", "torch"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     outputs = [x for x in gen.stdout.splitlines() if "\u2502" in x]
     assert [x.split("\u2502")[0] for x in outputs] == ["import os", "def f(x):"]
     assert "plt loops=2: " in gen.stderr
+    # --cuda-graph auto: replayed from a CUDA graph on a GPU (a dense model), eager on CPU
+    assert f"decode steps {'graph' if torch.cuda.is_available() else 'eager'}" in gen.stderr

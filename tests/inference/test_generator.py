@@ -4,6 +4,8 @@ For random weights (std 0.1, so attention is far from uniform) and a batch of pr
 different lengths, the logits of every prefilled position and of every decode step equal the
 logits of one plain forward over prompt + generated tokens, for vanilla, looped and PLT with
 R = 1, 2, 3.  The window is 4 and 12 tokens are generated, so decoding runs well past it.
+The same holds with the decode attention in the Triton kernel (through the interpreter on
+CPU) and for the graph-ready static step; on CUDA, for the captured graph.
 """
 from __future__ import annotations
 
@@ -46,18 +48,111 @@ def test_decoding_reproduces_the_full_forward_at_every_position(one_rank, name, 
     model = build(one_rank, name, loops, **kw)
     ps = prompts()
     out = Generator(model).generate(ps, NEW)
-    assert out.step_logits.shape == (3, NEW, model.vocab_size)
+    assert_reproduces_full_forward(model, ps, out, NEW)
+
+
+def assert_reproduces_full_forward(model, ps, out, new, tol=1e-4):
+    assert out.step_logits.shape == (len(ps), new, model.vocab_size)
     for b, p in enumerate(ps):
-        seq = torch.tensor(p + out.tokens[b])[None]
+        seq = torch.tensor(p + out.tokens[b], device=out.step_logits.device)[None]
         with torch.no_grad():
-            full = model(seq, torch.arange(seq.shape[1])[None], None)[0]
+            full = model(seq, torch.arange(seq.shape[1], device=seq.device)[None], None)[0]
         L = len(p)
         torch.testing.assert_close(out.prompt_logits[b, out.pad[b]:], full[:L],
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out.step_logits[b], full[L - 1:L - 1 + NEW],
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(out.step_logits[b], full[L - 1:L - 1 + new],
+                                   rtol=tol, atol=tol)
     # Greedy: each generated token is the argmax of the logits it came from.
     assert out.tokens == out.step_logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_decode_kernel_reproduces_the_full_forward(one_rank, loops, monkeypatch):
+    """model.loop.kernel=triton: each PLT layer's decode attention is one Triton launch."""
+    from kernels import plt_decode
+    from plt_train.inference import Generator
+
+    model = build(one_rank, "plt", loops, kernel="triton")
+    launches = []
+    original = plt_decode.plt_decode_attention
+    monkeypatch.setattr(plt_decode, "plt_decode_attention",
+                        lambda *a, **k: launches.append(1) or original(*a, **k))
+    ps, new = prompts((5, 1)), 5
+    out = Generator(model).generate(ps, new)
+    assert len(launches) == (new - 1) * 2  # decode steps x layers
+    model.opts.kernel = "torch"  # the oracle: the pure-torch full forward
+    assert_reproduces_full_forward(model, ps, out, new)
+
+
+@pytest.mark.parametrize("name,loops", [("plt", 3), ("looped", 2)])
+def test_static_decode_step_equals_the_eager_one(one_rank, name, loops):
+    """The graph's buffers, copies and in-place fed-on outputs, run without capturing."""
+    from plt_train.inference import Generator
+
+    model = build(one_rank, name, loops)
+    eager = Generator(model, cuda_graph="off").generate(prompts(), 6)
+    gen = Generator(model, cuda_graph="static")
+    static = gen.generate(prompts(), 6)
+    assert gen.step_mode == "static" and gen._static is not None
+    assert static.tokens == eager.tokens
+    assert torch.equal(static.step_logits, eager.step_logits)
+
+
+def test_auto_falls_back_to_eager_when_the_step_cannot_be_captured(one_rank, monkeypatch):
+    """Under cuda_graph=auto a capture failure (say, a host sync in a layer we did not foresee)
+    warns and decodes eagerly with the same result; an explicit choice raises."""
+    import plt_train.inference.generator as generator
+    from plt_train.inference import Generator
+
+    def uncapturable(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = build(one_rank, "plt", 2)
+    eager = Generator(model, cuda_graph="off").generate(prompts(), 4)
+    monkeypatch.setattr(generator, "StaticDecodeStep", uncapturable)
+    gen = Generator(model, cuda_graph="auto")
+    gen.step_mode = "graph"  # what auto picks on CUDA
+    with pytest.warns(UserWarning, match="not capturable"):
+        out = gen.generate(prompts(), 4)
+    assert gen.step_mode == "eager" and out.tokens == eager.tokens
+    assert torch.equal(out.step_logits, eager.step_logits)
+    strict = Generator(model, cuda_graph="static")
+    with pytest.raises(RuntimeError, match="capturing"):
+        strict.generate(prompts(), 4)
+
+
+def test_cuda_graph_choice():
+    from types import SimpleNamespace
+
+    from plt_train.inference.generator import step_mode
+
+    dense, moe = (SimpleNamespace(config=SimpleNamespace(num_moe_experts=n)) for n in (None, 8))
+    assert step_mode("auto", dense, "cpu") == "eager"
+    assert step_mode("auto", dense, "cuda") == "graph"
+    assert step_mode("auto", moe, "cuda") == "eager"  # routing syncs with the host
+    assert step_mode("off", dense, "cuda") == "eager"
+    with pytest.raises(ValueError, match="CUDA device"):
+        step_mode("on", dense, "cpu")
+    with pytest.raises(ValueError, match="MoE"):
+        step_mode("on", moe, "cuda")
+    with pytest.raises(ValueError):
+        step_mode("yes", dense, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs need a CUDA GPU (the CPU tests cover the static step)")
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_cuda_graph_decode_equals_eager(one_rank, kernel):
+    from plt_train.inference import Generator
+
+    model = build(one_rank, "plt", 3, kernel=kernel)
+    eager = Generator(model, cuda_graph="off").generate(prompts(), NEW)
+    gen = Generator(model, cuda_graph="on")
+    graphed = gen.generate(prompts(), NEW)
+    assert gen._static.graph is not None
+    assert graphed.tokens == eager.tokens
+    torch.testing.assert_close(graphed.step_logits, eager.step_logits, rtol=1e-4, atol=1e-4)
+    assert_reproduces_full_forward(model, prompts(), graphed, NEW, tol=1e-3)
 
 
 def test_kv_bytes_plt_is_loop_one_plus_windows_looped_is_r_times(one_rank):

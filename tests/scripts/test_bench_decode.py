@@ -11,24 +11,43 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_bench_decode_tiny_writes_records_and_plot(tmp_path):
+def run_bench(out, *args):
     # A fresh process group: not the variables an in-process test left in our environment.
+    # (TRITON_INTERPRET, set by conftest.py without a GPU, is kept: --kernel triton runs.)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tiny", "--out",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                           str(out), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads((tmp_path / "bench_decode.json").read_text())
+    return proc, json.loads((out / "bench_decode.json").read_text())
+
+
+def test_bench_decode_tiny_writes_records_and_plot(tmp_path):
+    proc, records = run_bench(tmp_path)
     assert (tmp_path / "bench_decode.png").stat().st_size > 1000
     assert {(r["model"], r["loops"], r["batch"]) for r in records} == {
         (m, R, b) for m, R in [("vanilla", 1), ("looped", 2), ("looped", 3), ("plt", 2),
                                ("plt", 3)] for b in (1, 4)}
     for r in records:
-        assert {"model", "loops", "batch", "ms_per_token", "kv_bytes", "device"} <= set(r)
+        assert {"model", "loops", "batch", "ms_per_token", "kv_bytes", "device", "cuda_graph",
+                "kernel"} <= set(r)
+        assert r["kernel"] == ("auto" if r["model"] == "plt" else None)
         assert r["ms_per_token"] > 0
         if r["model"] == "plt":  # exactly loop 1's cache plus (R-1) windows
             assert r["kv_vs_vanilla"] == pytest.approx(r["kv_bound"], rel=0, abs=1e-12)
         elif r["model"] == "looped":
             assert r["kv_vs_vanilla"] == r["loops"]
     assert "ms/token" in proc.stdout.splitlines()[-12]  # the table comes last
+
+
+def test_bench_decode_times_kernel_and_graph_variants_side_by_side(tmp_path):
+    """--kernel torch triton: both PLT variants on the same weights, one vanilla baseline per
+    step mode (on CPU --cuda-graph auto is off, so it is timed once)."""
+    _, records = run_bench(tmp_path, "--batch", "1", "--new", "2", "--warmup", "1",
+                           "--cuda-graph", "off", "auto", "--kernel", "torch", "triton")
+    assert {r["cuda_graph"] for r in records} == {"eager"}
+    assert sorted((r["model"], r["loops"], r["kernel"]) for r in records) == [
+        ("looped", 2, None), ("looped", 3, None), ("plt", 2, "torch"), ("plt", 2, "triton"),
+        ("plt", 3, "torch"), ("plt", 3, "triton"), ("vanilla", 1, None)]
+    assert all(r["latency_vs_vanilla"] > 0 for r in records)

@@ -59,7 +59,8 @@ def mlp_spec(model: ModelConfig) -> ModuleSpec:
     if layer == "fine_grained":
         return ModuleSpec(module=FineGrainedMoE, submodules=submodules)
     return ModuleSpec(module=BigMacMoE, submodules=submodules,
-                      params={"latent_size": expert_width(model)})
+                      params={"latent_size": expert_width(model),
+                              "dcca_kernel": model.moe.dcca_kernel})
 
 
 __all__ = ["experts_spec", "mlp_spec"]

@@ -16,7 +16,11 @@ sorting by local expert).  We replace only:
   DCCA, computed where the token lives), so only hidden states cross the wire and the bytes of
   DCCA are exactly r times those of CDAC.  ``y = sum_k p_k E_k(x)`` either way;
 * the router's aux/z-loss token scaling, which in 0.16.1 shrinks those losses' gradients by
-  1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix).
+  1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
+* for BigMac with ``model.moe.dcca_kernel`` selecting Triton: the permutation and the
+  un-permutation, fused with the descend / ascend projections (``kernels/dcca.py``).  The
+  dispatcher's metadata (splits, tokens per expert, the sort by local expert after the
+  all-to-all) stays megatron's.
 
 Capacity factor: megatron-core drops per SOURCE rank, before dispatch (capacity from the
 rank's own tokens), so the expert-parallel size does not change which tokens drop (checked in
@@ -180,6 +184,48 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             routing_map=self.routing_map, fused=False, drop_and_pad=self.drop_and_pad)
         return output.view(self.hidden_shape)
 
+    # -- BigMac's fused DCCA (kernels/dcca.py) ---------------------------------------------
+    def permutes_as_slots(self) -> bool:
+        """Whether megatron's permutation here is one row per routed (token, expert) pair,
+        at most top-k per token, which the fused DCCA ops assume: not with padding to
+        capacity (padding rows, more than top-k rows per token), router padding for
+        quantisation, or TE's fused permute."""
+        return not (self.drop_and_pad or self.config.moe_router_padding_for_quantization
+                    or self.config.moe_permute_fusion)
+
+    def descend_dispatch_preprocess(self, hidden_states, routing_map, probs, w_down):
+        """``dispatch_preprocess`` of ``hidden_states W_down^T``, the projection fused into
+        the permutation: the same metadata steps, then ``descend_permute`` writes each latent
+        token straight to its rows in expert order.  Returns (permuted latent, None): the
+        probabilities stay at the source (``token_dispatch``)."""
+        from kernels.dcca import descend_permute, expert_slots
+
+        self.probs, self.routing_map = probs, routing_map
+        tokens = hidden_states.view(-1, hidden_states.shape[-1])
+        self.hidden_shape = (*hidden_states.shape[:-1], w_down.shape[0])
+        self.tokens_per_expert = self.preprocess(routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_permutation_1", self.tokens_per_expert)
+        # num_out_tokens: T * top_k dropless; with dropping, the routed-pair count, already on
+        # the host after megatron's "before_permutation_1" sync (index_select would sync too).
+        self.dcca_dest, self.dcca_probs = expert_slots(routing_map, probs,
+                                                       self.config.moe_router_topk)
+        permuted = descend_permute(tokens, w_down, self.dcca_dest, int(self.num_out_tokens),
+                                   rows_covered=True)
+        return permuted, None
+
+    def combine_ascend_postprocess(self, permuted_tokens, w_up):
+        """``combine_postprocess`` then ``W_up``, fused: gate-weighted gather-sum of each
+        token's rows, then the ascend GEMM.  Returns [*, h]."""
+        from kernels.dcca import combine_ascend
+
+        output = combine_ascend(permuted_tokens, self.dcca_probs, self.dcca_dest, w_up,
+                                rows_covered=True)
+        self.dcca_dest = self.dcca_probs = None
+        return output.view(*self.hidden_shape[:-1], w_up.shape[0])
+
 
 class FineGrainedMoE(MoELayer):
     """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring)."""
@@ -222,26 +268,58 @@ class BigMacMoE(FineGrainedMoE):
     ``linear_descend`` (h -> r*h) and ``linear_ascend`` (r*h -> h) are ONE projection each per
     layer, shared by all experts.  Initialised like megatron-core's latent-MoE projections:
     normal(0, std), the ascend (an output of the residual branch) scaled by 1/sqrt(2L).
+    ``dcca_kernel`` (``model.moe.dcca_kernel``): auto / triton / torch for the fused descend +
+    permute and gather-sum + ascend (``uses_fused_dcca``); same outputs and gradients either way.
     """
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None, latent_size: int = 0):
+                 pg_collection=None, latent_size: int = 0, dcca_kernel: str = "auto"):
         super().__init__(config, submodules, layer_number, pg_collection)
         if latent_size <= 0:
             raise ValueError("BigMacMoE needs latent_size = r * hidden_size > 0")
+        from kernels import KERNEL_CHOICES
+        if dcca_kernel not in KERNEL_CHOICES:
+            raise ValueError(f"unknown dcca_kernel {dcca_kernel!r}: {KERNEL_CHOICES}")
         self.latent_size = latent_size
+        self.dcca_kernel = dcca_kernel
+        self._fused_dcca = False  # chosen per forward in preprocess, used by its postprocess
         self.linear_descend = _Projection(config, config.hidden_size, latent_size,
                                           config.init_method)
         self.linear_ascend = _Projection(config, latent_size, config.hidden_size,
                                          config.output_layer_init_method)
 
+    def uses_fused_dcca(self, hidden_states) -> bool:
+        """``model.moe.dcca_kernel`` for this call: the fused ops (kernels/dcca.py) when
+        Triton is selected for the device and the dispatcher permutes one row per routed pair;
+        otherwise megatron's permute / unpermute around the two projections.  Checked before
+        anything imports Triton, which CPU installs may lack."""
+        from kernels import use_triton, verified
+
+        device = hidden_states.device
+        if not (self.token_dispatcher.permutes_as_slots()
+                and use_triton(self.dcca_kernel, device)):
+            return False
+        if self.dcca_kernel == "triton":
+            return True
+        from kernels import dcca  # auto: once per process, a check against the reference
+        return verified("dcca", device, dcca.self_check)
+
     def preprocess(self, hidden_states, probs, routing_map):
-        latent = self.linear_descend(hidden_states)  # router already saw the full-width x
+        # The router already saw the full-width x.
+        self._fused_dcca = self.uses_fused_dcca(hidden_states)
+        if self._fused_dcca:
+            return self.token_dispatcher.descend_dispatch_preprocess(
+                hidden_states, routing_map, probs, self.linear_descend.weight)
+        latent = self.linear_descend(hidden_states)
         return self.token_dispatcher.dispatch_preprocess(latent, routing_map, probs)
 
     def postprocess(self, output, shared_expert_output):
-        output = self.token_dispatcher.combine_postprocess(output)  # gate-weighted sum at r*h
-        output = self.linear_ascend(output)
+        if self._fused_dcca:
+            output = self.token_dispatcher.combine_ascend_postprocess(
+                output, self.linear_ascend.weight)
+        else:
+            output = self.token_dispatcher.combine_postprocess(output)  # gate-weighted, r*h
+            output = self.linear_ascend(output)
         if shared_expert_output is not None:
             output = output + shared_expert_output
         return output

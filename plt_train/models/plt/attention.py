@@ -25,6 +25,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from kernels import use_triton
 from plt_train.config.schema import LoopConfig
 from plt_train.models.plt import ops
 from plt_train.models.plt.gate import GATES
@@ -75,14 +76,18 @@ class LoopAttention(SelfAttention):
                 cache.store_full(loop, self.layer_number, k, v)
             return ops.causal_attention(q, k, v, self.scale, valid)
         k_shared, v_shared = self._shared_kv(loop)
-        y = ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
         if cache is not None:
             cache.store_window(loop, self.layer_number, k, v)
         if not self.opts.gswa:
-            return y
-        y_local = ops.window_attention(q, k, v, self.scale, self.opts.window, valid)
+            return ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
         g = self.gswa_gate(q, hidden_states)
-        return g * y + (1 - g) * y_local
+        if valid is None and use_triton(self.opts.kernel, q.device):
+            from kernels import gswa  # imports Triton: only where it is selected
+
+            if gswa.fused_applies(self.opts.kernel, q, valid):  # one pass, kernels/gswa.py
+                return gswa.gswa_attention(q, k_shared, v_shared, k, v, g, self.scale,
+                                           self.opts.window)
+        return ops.gswa(q, k_shared, v_shared, k, v, g, self.scale, self.opts.window, valid)
 
     def _stash_shared_kv(self, k, v):
         """Queue loop 1's K/V once for each later loop (a FIFO per (layer, loop)).
@@ -115,7 +120,10 @@ class LoopAttention(SelfAttention):
 
     # -- one new position per sequence against the cache -----------------------------------
     def _decode(self, q, k, v, hidden_states):
-        """Rows are loop-major groups of B sequences, one group per loop in ``row_loops``."""
+        """Rows are loop-major groups of B sequences, one group per loop in ``row_loops``.
+
+        Only device-side cache indexing (``KVCache.cursor``): no host sync, so the decode
+        step can be captured in a CUDA graph (inference/generator.py)."""
         st, cache, lnum = self.state, self.state.cache, self.layer_number
         loops = st.row_loops
         n = len(loops)
@@ -125,29 +133,28 @@ class LoopAttention(SelfAttention):
             cache.append_full(loops[0], lnum, k, v)
             kc, vc, valid = cache.full_view(loops[0], lnum)
             return ops.cached_attention(q, kc, vc, self.scale, valid)
-        # PLT: row group 0 is loop 1 and extends the shared cache; every row attends to it.
-        assert loops[0] == 0
+        # PLT: row group 0 is loop 1 and extends the shared cache; every row attends to it;
+        # with G-SWA each later group also extends and attends to its loop's window.
+        assert loops == list(range(n)), loops
         cache.append_full(0, lnum, k[:, :B], v[:, :B])
         kc, vc, valid = cache.full_view(0, lnum)
-        y = self._fold_rows_into_heads(q, n, B, kc, vc, valid)
-        if n == 1 or not self.opts.gswa:
-            return y
-        locals_ = []
-        for i, loop in enumerate(loops[1:], start=1):
-            rows = slice(i * B, (i + 1) * B)
-            cache.append_window(loop, lnum, k[:, rows], v[:, rows])
-            kw, vw, wvalid = cache.window_view(loop, lnum)
-            locals_.append(ops.cached_attention(q[:, rows], kw, vw, self.scale, wvalid))
-        y_local = torch.cat(locals_, dim=1)
-        g = self.gswa_gate(q[:, B:], hidden_states[:, B:])
-        return torch.cat([y[:, :B], g * y[:, B:] + (1 - g) * y_local], dim=1)
+        window = {}
+        if n > 1 and self.opts.gswa:
+            cache.append_windows(lnum, k[:, B:], v[:, B:])
+            kw, vw, wvalid = cache.windows(lnum, n - 1)
+            window = dict(k_win=kw, v_win=vw, win_valid=wvalid,
+                          gate=self.gswa_gate(q[:, B:], hidden_states[:, B:]))
+        return self._fold_rows_into_heads(q, kc, vc, valid, window, cache.cursor)
 
-    def _fold_rows_into_heads(self, q, n, B, kc, vc, valid):
-        """All rows of a position against one cache in ONE attention call: rows become extra
-        query heads of their KV group (one query per head keeps the fast single-query decode
-        path on GPU, KERNELS.md)."""
-        _, _, nq, d = q.shape
-        ng = kc.shape[1]
-        qf = q.view(n, B, ng, nq // ng, d).permute(1, 2, 3, 0, 4).reshape(1, B, nq * n, d)
-        out = ops.cached_attention(qf, kc, vc, self.scale, valid)
-        return out.view(B, ng, nq // ng, n, d).permute(3, 0, 1, 2, 4).reshape(1, n * B, nq, d)
+    def _fold_rows_into_heads(self, q, kc, vc, valid, window: dict, cursor: torch.Tensor):
+        """All rows of the step against loop 1's cache (and the windows) at once: in one
+        Triton launch (kernels/plt_decode.py) when ``model.loop.kernel`` picks it, else in
+        the reference, which folds the rows into extra query heads of their KV group for ONE
+        SDPA call (one query per head keeps the fast single-query decode path, KERNELS.md)."""
+        if use_triton(self.opts.kernel, q.device):
+            from kernels import plt_decode  # imports Triton: only where it is selected
+
+            if plt_decode.kernel_applies(self.opts.kernel, q, kc):
+                return plt_decode.plt_decode_attention(q, kc, vc, valid, self.scale,
+                                                       cursor=cursor, **window)
+        return ops.plt_decode_attention(q, kc, vc, valid, self.scale, **window)

@@ -70,6 +70,17 @@ def cached_attention(q, k, v, scale: float, key_valid: torch.Tensor):
     return out.permute(2, 0, 1, 3)
 
 
+def gswa(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
+         key_valid: Optional[torch.Tensor] = None):
+    """G-SWA of loops r >= 2: ``gate * causal(q, loop 1's K/V) + (1 - gate) * window(q, own
+    K/V)``, gate [s, b, nq, 1] (or [s, b, nq]).  The reference for kernels/gswa.py."""
+    if gate.dim() == q.dim() - 1:
+        gate = gate.unsqueeze(-1)
+    y_global = causal_attention(q, k_shared, v_shared, scale, key_valid)
+    y_local = window_attention(q, k, v, scale, window, key_valid)
+    return gate * y_global + (1 - gate) * y_local
+
+
 def shift_one(h: torch.Tensor, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-loop shift: out[i] = h[i-1], out[0] = 0 (h is [s, b, hidden]).
 
@@ -80,3 +91,39 @@ def shift_one(h: torch.Tensor, key_valid: Optional[torch.Tensor] = None) -> torc
         prev_valid = torch.cat([torch.zeros_like(key_valid[:, :1]), key_valid[:, :-1]], dim=1)
         out = out * prev_valid.t().unsqueeze(-1).to(out.dtype)
     return out
+
+
+def rows_as_heads_attention(q, k, v, scale: float, key_valid: torch.Tensor):
+    """All row groups of a decode step against ONE cache in one attention call.
+
+    q [1, n*b, nq, d] (n loop-major groups of b rows), k/v [b, nk, sk, d] -> [1, n*b, nq, d].
+    The n rows of a sequence become extra query heads of their KV group: one query per head
+    keeps the fast single-query decode path of SDPA on GPU (KERNELS.md: 9 us for 1 row,
+    29 us for 2-3 rows as extra queries, 9 us folded into heads)."""
+    _, rows, nq, d = q.shape
+    b, nk = k.shape[:2]
+    n = rows // b
+    qf = q.view(n, b, nk, nq // nk, d).permute(1, 2, 3, 0, 4).reshape(1, b, nq * n, d)
+    out = cached_attention(qf, k, v, scale, key_valid)
+    return out.view(b, nk, nq // nk, n, d).permute(3, 0, 1, 2, 4).reshape(1, rows, nq, d)
+
+
+def plt_decode_attention(q, k_full, v_full, key_valid, scale: float, k_win=None, v_win=None,
+                         win_valid=None, gate=None):
+    """PLT's decode-step attention for the rows of all loops: the reference that
+    ``kernels/plt_decode.py`` must reproduce (and the fallback where it does not run).
+
+    q [1, n*b, nq, d]: n loop-major groups of b rows (group 0 = loop 1).  Every row attends
+    to loop 1's full cache k_full/v_full [b, nk, S, d] (``key_valid`` [b, S]).  With G-SWA
+    (``gate`` given), row group i >= 1 also attends to its loop's rolling window
+    k_win/v_win[i-1] [b, nk, w, d] (``win_valid`` [b, w]) and mixes per head:
+    ``gate * y_global + (1 - gate) * y_local``, gate [1, (n-1)*b, nq, 1].
+    """
+    y = rows_as_heads_attention(q, k_full, v_full, scale, key_valid)
+    if gate is None:
+        return y
+    b = k_full.shape[0]
+    n = q.shape[1] // b
+    y_local = torch.cat([cached_attention(q[:, i * b:(i + 1) * b], k_win[i - 1], v_win[i - 1],
+                                          scale, win_valid) for i in range(1, n)], dim=1)
+    return torch.cat([y[:, :b], gate * y[:, b:] + (1 - gate) * y_local], dim=1)

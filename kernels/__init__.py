@@ -1,0 +1,86 @@
+"""Fused Triton kernels for plt_train's hot paths, each beside the pure-torch reference it must
+reproduce:
+
+- ``gswa``: PLT's gated sliding-window attention for loops r >= 2 (causal over loop 1's K/V +
+  window-w over the loop's own K/V + per-head gate), forward and backward, in one pass over the
+  queries.  Reference: ``plt_train.models.plt.ops``.
+- ``plt_decode``: one decode step's attention for all R loop-rows of a PLT layer in one launch,
+  reading loop 1's full cache and the later loops' rolling windows.
+- ``dcca``: BigMac's descend projection fused with the permutation into expert order, and the
+  gate-weighted un-permute fused with the combine before the ascend projection.
+
+Selection (``model.loop.kernel``, ``model.moe.dcca_kernel``): ``auto`` uses Triton on CUDA
+when it imports and the pure-torch path otherwise; ``triton`` insists (on CPU it runs only
+under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests the kernels);
+``torch`` never uses Triton.  A call whose shapes a kernel does not cover (e.g. left-padded
+batches in prefill) takes the reference path; that is a fallback, not an error.
+
+Under ``auto`` each kernel also passes a first-use check on the device (``verified``: a small
+forward+backward against its reference) before it replaces the reference; a kernel that fails
+to compile on the installed Triton, or disagrees, is reported once and left out, so a new
+Triton version or GPU never breaks a run that did not ask for the kernel.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising at import
+        return f"triton does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unusable_reason(device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` ("cuda", "cpu" or a torch.device), or None."""
+    why = _triton_import_error()
+    if why:
+        return why
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cuda" or interpreting():
+        return None
+    return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on {kind}, for tests)"
+
+
+def use_triton(choice: str, device) -> bool:
+    """The run-time switch every kernel call site uses (see the module docstring)."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel choice {choice!r}: {KERNEL_CHOICES}")
+    if choice == "torch":
+        return False
+    why = triton_unusable_reason(device)
+    if choice == "triton":
+        if why:
+            raise RuntimeError(f"kernel=triton but {why}")
+        return True
+    return why is None and getattr(device, "type", str(device)).startswith("cuda")
+
+
+_VERIFIED: dict = {}
+
+
+def verified(name: str, device, check) -> bool:
+    """``check(device) -> max relative error ok?`` once per (kernel, device, process)."""
+    key = (name, str(device))
+    if key not in _VERIFIED:
+        try:
+            ok, why = bool(check(device)), "it disagreed with its reference"
+        except Exception as exc:  # compile errors of a Triton version we never ran
+            ok, why = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+        if not ok:
+            warnings.warn(f"the {name} Triton kernel failed its first-use check on {device} "
+                          f"({why}); using the pure-torch path")
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]

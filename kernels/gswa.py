@@ -1,0 +1,410 @@
+"""PLT's gated sliding-window attention (G-SWA) for loops r >= 2, fused, forward and backward.
+
+    y = g * causal(q, K1, V1) + (1 - g) * window_w(q, K, V)
+
+with K1/V1 loop 1's keys/values of the layer (shared), K/V the loop's own, g [s, b, heads] the
+per-head gate.  One forward pass over each block of queries runs both online softmaxes (flash
+attention style: no [s, s] score matrix and no [s, s] mask are ever materialised) and writes
+``y`` plus ``diff = y_global - y_local``, from which the backward recovers both branch outputs
+without dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
+
+Backward: the per-row terms (``delta`` of each branch, the gate gradient ``<dy, diff>``) are
+three fused reductions in torch, then a dK/dV kernel per branch (skipped for K1/V1 when they
+are detached, the released recipe) and one dQ kernel over both branches.
+
+Layout: megatron's [s, b, heads, d] with any strides (q/k/v are views of the fused QKV
+projection); grouped K/V heads (GQA) are read in place.  The reference is
+``plt_train.models.plt.ops.gswa``; left-padded batches (prefill with ``key_valid``) use it.
+Importing this module imports Triton: callers check ``kernels.use_triton`` first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import use_triton, verified
+
+LOG2E = 1.4426950408889634
+
+
+def fused_applies(choice: str, q: torch.Tensor, key_valid) -> bool:
+    """Whether the fused kernel takes this call (else the reference does)."""
+    if key_valid is not None or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or q.shape[-1] > 256 or not use_triton(choice, q.device):
+        return False
+    return choice == "triton" or verified("gswa", q.device, _self_check)
+
+
+def _self_check(device) -> bool:
+    """Forward + backward at a small ragged GQA shape in bf16 (fp32 on CPU) vs the fp32
+    reference: the first-use check of ``kernels.verified``."""
+    from plt_train.models.plt import ops
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    S, B, HQ, HK, D, w = (200, 1, 4, 2, 64, 16) if device.type == "cuda" else (40, 1, 4, 2, 16, 6)
+    ts = [torch.randn(S, B, h, D, generator=g, device=device).to(dtype)
+          for h in (HQ, HK, HK, HK, HK)]
+    ts.append(torch.rand(S, B, HQ, 1, generator=g, device=device).to(dtype))
+    dy = torch.randn(S, B, HQ, D, generator=g, device=device).to(dtype)
+    with torch.enable_grad():
+        ins = [t.clone().requires_grad_(True) for t in ts]
+        y = gswa_attention(*ins, D ** -0.5, w)
+        got = [y, *torch.autograd.grad(y, ins, dy)]
+        ref_in = [t.float().requires_grad_(True) for t in ts]
+        y_ref = ops.gswa(*ref_in, D ** -0.5, w)
+        want = [y_ref, *torch.autograd.grad(y_ref, ref_in, dy.float())]
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return all(bool(torch.isfinite(a).all()) and
+               float((a.float() - b).abs().max() / b.abs().max()) < tol
+               for a, b in zip(got, want))
+
+
+def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int):
+    """q [s, b, nq, d], k*/v* [s, b, nk, d], gate [s, b, nq(, 1)] -> y [s, b, nq, d]."""
+    return _GSWA.apply(q, k_shared, v_shared, k, v, gate, scale, window)
+
+
+# -- kernels ---------------------------------------------------------------------------------
+@triton.jit
+def _fwd_branch(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo, hi, S,
+                window, qk_scale, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of q against keys [lo, hi); scores in base-2 units."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[None, :] < S) & (offs_d[:, None] < D)
+        kt = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd, mask=kv_mask,
+                     other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if MASK:
+            keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+            if LOCAL:
+                keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _gswa_fwd(Q, K1, V1, K, V, G, Y, DIFF, LSE_G, LSE_L,
+              sqs, sqb, sqh, sqd, sk1s, sk1b, sk1h, sk1d, sv1s, sv1b, sv1h, sv1d,
+              sks, skb, skh, skd, svs, svb, svh, svd,
+              S, B, HQ, GROUP, D, window, qk_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // HQ, pid_bh % HQ
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    hi = tl.minimum(m0 + BLOCK_M, S)
+
+    # global branch: causal over loop 1's K/V; blocks left of the diagonal need no mask
+    acc_g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_g = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k1 = K1 + b * sk1b + hk * sk1h
+    v1 = V1 + b * sv1b + hk * sv1h
+    acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
+                                  0, m0, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
+                                  False, False, PREC)
+    acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
+                                  m0, hi, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
+                                  True, False, PREC)
+    # local branch: the loop's own K/V in the window (i - w, i]
+    acc_l = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_l = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
+    acc_l, m_l, l_l = _fwd_branch(acc_l, m_l, l_l, q, K + b * skb + hk * skh,
+                                  V + b * svb + hk * svh, sks, skd, svs, svd, offs_m,
+                                  lo, hi, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
+                                  True, True, PREC)
+
+    l_g = tl.where(row_ok, l_g, 1.0)
+    l_l = tl.where(row_ok, l_l, 1.0)
+    y_g = acc_g / l_g[:, None]
+    y_l = acc_l / l_l[:, None]
+    row = (offs_m * B + b) * HQ + h  # [s, b, heads] fp32 side tensors
+    g = tl.load(G + row, mask=row_ok, other=0.0)
+    y = g[:, None] * y_g + (1.0 - g[:, None]) * y_l
+    out = (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :]
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(DIFF + out, (y_g - y_l).to(DIFF.dtype.element_ty), mask=mask)
+    tl.store(LSE_G + row, m_g + tl.log2(l_g), mask=row_ok)
+    tl.store(LSE_L + row, m_l + tl.log2(l_l), mask=row_ok)
+
+
+@triton.jit
+def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, ROWS, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (position, batch, head) row: ``dgate = <dy, diff>``, and each branch's ``delta =
+    <dO_branch, y_branch>`` with ``dO_global = g dy``, ``y_global = y + (1 - g) diff``,
+    ``dO_local = (1 - g) dy``, ``y_local = y - g diff``.  One read of dy, y and diff."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < ROWS) & (cols[None, :] < D)
+    at = rows[:, None] * D + cols[None, :]
+    dy = tl.load(DY + at, mask=mask, other=0.0).to(tl.float32)
+    dy_y = tl.sum(dy * tl.load(Y + at, mask=mask, other=0.0).to(tl.float32), 1)
+    dgate = tl.sum(dy * tl.load(DIFF + at, mask=mask, other=0.0).to(tl.float32), 1)
+    g = tl.load(G + rows, mask=rows < ROWS, other=0.0)
+    tl.store(DELTA_G + rows, g * (dy_y + (1.0 - g) * dgate), mask=rows < ROWS)
+    tl.store(DELTA_L + rows, (1.0 - g) * (dy_y - g * dgate), mask=rows < ROWS)
+    tl.store(DGATE + rows, dgate, mask=rows < ROWS)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q, DY, G, LSE, DELTA, sqs, sqd, offs_n, lo, hi, b, h, S, B,
+                 HQ, D, window, qk_scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASK: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of query head h."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for m0 in range(lo, hi, BLOCK):
+        offs_m = m0 + tl.arange(0, BLOCK)
+        row_ok = offs_m < S
+        rmask = row_ok[:, None] & (offs_d[None, :] < D)
+        q = tl.load(Q + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=rmask, other=0.0)
+        row = (offs_m * B + b) * HQ + h
+        lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+        g = tl.load(G + row, mask=row_ok, other=0.0)
+        if LOCAL:
+            g = 1.0 - g
+        dy = tl.load(DY + (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :],
+                     mask=rmask, other=0.0)
+        do = (dy * g[:, None]).to(q.dtype)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
+        pt = tl.exp2(st - lse[None, :])
+        if MASK:  # the diagonal block, the window, and the ragged last block
+            keep = (offs_m[None, :] >= offs_n[:, None]) & row_ok[None, :]
+            if LOCAL:
+                keep = keep & (offs_m[None, :] < offs_n[:, None] + window)
+            pt = tl.where(keep, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _gswa_bwd_dkdv(Q, K, V, DY, G, LSE, DELTA, DK, DV,
+                   sqs, sqb, sqh, sqd, sks, skb, skh, skd, svs, svb, svh, svd,
+                   S, B, HQ, HK, GROUP, D, window, qk_scale, sm_scale,
+                   LOCAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dK, dV of one branch for one key block and KV head, over the queries that see it
+    (and every query head of the KV group).  BLOCK_M == BLOCK_N, so the diagonal is one
+    block; in the global branch only it and the ragged last block need masks."""
+    pid_n, pid_bk = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bk // HK, pid_bk % HK
+    n0 = pid_n * BLOCK
+    offs_n = n0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < S
+    dmask = offs_d[None, :] < D
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & dmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                mask=col_ok[:, None] & dmask, other=0.0)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    full_end = S // BLOCK * BLOCK  # query blocks below this need no bounds mask
+    for h in range(hk * GROUP, hk * GROUP + GROUP):
+        q_base = Q + b * sqb + h * sqh
+        if LOCAL:
+            hi = tl.minimum(n0 + BLOCK + window - 1, S)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DY, G, LSE, DELTA, sqs, sqd, offs_n,
+                                  n0, hi, b, h, S, B, HQ, D, window, qk_scale, BLOCK, BLOCK_D,
+                                  True, True, PREC)
+        else:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DY, G, LSE, DELTA, sqs, sqd, offs_n,
+                                  n0, n0 + BLOCK, b, h, S, B, HQ, D, window, qk_scale, BLOCK,
+                                  BLOCK_D, True, False, PREC)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DY, G, LSE, DELTA, sqs, sqd, offs_n,
+                                  n0 + BLOCK, full_end, b, h, S, B, HQ, D, window, qk_scale,
+                                  BLOCK, BLOCK_D, False, False, PREC)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, DY, G, LSE, DELTA, sqs, sqd, offs_n,
+                                  tl.maximum(full_end, n0 + BLOCK), S, b, h, S, B, HQ, D,
+                                  window, qk_scale, BLOCK, BLOCK_D, True, False, PREC)
+    out = (offs_n[:, None] * B + b) * HK * D + hk * D + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & dmask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dmask)
+
+
+@triton.jit
+def _dq_branch(dq, q, do, lse, delta, k_base, v_base, sks, skd, svs, svd, offs_m, lo, hi, S,
+               window, qk_scale, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask,
+                    other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask,
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASK:
+            keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+            if LOCAL:
+                keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
+                 sqs, sqb, sqh, sqd, sk1s, sk1b, sk1h, sk1d, sv1s, sv1b, sv1h, sv1d,
+                 sks, skb, skh, skd, svs, svb, svh, svd,
+                 S, B, HQ, GROUP, D, window, qk_scale, sm_scale,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // HQ, pid_bh % HQ
+    hk = h // GROUP
+    m0 = pid_m * BLOCK
+    offs_m = m0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    rmask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=rmask, other=0.0)
+    dy = tl.load(DY + (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :],
+                 mask=rmask, other=0.0)
+    row = (offs_m * B + b) * HQ + h
+    g = tl.load(G + row, mask=row_ok, other=0.0)
+    hi = tl.minimum(m0 + BLOCK, S)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+
+    do = (dy * g[:, None]).to(q.dtype)
+    lse = tl.load(LSE_G + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA_G + row, mask=row_ok, other=0.0)
+    k1 = K1 + b * sk1b + hk * sk1h
+    v1 = V1 + b * sv1b + hk * sv1h
+    dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, 0, m0, S,
+                    window, qk_scale, D, BLOCK, BLOCK_D, False, False, PREC)
+    dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, m0, hi, S,
+                    window, qk_scale, D, BLOCK, BLOCK_D, True, False, PREC)
+
+    do = (dy * (1.0 - g[:, None])).to(q.dtype)
+    lse = tl.load(LSE_L + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA_L + row, mask=row_ok, other=0.0)
+    lo = tl.maximum(m0 - window + 1, 0) // BLOCK * BLOCK
+    dq = _dq_branch(dq, q, do, lse, delta, K + b * skb + hk * skh, V + b * svb + hk * svh,
+                    sks, skd, svs, svd, offs_m, lo, hi, S, window, qk_scale, D, BLOCK, BLOCK_D,
+                    True, True, PREC)
+    out = (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :]
+    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+
+
+# -- launch ----------------------------------------------------------------------------------
+def _blocks(q: torch.Tensor) -> dict:
+    """Tile sizes.  The interpreter runs small tiles (tests use short ragged sequences);
+    on GPU the Triton flash-attention tutorial's Hopper choices for head dim <= 128."""
+    d = triton.next_power_of_2(max(q.shape[-1], 16))
+    if not q.is_cuda:
+        return dict(fwd=(16, 16, 1, 1), bwd=(16, 1, 1), BLOCK_D=d)
+    if d <= 64:
+        return dict(fwd=(128, 64, 4, 3), bwd=(64, 4, 3), BLOCK_D=d)
+    if d <= 128:
+        return dict(fwd=(128, 64, 8, 3), bwd=(64, 8, 2), BLOCK_D=d)
+    return dict(fwd=(64, 32, 8, 2), bwd=(32, 8, 1), BLOCK_D=d)
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+class _GSWA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k1, v1, k, v, gate, scale, window):
+        S, B, HQ, D = q.shape
+        HK = k.shape[2]
+        if HQ % HK or k1.shape[2] != HK:
+            raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
+        g = gate.reshape(S, B, HQ).float().contiguous()
+        y = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+        diff = torch.empty_like(y)
+        lse_g = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
+        lse_l = torch.empty_like(lse_g)
+        cfg = _blocks(q)
+        bm, bn, warps, stages = cfg["fwd"]
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        grid = (triton.cdiv(S, bm), B * HQ)
+        _gswa_fwd[grid](q, k1, v1, k, v, g, y, diff, lse_g, lse_l,
+                        *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
+                        S, B, HQ, HQ // HK, D, window, scale * LOG2E,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], PREC=prec,
+                        num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k1, v1, k, v, g, y, diff, lse_g, lse_l)
+        ctx.scale, ctx.window, ctx.gate_shape, ctx.gate_dtype = scale, window, gate.shape, \
+            gate.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k1, v1, k, v, g, y, diff, lse_g, lse_l = ctx.saved_tensors
+        S, B, HQ, D = q.shape
+        HK = k.shape[2]
+        dy = dy.contiguous()
+        cfg = _blocks(q)
+        delta_g, delta_l, dgate = (torch.empty_like(g) for _ in range(3))
+        rows = g.numel()
+        block_r = 16 if not q.is_cuda else 32
+        _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
+            dy, y, diff, g, delta_g, delta_l, dgate, rows, D, BLOCK_R=block_r,
+            BLOCK_D=cfg["BLOCK_D"])
+
+        blk, warps, stages = cfg["bwd"]
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        common = dict(BLOCK=blk, BLOCK_D=cfg["BLOCK_D"], PREC=prec, num_warps=warps,
+                      num_stages=stages)
+        args = (S, B, HQ, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale)
+        dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+        _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
+            q, k1, v1, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
+            *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
+            *args, **common)
+
+        def dkdv(kk, vv, lse, delta, local):
+            dk = torch.empty(S, B, HK, D, dtype=kk.dtype, device=q.device)
+            dv = torch.empty(S, B, HK, D, dtype=vv.dtype, device=q.device)
+            _gswa_bwd_dkdv[(triton.cdiv(S, blk), B * HK)](
+                q, kk, vv, dy, g, lse, delta, dk, dv,
+                *_strides(q), *_strides(kk), *_strides(vv),
+                S, B, HQ, HK, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale,
+                LOCAL=local, **common)
+            return dk, dv
+
+        need = ctx.needs_input_grad
+        dk1 = dv1 = dk = dv = None
+        if need[1] or need[2]:  # loop 1's K/V are detached in the released recipe
+            dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)
+        if need[3] or need[4]:
+            dk, dv = dkdv(k, v, lse_l, delta_l, True)
+        dgate = dgate.view(ctx.gate_shape).to(ctx.gate_dtype) if need[5] else None
+        return dq, dk1, dv1, dk, dv, dgate, None, None
+
+
+__all__ = ["fused_applies", "gswa_attention"]

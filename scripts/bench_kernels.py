@@ -1,0 +1,422 @@
+"""The one kernel script a GPU session runs: checks every fused kernel against its reference
+at full size, then times it against its baselines, side by side in one process.
+
+    python scripts/bench_kernels.py                  # GPU: the issue's shapes, bf16 (minutes)
+    python scripts/bench_kernels.py --small          # CPU: Triton interpreter, tiny shapes
+    python scripts/bench_kernels.py --only gswa      # one section
+
+Sections (each a function below; records carry ``section``, ``variant``, ``ms``, shapes):
+
+* ``gswa``: fused G-SWA forward+backward vs PyTorch SDPA causal attention of the same shape
+  (the target: at most 1.15x), FlexAttention causal and window-64 (GPU only), and the naive
+  G-SWA (``ops.gswa``: two SDPA calls, one with a [S, S] band mask, and the gate mix).
+  Issue shape: B=4, H=16, S=4096, D=128, w=64.
+* ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, and the
+  whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x).
+  Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
+* ``decode``: one PLT decode step's attention for all R loop-rows in one launch vs the
+  reference path (SDPA over loop 1's cache with rows folded into heads + one SDPA per later
+  loop's window + the gate), R = 2 and 3, batch 1 and 32, a 2048-token cache.
+
+Correctness first: each section compares the kernel (input dtype, bf16 on GPU) with its
+pure-torch reference in fp32 at a checking size and records ``max_rel_err`` (NaN counts as a
+failure); ``--strict`` exits 1 if any check fails.  Times are medians of ``--iters`` runs
+after ``--warmup`` (CUDA events on GPU).  Prints a table last, writes ``bench_kernels.json``
+and ``bench_kernels.png`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # before any kernel module is imported (kernels/__init__)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def log(msg: str) -> None:
+    print(f"[bench_kernels] {msg}", flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.machine()}, Triton interpreter)"
+
+
+def timeit(fn, warmup: int, iters: int, device) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (NaN or inf anywhere gives inf)."""
+    got, want = got.detach().float(), want.detach().float()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+
+
+def fwd_bwd(fn, inputs, dy):
+    """One forward + backward; returns (output, input gradients)."""
+    y = fn(*inputs)
+    grads = torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy)
+    return y, grads
+
+
+# -- G-SWA ------------------------------------------------------------------------------------
+def section_gswa(args, device, dtype) -> list:
+    from kernels import gswa
+    from plt_train.models.plt import ops
+
+    B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
+    check = (1, 2, 40, 16, 8) if args.small else (1, 16, 1024, 128, 64)
+    scale = D ** -0.5
+    records = []
+
+    def inputs(b, s, dt, grad=True):
+        g = torch.Generator(device=device).manual_seed(0)
+        mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dt)  # noqa: E731
+        q, k1, v1, k, v = (mk(s, b, H, D) for _ in range(5))
+        gate = torch.rand(s, b, H, 1, generator=g, device=device).to(dt)
+        ts = [q, k1, v1, k, v, gate]
+        return [t.requires_grad_(grad) for t in ts], mk(s, b, H, D)
+
+    # correctness: the kernel in the run dtype against the fp32 reference
+    ins, dy = inputs(check[0], check[2], dtype)
+    y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)
+    ref_in = [t.detach().float().requires_grad_(True) for t in ins]
+    y_ref, grads_ref = fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ref_in, dy.float())
+    err = max([rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(grads, grads_ref)])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    records.append(dict(section="gswa", variant="check", max_rel_err=err, tol=tol,
+                        ok=err <= tol, B=check[0], H=H, S=check[2], D=D, window=w))
+    log(f"gswa check: max rel err {err:.2e} (tol {tol:g})")
+
+    # timing at the issue's shape, fwd+bwd
+    ins, dy = inputs(B, S, dtype)
+    qt, kt, vt = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_(True)
+                  for t in ins[:3])
+    dyt = dy.permute(1, 2, 0, 3).contiguous()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    variants = {
+        "sdpa_causal": lambda: fwd_bwd(lambda q, k, v: sdpa(q, k, v, is_causal=True, scale=scale),
+                                       [qt, kt, vt], dyt),
+        "gswa_naive": lambda: fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ins, dy),
+        "gswa_fused": lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy),
+    }
+    if device.type == "cuda":
+        variants.update(_flex_variants(qt, kt, vt, dyt, S, w, scale))
+    for name, fn in variants.items():
+        try:
+            ms = timeit(fn, args.warmup, args.iters, device)
+        except Exception as exc:  # a baseline that does not run here is reported, not fatal
+            log(f"gswa {name}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        records.append(dict(section="gswa", variant=name, ms=ms, B=B, H=H, S=S, D=D, window=w))
+        log(f"gswa {name}: {ms:.3f} ms")
+    base = next((r["ms"] for r in records if r.get("variant") == "sdpa_causal"), None)
+    for r in records:
+        if "ms" in r and base:
+            r["vs_baseline"] = r["ms"] / base
+    return records
+
+
+def _flex_variants(q, k, v, dy, S, w, scale) -> dict:
+    """FlexAttention causal and causal window-w (the issue's other baselines), compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention)
+    causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, S, S, device=q.device)
+    window = create_block_mask(lambda b, h, i, j: (j <= i) & (j > i - w), None, None, S, S,
+                               device=q.device)
+
+    def run(mask):
+        return lambda: fwd_bwd(lambda a, b_, c: flex(a, b_, c, block_mask=mask, scale=scale),
+                               [q, k, v], dy)
+
+    return {"flex_causal": run(causal), f"flex_window{w}": run(window)}
+
+
+# -- DCCA -------------------------------------------------------------------------------------
+def section_dcca(args, device, dtype) -> list:
+    """Components (fused vs megatron's permute/unpermute around the projections) and the whole
+    BigMac layer (dcca_kernel torch vs triton) against its expert GEMMs alone."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from kernels import dcca
+
+    T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
+    rh = int(r * h)
+    check = (40, 32, 16, 8, 2) if args.small else (2048, h, rh, E, K)
+    err = dcca.check_error(device, dtype, *check)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    shape = dict(T=T, h=h, experts=E, top_k=K, ratio=r)
+    records = [dict(section="dcca", variant="check", max_rel_err=err, tol=tol, ok=err <= tol,
+                    T=check[0], h=check[1], experts=check[3], top_k=check[4])]
+    log(f"dcca check: max rel err {err:.2e} (tol {tol:g})")
+
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(T, E, generator=g, device=device)
+    routing = torch.zeros(T, E, dtype=torch.bool, device=device).scatter(
+        1, logits.topk(K, dim=1).indices, True)
+    probs = logits.softmax(-1) * routing
+    n_out = T * K
+
+    def param(*shape_):
+        return (torch.randn(*shape_, generator=g, device=device) * shape_[-1] ** -0.5
+                ).to(dtype).requires_grad_(True)
+
+    x, w_down, y, w_up = param(T, h), param(rh, h), param(n_out, rh), param(h, rh)
+    p = probs.clone().requires_grad_(True)
+    d_perm = torch.randn(n_out, rh, generator=g, device=device).to(dtype)
+    d_out = torch.randn(T, h, generator=g, device=device).to(dtype)
+
+    def descend_torch():
+        z, _, _ = permute(F.linear(x, w_down), routing, num_out_tokens=n_out)
+        torch.autograd.grad(z, (x, w_down), d_perm)
+
+    def descend_fused():
+        dest, _ = dcca.expert_slots(routing, p, K)
+        z = dcca.descend_permute(x, w_down, dest, n_out, rows_covered=True)
+        torch.autograd.grad(z, (x, w_down), d_perm)
+
+    _, _, sorted_indices = permute(x.detach(), routing, num_out_tokens=n_out)
+
+    def combine_torch():
+        c = unpermute(y, sorted_indices, torch.Size((T, rh)), probs=p, routing_map=routing)
+        torch.autograd.grad(F.linear(c, w_up), (y, p, w_up), d_out)
+
+    def combine_fused():
+        dest, slot_probs = dcca.expert_slots(routing, p, K)
+        out = dcca.combine_ascend(y, slot_probs, dest, w_up, rows_covered=True)
+        torch.autograd.grad(out, (y, p, w_up), d_out)
+
+    parts = [("descend_permute_torch", descend_torch), ("descend_permute_fused", descend_fused),
+             ("gather_ascend_torch", combine_torch), ("gather_ascend_fused", combine_fused)]
+    for name, fn in parts:
+        ms = timeit(fn, args.warmup, args.iters, device)
+        records.append(dict(section="dcca", variant=name, ms=ms, **shape))
+        log(f"dcca {name}: {ms:.3f} ms")
+    base = {"descend": records[1]["ms"], "gather": records[3]["ms"]}
+    for rec in records[1:]:
+        rec["vs_baseline"] = rec["ms"] / base[rec["variant"].split("_")[0]]
+    records += _bigmac_layer(args, device, dtype, T, h, E, K, r, shape)
+    return records
+
+
+def _bigmac_layer(args, device, dtype, T, h, E, K, r, shape) -> list:
+    """The whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and its
+    experts alone on the same number of (balanced) routed tokens: the issue's ratio."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.spec_utils import build_module
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
+    from plt_train.models.moe import mlp_spec
+    from plt_train.runtime import detect_device, init_distributed
+    from plt_train.runtime.device import megatron_device_kwargs
+
+    dev = detect_device()
+    init_distributed(dev)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device))
+    heads = max(1, h // 128)
+    records, layers = [], {}
+    for kernel in ("torch", "triton"):
+        model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
+                            seq_length=T // 4,
+                            moe=MoEConfig(layer="bigmac", num_experts=E, top_k=K, ratio=r,
+                                          capacity_factor=None, dcca_kernel=kernel))
+        tc = to_transformer_config(model, ParallelConfig(), dtype, megatron_device_kwargs(dev))
+        layer = build_module(mlp_spec(model), config=tc).to(device)
+        layer.set_layer_number(1)
+        layers[kernel] = layer
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype).requires_grad_(True)
+    dy = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype)
+
+    def layer_step(layer):
+        out, _ = layer(x)
+        torch.autograd.grad(out, [x, *layer.parameters()], dy, allow_unused=True)
+
+    experts = layers["torch"].experts
+    tokens = torch.randn(T * K, int(r * h), generator=g, device=device).to(dtype)
+    tokens.requires_grad_(True)
+    per_expert = torch.full((E,), T * K // E, dtype=torch.long, device=device)
+    per_expert[-1] += T * K - int(per_expert.sum())
+    d_tok = torch.randn_like(tokens)
+
+    def expert_step():
+        out, _ = experts(tokens, per_expert)
+        torch.autograd.grad(out, [tokens, *experts.parameters()], d_tok)
+
+    gemm_ms = timeit(expert_step, args.warmup, args.iters, device)
+    records.append(dict(section="dcca", variant="expert_gemms", ms=gemm_ms, vs_baseline=1.0,
+                        **shape))
+    log(f"dcca expert_gemms: {gemm_ms:.3f} ms")
+    for kernel, layer in layers.items():
+        ms = timeit(lambda: layer_step(layer), args.warmup, args.iters, device)
+        assert layer._fused_dcca == (kernel == "triton")
+        records.append(dict(section="dcca", variant=f"bigmac_layer_{kernel}", ms=ms,
+                            vs_baseline=ms / gemm_ms, **shape))
+        log(f"dcca bigmac_layer_{kernel}: {ms:.3f} ms ({ms / gemm_ms:.2f}x expert GEMMs)")
+    return records
+
+
+# -- decode -----------------------------------------------------------------------------------
+def section_decode(args, device, dtype) -> list:
+    """One PLT layer's decode attention (all R loop-rows) at a full cache: the reference path
+    (SDPA with rows folded into heads + one SDPA per later loop's window + the gate) vs the
+    one-launch kernel."""
+    from kernels import plt_decode
+    from plt_train.models.plt import ops
+
+    kv_heads, group, d, S, w = (1, 2, 16, 40, 8) if args.small else (4, 4, 128, 2048, 64)
+    batches, loops_list = ((1,), (2,)) if args.small else ((1, 32), (2, 3))
+
+    def inputs(B, R, dt, seed=0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dt)  # noqa: E731
+        nq = kv_heads * group
+        return dict(q=mk(1, R * B, nq, d), k_full=mk(B, kv_heads, S, d),
+                    v_full=mk(B, kv_heads, S, d),
+                    key_valid=torch.ones(B, S, dtype=torch.bool, device=device),
+                    scale=d ** -0.5, k_win=mk(R - 1, B, kv_heads, w, d),
+                    v_win=mk(R - 1, B, kv_heads, w, d),
+                    win_valid=torch.ones(B, w, dtype=torch.bool, device=device),
+                    gate=torch.rand(1, (R - 1) * B, nq, 1, generator=g, device=device).to(dt))
+
+    cursor = torch.tensor([S - 1], device=device)
+    ins = inputs(batches[0], loops_list[-1], dtype, seed=1)
+    got = plt_decode.plt_decode_attention(**ins, cursor=cursor)
+    want = ops.plt_decode_attention(**{k: v.float() if torch.is_tensor(v) and
+                                       v.is_floating_point() else v for k, v in ins.items()})
+    err = rel_err(got, want)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    records = [dict(section="decode", variant="check", max_rel_err=err, tol=tol, ok=err <= tol,
+                    B=batches[0], loops=loops_list[-1], cache=S, window=w)]
+    log(f"decode check: max rel err {err:.2e} (tol {tol:g})")
+    for B in batches:
+        for R in loops_list:
+            ins = inputs(B, R, dtype)
+            shape = dict(B=B, loops=R, kv_heads=kv_heads, group=group, D=d, cache=S, window=w)
+            ref_ms = timeit(lambda: ops.plt_decode_attention(**ins), args.warmup, args.iters,
+                            device)
+            ker_ms = timeit(lambda: plt_decode.plt_decode_attention(**ins, cursor=cursor),
+                            args.warmup, args.iters, device)
+            for name, ms in ((f"reference_B{B}_R{R}", ref_ms), (f"kernel_B{B}_R{R}", ker_ms)):
+                records.append(dict(section="decode", variant=name, ms=ms,
+                                    vs_baseline=ms / ref_ms, **shape))
+                log(f"decode {name}: {ms:.4f} ms")
+    return records
+
+
+SECTIONS = {"gswa": section_gswa, "dcca": section_dcca, "decode": section_decode}
+
+
+# -- report -----------------------------------------------------------------------------------
+def print_table(records: list) -> None:
+    rows = [r for r in records if "ms" in r or "max_rel_err" in r]
+    print(f"{'section':8} {'variant':22} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
+    for r in rows:
+        ms = f"{r['ms']:9.3f}" if "ms" in r else " " * 9
+        ratio = f"{r['vs_baseline']:10.2f}" if "vs_baseline" in r else " " * 10
+        err = f"{r['max_rel_err']:12.2e}" if "max_rel_err" in r else " " * 12
+        ok = ("yes" if r["ok"] else "NO") if "ok" in r else ""
+        print(f"{r['section']:8} {r['variant']:22} {ms} {ratio} {err}  {ok}")
+
+
+def plot(records: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in records if "vs_baseline" in r]
+    sections = sorted({r["section"] for r in timed})
+    if not sections:
+        return
+    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 3.5), squeeze=False)
+    for ax, sec in zip(axes[0], sections):
+        rs = [r for r in timed if r["section"] == sec]
+        ax.barh([r["variant"] for r in rs], [r["vs_baseline"] for r in rs], color="tab:blue")
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_title(sec)
+        ax.set_xlabel("time / baseline")
+    fig.suptitle(records[0].get("device", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter)")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
+    p.add_argument("--dtype", default=None, help="bf16 on GPU, fp32 on CPU by default")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    p.add_argument("--out", default="outputs/bench_kernels")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.small:
+        log("no GPU: running the --small shapes through the Triton interpreter")
+        args.small = True
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             None: torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
+    args.iters = args.iters if args.iters is not None else (2 if args.small else 20)
+
+    records = []
+    for name in args.only.split(","):
+        t0 = time.time()
+        log(f"section {name} ...")
+        records += SECTIONS[name](args, device, dtype)
+        log(f"section {name} done in {time.time() - t0:.1f} s")
+    stamp = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""),
+                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    try:
+        import triton
+        stamp["triton"] = triton.__version__
+    except ImportError:
+        pass
+    records = [{**r, **stamp} for r in records]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_kernels.json").write_text(json.dumps(records, indent=1))
+    plot(records, out / "bench_kernels.png")
+    print_table(records)
+    failed = [r for r in records if r.get("ok") is False]
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
