@@ -9,7 +9,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
 
 * ``gswa``: fused G-SWA forward+backward vs PyTorch SDPA causal attention of the same shape
   (the target: at most 1.15x), FlexAttention causal and window-64 (GPU only), and the naive
-  G-SWA (``ops.gswa``: two SDPA calls, one with a [S, S] band mask, and the gate mix).
+  G-SWA (``ops.gswa``: two SDPA calls, one with a [S, S] band mask, and the gate mix); and
+  forward only (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, and the
   whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x).
@@ -133,6 +134,11 @@ def section_gswa(args, device, dtype) -> list:
     }
     if device.type == "cuda":
         variants.update(_flex_variants(qt, kt, vt, dyt, S, w, scale))
+    # Forward only (detached inputs: no graph is recorded): is a gap to the target in fwd or bwd?
+    q0, k0, v0 = (t.detach() for t in (qt, kt, vt))
+    fwd_ins = [t.detach() for t in ins]
+    variants["sdpa_causal_fwd"] = lambda: sdpa(q0, k0, v0, is_causal=True, scale=scale)
+    variants["gswa_fused_fwd"] = lambda: gswa.gswa_attention(*fwd_ins, scale, w)
     for name, fn in variants.items():
         try:
             ms = timeit(fn, args.warmup, args.iters, device)
@@ -141,10 +147,11 @@ def section_gswa(args, device, dtype) -> list:
             continue
         records.append(dict(section="gswa", variant=name, ms=ms, B=B, H=H, S=S, D=D, window=w))
         log(f"gswa {name}: {ms:.3f} ms")
-    base = next((r["ms"] for r in records if r.get("variant") == "sdpa_causal"), None)
+    base = {r["variant"]: r["ms"] for r in records if r["variant"].startswith("sdpa_causal")}
     for r in records:
-        if "ms" in r and base:
-            r["vs_baseline"] = r["ms"] / base
+        key = "sdpa_causal_fwd" if r["variant"].endswith("_fwd") else "sdpa_causal"
+        if "ms" in r and key in base:
+            r["vs_baseline"] = r["ms"] / base[key]
     return records
 
 
