@@ -23,8 +23,11 @@ Triton version or GPU never breaks a run that did not ask for the kernel.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
+
+import torch
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -84,3 +87,24 @@ def verified(name: str, device, check) -> bool:
                           f"({why}); using the pure-torch path")
         _VERIFIED[key] = ok
     return _VERIFIED[key]
+
+
+def self_check_precision(device) -> tuple:
+    """(dtype, tolerance) of a first-use check on ``device``: bf16 on GPU (what training and
+    decoding run), fp32 on CPU (the interpreter has no bf16)."""
+    cuda = getattr(device, "type", str(device)).startswith("cuda")
+    return (torch.bfloat16, 3e-2) if cuda else (torch.float32, 1e-4)
+
+
+def max_rel_err(got, want) -> float:
+    """Largest ``max |got - want| / max |want|`` over tensors (or equal-length sequences of
+    them), compared in fp32; inf when ``got`` holds a NaN or inf, so NaN never passes."""
+    if torch.is_tensor(got):
+        got, want = [got], [want]
+    worst = 0.0
+    for a, b in zip(got, want, strict=True):
+        a, b = a.detach().float(), b.detach().float()
+        if not bool(torch.isfinite(a).all()):
+            return math.inf
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)))
+    return worst

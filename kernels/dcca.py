@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import interpreting, triton_unusable_reason
+from kernels import interpreting, max_rel_err, self_check_precision, triton_unusable_reason
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -110,9 +110,9 @@ def combine_ascend(y, slot_probs, dest, w_up, rows_covered: bool = False):
 def self_check(device) -> bool:
     """The first-use check of ``kernels.verified`` that ``auto`` requires: both ops forward +
     backward at a small ragged shape, bf16 on GPU (fp32 on CPU), against the fp32 references."""
-    if device.type == "cuda":
-        return check_error(device, torch.bfloat16, 300, 256, 64, 8, 2) < 3e-2
-    return check_error(device, torch.float32, 37, 32, 16, 4, 2) < 1e-4
+    dtype, tol = self_check_precision(device)
+    shape = (300, 256, 64, 8, 2) if device.type == "cuda" else (37, 32, 16, 4, 2)
+    return check_error(device, dtype, *shape) < tol
 
 
 def check_error(device, dtype, T: int, h: int, rh: int, E: int, K: int) -> float:
@@ -146,10 +146,7 @@ def check_error(device, dtype, T: int, h: int, rh: int, E: int, K: int) -> float
         want = run((descend_permute_reference, combine_ascend_reference),
                    [t.float().requires_grad_(True) for t in ts],
                    slot_probs.clone().requires_grad_(True))
-    if not all(bool(torch.isfinite(a).all()) for a in got):
-        return float("inf")
-    return max(float((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-12))
-               for a, b in zip(got, want))
+    return max_rel_err(got, want)
 
 
 def _kernel_takes(x, w) -> bool:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import use_triton, verified
+from kernels import max_rel_err, self_check_precision, use_triton, verified
 
 LOG2E = 1.4426950408889634
 
@@ -41,7 +41,7 @@ def _self_check(device) -> bool:
     reference: the first-use check of ``kernels.verified``."""
     from plt_train.models.plt import ops
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype, tol = self_check_precision(device)
     g = torch.Generator(device=device).manual_seed(0)
     S, B, HQ, HK, D, w = (200, 1, 4, 2, 64, 16) if device.type == "cuda" else (40, 1, 4, 2, 16, 6)
     ts = [torch.randn(S, B, h, D, generator=g, device=device).to(dtype)
@@ -55,10 +55,7 @@ def _self_check(device) -> bool:
         ref_in = [t.float().requires_grad_(True) for t in ts]
         y_ref = ops.gswa(*ref_in, D ** -0.5, w)
         want = [y_ref, *torch.autograd.grad(y_ref, ref_in, dy.float())]
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    return all(bool(torch.isfinite(a).all()) and
-               float((a.float() - b).abs().max() / b.abs().max()) < tol
-               for a, b in zip(got, want))
+    return max_rel_err(got, want) < tol
 
 
 def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int):

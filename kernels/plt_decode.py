@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreting, use_triton, verified
+from kernels import interpreting, max_rel_err, self_check_precision, use_triton, verified
 
 # Finite "minus infinity" for running maxima: exp2(NEG - NEG) = 1, never NaN.  A constexpr:
 # compiled Triton reads no other globals.
@@ -62,7 +62,7 @@ def _self_check(device) -> bool:
     unsplit and split over 4 programs (the merge's atomics), against the fp32 reference."""
     from plt_train.models.plt import ops
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype, tol = self_check_precision(device)
     g = torch.Generator(device=device).manual_seed(0)
     B, R, nk, group, d, S, w, cursor = 2, 3, 2, 4, 64, 300, 16, 250
 
@@ -81,13 +81,8 @@ def _self_check(device) -> bool:
     want = ops.plt_decode_attention(**{k: v.float() if torch.is_tensor(v) and
                                        v.is_floating_point() else v for k, v in inputs.items()})
     at = torch.tensor([cursor], device=device)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for splits in (1, 4):
-        got = plt_decode_attention(**inputs, cursor=at, splits=splits).float()
-        if not bool(torch.isfinite(got).all()) or \
-                float((got - want).abs().max() / want.abs().max()) >= tol:
-            return False
-    return True
+    return all(max_rel_err(plt_decode_attention(**inputs, cursor=at, splits=splits), want)
+               < tol for splits in (1, 4))
 
 
 def plt_decode_attention(q, k_full, v_full, key_valid, scale: float, k_win=None, v_win=None,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -76,14 +75,6 @@ def timeit(fn, warmup: int, iters: int, device) -> float:
     return statistics.median(times)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (NaN or inf anywhere gives inf)."""
-    got, want = got.detach().float(), want.detach().float()
-    if not torch.isfinite(got).all():
-        return math.inf
-    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
-
-
 def fwd_bwd(fn, inputs, dy):
     """One forward + backward; returns (output, input gradients)."""
     y = fn(*inputs)
@@ -93,7 +84,7 @@ def fwd_bwd(fn, inputs, dy):
 
 # -- G-SWA ------------------------------------------------------------------------------------
 def section_gswa(args, device, dtype) -> list:
-    from kernels import gswa
+    from kernels import gswa, max_rel_err
     from plt_train.models.plt import ops
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
@@ -114,7 +105,7 @@ def section_gswa(args, device, dtype) -> list:
     y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)
     ref_in = [t.detach().float().requires_grad_(True) for t in ins]
     y_ref, grads_ref = fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ref_in, dy.float())
-    err = max([rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(grads, grads_ref)])
+    err = max_rel_err([y, *grads], [y_ref, *grads_ref])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     records.append(dict(section="gswa", variant="check", max_rel_err=err, tol=tol,
                         ok=err <= tol, B=check[0], H=H, S=check[2], D=D, window=w))
@@ -302,7 +293,7 @@ def section_decode(args, device, dtype) -> list:
     """One PLT layer's decode attention (all R loop-rows) at a full cache: the reference path
     (SDPA with rows folded into heads + one SDPA per later loop's window + the gate) vs the
     one-launch kernel."""
-    from kernels import plt_decode
+    from kernels import max_rel_err, plt_decode
     from plt_train.models.plt import ops
 
     kv_heads, group, d, S, w = (1, 2, 16, 40, 8) if args.small else (4, 4, 128, 2048, 64)
@@ -325,7 +316,7 @@ def section_decode(args, device, dtype) -> list:
     got = plt_decode.plt_decode_attention(**ins, cursor=cursor)
     want = ops.plt_decode_attention(**{k: v.float() if torch.is_tensor(v) and
                                        v.is_floating_point() else v for k, v in ins.items()})
-    err = rel_err(got, want)
+    err = max_rel_err(got, want)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     records = [dict(section="decode", variant="check", max_rel_err=err, tol=tol, ok=err <= tol,
                     B=batches[0], loops=loops_list[-1], cache=S, window=w)]
