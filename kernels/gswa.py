@@ -316,17 +316,25 @@ def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
 
 
 # -- launch ----------------------------------------------------------------------------------
+# Tile sizes forced for the sweep in scripts/bench_kernels.py (section gswa_tiles): "fwd" =
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), "bwd" = (BLOCK, num_warps, num_stages).  Empty in
+# normal runs: _blocks' choice.
+TILE_OVERRIDE: dict = {}
+
+
 def _blocks(q: torch.Tensor) -> dict:
     """Tile sizes.  The interpreter runs small tiles (tests use short ragged sequences);
     on GPU the Triton flash-attention tutorial's Hopper choices for head dim <= 128."""
     d = triton.next_power_of_2(max(q.shape[-1], 16))
     if not q.is_cuda:
-        return dict(fwd=(16, 16, 1, 1), bwd=(16, 1, 1), BLOCK_D=d)
-    if d <= 64:
-        return dict(fwd=(128, 64, 4, 3), bwd=(64, 4, 3), BLOCK_D=d)
-    if d <= 128:
-        return dict(fwd=(128, 64, 8, 3), bwd=(64, 8, 2), BLOCK_D=d)
-    return dict(fwd=(64, 32, 8, 2), bwd=(32, 8, 1), BLOCK_D=d)
+        tiles = dict(fwd=(16, 16, 1, 1), bwd=(16, 1, 1))
+    elif d <= 64:
+        tiles = dict(fwd=(128, 64, 4, 3), bwd=(64, 4, 3))
+    elif d <= 128:
+        tiles = dict(fwd=(128, 64, 8, 3), bwd=(64, 8, 2))
+    else:
+        tiles = dict(fwd=(64, 32, 8, 2), bwd=(32, 8, 1))
+    return {**tiles, **TILE_OVERRIDE, "BLOCK_D": d}
 
 
 def _strides(t):
@@ -347,6 +355,8 @@ class _GSWA(torch.autograd.Function):
         lse_l = torch.empty_like(lse_g)
         cfg = _blocks(q)
         bm, bn, warps, stages = cfg["fwd"]
+        if bm % bn:  # the unmasked causal blocks [0, m0) are stepped by BLOCK_N
+            raise ValueError(f"G-SWA forward tiles need BLOCK_M % BLOCK_N == 0, got {bm}, {bn}")
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         grid = (triton.cdiv(S, bm), B * HQ)
         _gswa_fwd[grid](q, k1, v1, k, v, g, y, diff, lse_g, lse_l,

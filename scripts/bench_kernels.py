@@ -15,6 +15,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, and the
   whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x).
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
+* ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
+  issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
 * ``decode``: one PLT decode step's attention for all R loop-rows in one launch vs the
   reference path (SDPA over loop 1's cache with rows folded into heads + one SDPA per later
   loop's window + the gate), R = 2 and 3, batch 1 and 32, a 2048-token cache.
@@ -336,19 +338,87 @@ def section_decode(args, device, dtype) -> list:
     return records
 
 
-SECTIONS = {"gswa": section_gswa, "dcca": section_dcca, "decode": section_decode}
+# -- G-SWA tile sweep ---------------------------------------------------------------------------
+# Forward tiles need BLOCK_M % BLOCK_N == 0 (kernels/gswa.py).
+FWD_TILES = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+             (64, 64, 4, 3), (64, 32, 4, 2), (256, 64, 8, 3), (128, 64, 8, 4)]
+BWD_TILES = [(64, 8, 2), (64, 4, 3), (64, 8, 3), (32, 4, 2), (128, 8, 2), (128, 8, 1),
+             (32, 4, 3)]
+SMALL_FWD_TILES = [(16, 16, 1, 1), (32, 16, 1, 1), (32, 32, 1, 1)]
+SMALL_BWD_TILES = [(16, 1, 1), (32, 1, 1)]
+
+
+def section_gswa_tiles(args, device, dtype) -> list:
+    """The G-SWA tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``) at the issue's shape: each
+    forward tile timed forward-only, then each backward tile timed fwd+bwd with the default
+    forward.  Outputs and gradients are checked against the default tiles' (same kernel, another
+    tiling: bf16 rounding apart, equal).  The baseline is the default; the best gets
+    ``best``.  Not in the default sections: ``--only gswa_tiles``."""
+    from kernels import gswa, max_rel_err
+
+    B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
+    scale = D ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    ins = [mk(S, B, H, D).requires_grad_(True) for _ in range(5)]
+    ins.append(torch.rand(S, B, H, 1, generator=g, device=device).to(dtype).requires_grad_(True))
+    dy = mk(S, B, H, D)
+    fwd_ins = [t.detach() for t in ins]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    run = lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)  # noqa: E731
+    y0, grads0 = run()
+    default = gswa._blocks(ins[0])
+    records = []
+    sweeps = (("fwd", SMALL_FWD_TILES if args.small else FWD_TILES),
+              ("bwd", SMALL_BWD_TILES if args.small else BWD_TILES))
+    for kind, tiles in sweeps:
+        rows = []
+        for tile in tiles:
+            gswa.TILE_OVERRIDE.clear()
+            gswa.TILE_OVERRIDE[kind] = tile
+            name = f"{kind}_" + "x".join(map(str, tile))
+            try:
+                y, grads = run()
+                err = max_rel_err([y, *grads], [y0, *grads0])
+                fn = ((lambda: gswa.gswa_attention(*fwd_ins, scale, w)) if kind == "fwd"
+                      else run)
+                ms = timeit(fn, args.warmup, args.iters, device)
+            except Exception as exc:  # e.g. out of shared memory: reported, not fatal
+                log(f"gswa_tiles {name}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                continue
+            finally:
+                gswa.TILE_OVERRIDE.clear()
+            rows.append(dict(section="gswa_tiles", variant=name, ms=ms, max_rel_err=err,
+                             tol=tol, ok=err <= tol, default=tile == default[kind],
+                             B=B, H=H, S=S, D=D, window=w))
+            log(f"gswa_tiles {name}: {ms:.3f} ms, vs default tiles {err:.1e}")
+        base = [r["ms"] for r in rows if r["default"]]
+        for r in rows:
+            if base:
+                r["vs_baseline"] = r["ms"] / base[0]
+        good = [r for r in rows if r["ok"]]
+        if good:
+            min(good, key=lambda r: r["ms"])["best"] = True
+        records += rows
+    return records
+
+
+SECTIONS = {"gswa": section_gswa, "dcca": section_dcca, "decode": section_decode,
+            "gswa_tiles": section_gswa_tiles}
+DEFAULT_SECTIONS = ("gswa", "dcca", "decode")
 
 
 # -- report -----------------------------------------------------------------------------------
 def print_table(records: list) -> None:
     rows = [r for r in records if "ms" in r or "max_rel_err" in r]
-    print(f"{'section':8} {'variant':22} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
+    print(f"{'section':10} {'variant':22} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
     for r in rows:
         ms = f"{r['ms']:9.3f}" if "ms" in r else " " * 9
         ratio = f"{r['vs_baseline']:10.2f}" if "vs_baseline" in r else " " * 10
         err = f"{r['max_rel_err']:12.2e}" if "max_rel_err" in r else " " * 12
         ok = ("yes" if r["ok"] else "NO") if "ok" in r else ""
-        print(f"{r['section']:8} {r['variant']:22} {ms} {ratio} {err}  {ok}")
+        ok += "".join(f"  {tag}" for tag in ("default", "best") if r.get(tag))
+        print(f"{r['section']:10} {r['variant']:22} {ms} {ratio} {err}  {ok}")
 
 
 def plot(records: list, path: Path) -> None:
@@ -377,7 +447,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter)")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma list of sections: {', '.join(SECTIONS)}")
     p.add_argument("--dtype", default=None, help="bf16 on GPU, fp32 on CPU by default")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)

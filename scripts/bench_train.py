@@ -13,10 +13,12 @@ Variants (``--which``, default all three; ``plain_compiled`` is skipped on CPU u
 * ``plain_compiled`` the same, ``torch.compile``-d (model forward + loss; backward by AOTAutograd).
 
 Each variant: ``--warmup`` untimed steps, then ``--steps`` timed ones with the device synchronised
-around every step; the MEDIAN step time gives tokens/s, TFLOP/s (our matmul FLOP count,
-``flops_per_sequence_from_config``) and MFU (``peak_flops_per_second``).  Data is a fixed pool of
-random batches on the device (Zipf-distributed tokens, so the loss has something to learn and the
-sanity check "loss decreased" means something); data loading is not part of the measurement.
+around every step; the MEDIAN step time gives tokens/s, TFLOP/s (our matmul FLOP count, the
+model family's ``flops_per_sequence``: loops and MoE counted) and MFU (``peak_flops_per_second``).
+Data is a fixed pool of random batches on the device (Zipf-distributed tokens, so the loss has
+something to learn and the sanity check "loss decreased" means something); data loading is not
+part of the measurement.  ``--set`` builds any model the main job can (PLT, BigMac, a kernel
+choice), e.g. ``--which ours --set name=plt loops=2 loop.kernel=triton``.
 
 The table is printed LAST so the tail of a remote run shows it; ``--out`` writes the records as
 JSON and ``--plot`` a bar chart of tokens/s.  Exit status 1 if a variant failed.
@@ -86,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None, help="default 4 (2 with --tiny)")
     p.add_argument("--seq", type=int, default=None, help="override the sequence length")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model overrides as in Hydra's model.*, e.g. name=plt loops=2 "
+                        "loop.kernel=triton moe.layer=bigmac (only 'ours' builds non-GPT models)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU (as plt_train's train.precision)")
     p.add_argument("--plain-precision", choices=("bf16", "amp"), default="bf16",
@@ -106,18 +111,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(args) -> tuple[ModelConfig, int, int]:
     """(ModelConfig, unpadded vocab, micro-batch) for this run."""
-    if args.tiny:
-        fields = dict(TINY)
-    else:
-        from omegaconf import OmegaConf
-        fields = dict(OmegaConf.to_container(OmegaConf.load(args.model_config)))
-    if args.seq:
-        fields["seq_length"] = args.seq
-    if args.layers:
-        fields["num_layers"] = args.layers
-    # Local backend (megatron-core + SDPA) unless TE is installed on a CUDA machine ("auto").
-    fields.setdefault("backend", "auto")
-    cfg = ModelConfig(**fields)
+    from omegaconf import OmegaConf
+
+    # The typed schema first, as the main job composes it: nested groups (loop, moe) become
+    # their dataclasses and unknown keys fail.
+    fields = OmegaConf.create(TINY) if args.tiny else OmegaConf.load(args.model_config)
+    extra = {"seq_length": args.seq, "num_layers": args.layers}
+    dotlist = [f"{k}={v}" for k, v in extra.items() if v] + list(args.set)
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), fields,
+                             OmegaConf.from_dotlist(dotlist))
+    # backend defaults to "auto": megatron-core + SDPA unless TE is installed on a CUDA machine.
+    cfg = OmegaConf.to_object(merged)
     vocab = args.vocab or (TINY_VOCAB if args.tiny else 32000)
     mb = args.micro_batch or (TINY_MICRO_BATCH if args.tiny else FULL_MICRO_BATCH)
     return cfg, vocab, mb
@@ -408,13 +412,20 @@ def write_plot(path: str, records: list[dict], ctx: dict) -> None:
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def select_variants(which: str | None, cuda: bool) -> list[str]:
+def select_variants(which: str | None, cuda: bool, plain_gpt: bool = True) -> list[str]:
+    """The variants to run; the plain baselines only where the model is a dense GPT (the
+    shape ``plain_gpt.py`` builds): PLT or MoE models (``--set``) run ``ours`` alone."""
     if which:
         chosen = [w.strip() for w in which.split(",") if w.strip()]
         unknown = sorted(set(chosen) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"bench_train: unknown variant(s) {unknown}; choose from {VARIANTS}")
+        if not plain_gpt and chosen != ["ours"]:
+            raise SystemExit("bench_train: the plain baselines are dense GPTs; a looped or MoE "
+                             "model (--set) runs with --which ours")
         return chosen
+    if not plain_gpt:
+        return ["ours"]
     chosen = list(VARIANTS)
     if not cuda:
         chosen.remove("plain_compiled")
@@ -429,20 +440,21 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
-    from plt_train.models.gpt.flops import flops_per_sequence_from_config
+    from plt_train.models import get_family
     from plt_train.runtime import destroy_distributed, detect_device, init_distributed
     from plt_train.runtime.device import resolve_dtype
     from plt_train.training.metrics import peak_flops_per_second
 
     dev = detect_device()
-    variants = select_variants(args.which, dev.is_cuda)
+    cfg, vocab, mb = model_config(args)
+    variants = select_variants(args.which, dev.is_cuda,
+                               plain_gpt=cfg.name == "gpt" and cfg.moe.layer == "dense")
     dtype = resolve_dtype(args.precision, dev)
     if dev.is_cuda:  # fp32 runs use TF32 matmuls (the peak MFU is measured against)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg, vocab, mb = model_config(args)
     padded = padded_vocab_size(vocab, cfg)
-    flops = flops_per_sequence_from_config(cfg, padded)
+    flops = get_family(cfg.name).flops_per_sequence(cfg, padded)  # loops and MoE included
     optim = OptimConfig(lr=args.lr, min_lr=0.0, clip_grad=args.clip_grad, warmup_steps=0,
                         decay_style="constant")
     peak_amp = peak_flops_per_second(dev.device, dtype, args.peak_tflops)
@@ -452,8 +464,14 @@ def main(argv=None) -> int:
              "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": ffn_size(cfg),
              "seq_length": cfg.seq_length, "micro_batch_size": mb, "vocab_size": vocab,
              "padded_vocab_size": padded}
-    title = (f"{dev.name}: {cfg.num_layers}L d={cfg.hidden_size} h={cfg.num_attention_heads} "
-             f"ffn={ffn_size(cfg)} seq={cfg.seq_length} mb={mb} V={padded}, "
+    arch = cfg.name + (f"-{cfg.loops} kernel={cfg.loop.kernel}" if cfg.name in ("looped", "plt")
+                       else "")
+    if cfg.moe.layer != "dense":
+        arch += (f" {cfg.moe.layer} E{cfg.moe.num_experts} top{cfg.moe.top_k} "
+                 f"dcca_kernel={cfg.moe.dcca_kernel}")
+    title = (f"{dev.name}: {arch} {cfg.num_layers}L d={cfg.hidden_size} "
+             f"h={cfg.num_attention_heads} ffn={ffn_size(cfg)} seq={cfg.seq_length} mb={mb} "
+             f"V={padded}, "
              f"{args.steps} timed steps (median), torch {torch.__version__}")
     ctx = dict(cfg=cfg, dev=dev, dtype=dtype, mb=mb, vocab=vocab, optim=optim, seed=args.seed,
                warmup=args.warmup, steps=args.steps, plain_precision=args.plain_precision,

@@ -12,6 +12,11 @@ same ACTIVE parameters as the routed experts (BigMac's descend/ascend projection
 layer, and the routers come on top, as in the paper).  Output: validation-loss curves against
 tokens (PNG), one JSON record per variant (curves, parameters total/active, wall time,
 tokens/s, all-to-all MB per step), and a table printed last.
+
+A variant ``LAYER+FORMAT`` (e.g. ``bigmac+fp8``) runs LAYER with ``model.moe.wire_format=FORMAT``
+(``plt_train/models/moe/wire.py``): the quality check of a lower-precision all-to-all,
+
+    python scripts/compare_moe.py --variants bigmac,bigmac+bf16,bigmac+fp8
 """
 from __future__ import annotations
 
@@ -56,8 +61,15 @@ def model_shape(preset: str) -> dict:
     return yaml.safe_load((REPO / "configs" / "model" / f"{preset}.yaml").read_text())
 
 
+def split_variant(variant: str) -> tuple:
+    """``bigmac+fp8`` -> ("bigmac", "fp8"); a plain layer keeps the default format."""
+    layer, _, wire_format = variant.partition("+")
+    return layer, wire_format or None
+
+
 def parameters(variant: str, shape: dict, args, vocab: int) -> dict:
     """Total and active parameters (no biases, untied embeddings, GQA as configured)."""
+    variant = split_variant(variant)[0]
     from plt_train.config.schema import ModelConfig, MoEConfig
     from plt_train.models.moe.flops import moe_layer_parameters
 
@@ -79,7 +91,9 @@ def dense_ffn(args, h: int) -> int:
 
 
 def overrides(variant: str, args, run_dir: Path, shape: dict) -> list[str]:
-    o = [f"run_dir={run_dir}", f"name=compare_moe_{variant}", f"model={args.model}",
+    layer, wire_format = split_variant(variant)
+    o = [f"run_dir={run_dir}", f"name=compare_moe_{variant.replace('+', '_')}",
+         f"model={args.model}",
          "logging.wandb=false", f"train.steps={args.steps}",
          f"train.global_batch_size={args.global_batch}",
          f"train.micro_batch_size={args.micro_batch}",
@@ -88,17 +102,19 @@ def overrides(variant: str, args, run_dir: Path, shape: dict) -> list[str]:
          "checkpoint.save_at_end=false", "checkpoint.resume=false"]
     if args.lr is not None:
         o.append(f"optim.lr={args.lr}")
-    if variant == "dense":
+    if layer == "dense":
         o.append(f"model.ffn_hidden_size={dense_ffn(args, shape['hidden_size'])}")
     else:
-        o += [f"moe={variant}", f"model.moe.num_experts={args.experts}",
+        o += [f"moe={layer}", f"model.moe.num_experts={args.experts}",
               f"model.moe.top_k={args.topk}", f"model.moe.ratio={args.ratio}",
               f"parallel.expert={args.expert}"]
+        if wire_format:
+            o.append(f"model.moe.wire_format={wire_format}")
     return o + [x for x in args.extra.split() if x]
 
 
 def train(variant: str, args, out_dir: Path, shape: dict) -> dict:
-    run_dir = out_dir / variant
+    run_dir = out_dir / variant.replace("+", "_")
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)

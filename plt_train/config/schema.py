@@ -77,6 +77,10 @@ class MoEConfig:
     # (Triton on CUDA once it passed its first-use check, else torch), "triton" (required) or
     # "torch".
     dcca_kernel: str = "auto"
+    # Number format of the expert-parallel all-to-all (plt_train/models/moe/wire.py): "native"
+    # (the activations' dtype), "bf16" (all four all-to-alls), "fp8" (DeepSeek-V3: dispatch
+    # forward in float8 e4m3 with a power-of-two scale per 1x128 tile, the rest bf16).
+    wire_format: str = "native"
 
 
 @dataclass

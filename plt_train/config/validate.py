@@ -184,6 +184,10 @@ def _validate_moe(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("model.moe.expert_gemm", "te requested but Transformer Engine is not "
                           "installed", "use model.moe.expert_gemm=auto")
     _validate_kernel_choice("model.moe.dcca_kernel", moe.dcca_kernel)
+    from plt_train.models.moe.wire import WIRE_FORMATS
+    if moe.wire_format not in WIRE_FORMATS:  # at EP = 1 any format is a no-op (no wire)
+        raise ConfigError("model.moe.wire_format", f"unknown {moe.wire_format!r}",
+                          ", ".join(WIRE_FORMATS))
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError("model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}",
                           "use e.g. 1.2, or null for dropless routing")

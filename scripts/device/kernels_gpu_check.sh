@@ -2,7 +2,8 @@
 # The kernel checks for a GPU session (issue 5), about 8 minutes:
 #   device run, carry [".whl"]:  bash scripts/device/kernels_gpu_check.sh
 #  1. tests/kernels compiled on CUDA (bf16 cases included; on CPU they ran in the interpreter)
-#     and the generator tests, whose CUDA-graph capture tests skip on CPU.
+#     and the generator tests, whose CUDA-graph capture tests skip on CPU; the MoE wire
+#     formats' casts (fp8/bf16 all-to-all payloads) on CUDA.
 #  2. scripts/bench_kernels.py at the issue's shapes, bf16: full-size checks, then G-SWA vs
 #     SDPA/Flex, DCCA vs megatron's permute/unpermute, the BigMac layer vs its expert GEMMs,
 #     the decode attention launch vs the reference.
@@ -13,7 +14,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$OUT/gpu.txt"
 
 echo "== 1. kernel tests on CUDA, and CUDA-graph decode capture"
-timeout 150 python3 -m pytest tests/kernels tests/inference/test_generator.py -q \
+timeout 150 python3 -m pytest tests/kernels tests/inference/test_generator.py \
+    tests/models/test_moe_wire.py -q \
     -p no:cacheprovider 2>&1 \
     | tee "$OUT/kernel_tests.log" | tail -15
 

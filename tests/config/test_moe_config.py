@@ -29,6 +29,8 @@ def test_dotted_overrides_and_dropless():
                        "model.moe.capacity_factor=null"])
     assert cfg.model.moe.num_experts == 8 and cfg.model.moe.capacity_factor is None
     validate(cfg, world_size=2)
+    cfg = compose_run(["moe=fine_grained", "model.moe.wire_format=fp8"])
+    validate(cfg, world_size=2)
 
 
 @pytest.mark.parametrize("overrides, world, field, words", [
@@ -45,6 +47,7 @@ def test_dotted_overrides_and_dropless():
     (["moe=bigmac", "model.moe.capacity_factor=0"], 2, "model.moe.capacity_factor", "> 0"),
     (["moe=bigmac", "parallel.tensor=2"], 2, "parallel.sequence_parallel", "sequence parallel"),
     (["model.moe.layer=sparse"], 2, "model.moe.layer", "unknown layer"),
+    (["moe=bigmac", "model.moe.wire_format=fp4"], 2, "model.moe.wire_format", "unknown"),
 ])
 def test_invalid_moe_configs_name_the_field(overrides, world, field, words):
     # One change to the dense GPT baseline (the default config is the EP=2 flagship).

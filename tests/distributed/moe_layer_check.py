@@ -16,7 +16,8 @@ from identical weights.  For each layout and layer type we record, against EP=1:
   and the fraction of dropped assignments (to show dropping happened);
 * all-to-all bytes from the counters vs the exact count from the routing map, and bigmac /
   fine_grained bytes for the same tokens and routing;
-* the load-balancing loss gradient under TP=2 x SP against one rank holding both halves.
+* the load-balancing loss gradient under TP=2 x SP against one rank holding both halves;
+* the bf16 and fp8 wire formats at EP=2 and EP=4: bytes per phase, error against EP=1.
 """
 from __future__ import annotations
 
@@ -95,10 +96,10 @@ def maxdiff(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def expected_wire_rows(layer, x) -> int:
-    """Rows this rank sends in dispatch (its assignments to experts on other EP ranks) plus
-    rows it sends back in combine (other ranks' assignments to its experts), from the
-    router's routing map."""
+def routed_rows(layer, x) -> tuple:
+    """(rows this rank sends in dispatch: its assignments to experts on other EP ranks, rows
+    it sends back in combine: other ranks' assignments to its experts), from the router's
+    routing map."""
     from megatron.core import parallel_state as ps
 
     with torch.no_grad():
@@ -111,7 +112,55 @@ def expected_wire_rows(layer, x) -> int:
     counts = gather(per_expert)
     group = dist.get_process_group_ranks(ps.get_expert_model_parallel_group())
     received = sum(counts[r][local].sum() for r in group if r != dist.get_rank())
-    return int(sent + received)
+    return int(sent), int(received)
+
+
+def expected_phase_bytes(layer, x, width: int, wire_format: str) -> dict:
+    """Bytes per phase from the routing map and the wire format: the backward of an
+    all-to-all is the reverse one, so the dispatch's gradient goes back over the combine's
+    rows and vice versa."""
+    from plt_train.models.moe import wire
+
+    sent, received = routed_rows(layer, x)
+    rows = {"dispatch_fwd": sent, "combine_fwd": received, "dispatch_bwd": received,
+            "combine_bwd": sent}
+    out = {}
+    for phase, n in rows.items():
+        name, direction = phase.split("_")
+        fmt = wire.phase_formats(wire_format, name)[direction == "bwd"]
+        out[phase] = n * wire.row_bytes(width, fmt, 4)
+    return out
+
+
+def relative(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_wire_formats(report, model, dev, x, g, ref_out, ref_grads, ref_xgrad) -> None:
+    """bf16 and fp8 on the wire at EP=2 and EP=4 (dropless): bytes per phase as the format
+    says, outputs and gradients within the format's rounding of the exact EP=1 run, and EP=2
+    and EP=4 computing the same outputs (every routed row is rounded once, wherever it goes)."""
+    import dataclasses
+
+    rank = dist.get_rank()
+    layer_type = model.moe.layer
+    width = H if layer_type == "fine_grained" else int(RATIO * H)
+    for fmt in ("bf16", "fp8"):
+        wired = dataclasses.replace(model, moe=dataclasses.replace(model.moe, wire_format=fmt))
+        outs = {}
+        for ep in (2, 4):
+            setup(dev, 1, ep)
+            layer = build(wired, 1, ep, dev)
+            out, grads, xgrad, snap = run_layer(layer, x, g)
+            outs[ep] = out
+            rec = {"out_rel": relative(out, ref_out), "x_grad_rel": relative(xgrad, ref_xgrad),
+                   "projection_grad_rel": {n: relative(t, ref_grads[n]) for n, t in grads.items()
+                                           if n.startswith(("router", "linear_"))},
+                   "phases": {p: v["wire_bytes"] for p, v in snap["phases"].items()},
+                   "expected_phases": expected_phase_bytes(layer, x, width, fmt)}
+            if ep == 4:
+                rec["out_vs_ep2"] = maxdiff(out, outs[2])
+            report["wire"].setdefault(f"{layer_type}|{fmt}|ep{ep}", {})[f"rank{rank}"] = rec
 
 
 def main(out_path: str) -> None:
@@ -124,7 +173,7 @@ def main(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 4, "run with 4 processes"
     x, g = tokens(rank, "x"), tokens(rank, "g")
-    report: dict = {"layouts": {}, "bytes": {}, "capacity": {}, "aux_tp": {}}
+    report: dict = {"layouts": {}, "bytes": {}, "capacity": {}, "aux_tp": {}, "wire": {}}
 
     for layer_type in ("fine_grained", "bigmac"):
         for capacity in (None, 1.2):
@@ -158,11 +207,13 @@ def main(out_path: str) -> None:
                 report["layouts"].setdefault(key, {})[f"rank{rank}"] = diffs
                 if capacity is None and tp == 1:
                     width = H if layer_type == "fine_grained" else int(RATIO * H)
-                    rows = expected_wire_rows(layer, x)
+                    rows = sum(routed_rows(layer, x))
                     report["bytes"].setdefault(f"{layer_type}|ep{ep}", {})[f"rank{rank}"] = {
                         "measured": snap["a2a_bytes"], "phases": snap["phases"],
                         "expected_from_routing": rows * width * 4 * 2,  # fp32, fwd + bwd
                     }
+            if capacity is None:
+                check_wire_formats(report, model, dev, x, g, ref_out, ref_grads, ref_xgrad)
 
     # Load-balancing and z-loss gradients under TP=2 x SP: the two TP ranks route the two halves of
     # one sequence; reference: one rank routing the whole sequence (EP=1, TP=1).

@@ -72,3 +72,41 @@ def test_aux_and_z_loss_gradients_do_not_depend_on_tp(layer_report):
     for rank, rec in layer_report["aux_tp"].items():
         assert rec["tp1_norm"] > 1.0
         assert rec["diff"] <= 1e-6 * rec["tp1_norm"] * 100, rec  # ~1e-7 relative, fp32
+
+
+def test_wire_formats_put_their_bytes_on_the_wire_and_round_only_that_much(layer_report):
+    """``model.moe.wire_format`` bf16 / fp8 inside the real all-to-all (EP=2, EP=4, dropless):
+    each phase sends exactly the format's bytes for the routed rows; outputs and gradients
+    differ from the exact EP=1 run by the format's rounding and no more (bf16 ~2^-9, e4m3
+    ~2^-4 relative); every routed row is rounded once, so EP=2 and EP=4 agree bit for bit."""
+    wire = layer_report["wire"]
+    assert set(wire) == {f"{t}|{f}|ep{ep}" for t in ("fine_grained", "bigmac")
+                         for f in ("bf16", "fp8") for ep in (2, 4)}
+    bound = {"bf16": (5e-4, 1e-2), "fp8": (5e-3, 0.1)}
+    for key, ranks in wire.items():
+        layer, fmt, ep = key.split("|")
+        lo, hi = bound[fmt]
+        assert len(ranks) == NPROC
+        for rank, rec in ranks.items():
+            assert rec["phases"] == rec["expected_phases"], (key, rank)
+            assert all(v > 0 for v in rec["phases"].values())
+            errors = [rec["out_rel"], rec["x_grad_rel"], *rec["projection_grad_rel"].values()]
+            assert all(lo < e < hi for e in errors), (key, rank, rec)
+            if layer == "bigmac":
+                assert {"linear_descend.weight", "linear_ascend.weight"} <= set(
+                    rec["projection_grad_rel"])
+            if ep == "ep4":
+                assert rec["out_vs_ep2"] == 0.0, (key, rank)
+            if fmt == "fp8":  # only the dispatch forward is fp8: 1 + 1/width B vs bf16's 2 B
+                bf16 = wire[f"{layer}|bf16|{ep}"][rank]["phases"]
+                assert rec["phases"]["combine_fwd"] == bf16["combine_fwd"]
+                assert rec["phases"]["dispatch_bwd"] == bf16["dispatch_bwd"]
+                width = 64 if layer == "fine_grained" else 16
+                assert rec["phases"]["dispatch_fwd"] * 2 * width == (
+                    bf16["dispatch_fwd"] * (width + 1))
+    # Against fp32 (the "bytes" section, native format): bf16 halves every phase.
+    for layer in ("fine_grained", "bigmac"):
+        for ep in (2, 4):
+            for rank, rec in layer_report["bytes"][f"{layer}|ep{ep}"].items():
+                assert sum(wire[f"{layer}|bf16|ep{ep}"][rank]["phases"].values()) * 2 == (
+                    rec["measured"])

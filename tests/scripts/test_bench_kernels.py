@@ -28,3 +28,38 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
     lines = proc.stdout.splitlines()  # the table comes last: its header, then one row each
     header = max(i for i, line in enumerate(lines) if line.startswith("section "))
     assert len(lines) - header - 1 == sum("ms" in r or "max_rel_err" in r for r in records)
+
+
+def test_gswa_tile_sweep_checks_every_tiling_against_the_default(tmp_path):
+    """``--only gswa_tiles`` (the sweep a GPU session runs to tune the G-SWA tiles): every
+    tiling's outputs and gradients equal the default tiling's, the default is the baseline."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
+                           "--only", "gswa_tiles", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert {r["variant"] for r in records} == {
+        "fwd_16x16x1x1", "fwd_32x16x1x1", "fwd_32x32x1x1", "bwd_16x1x1", "bwd_32x1x1"}
+    assert all(r["ok"] and r["max_rel_err"] <= 1e-4 for r in records)
+    for kind in ("fwd", "bwd"):
+        rows = [r for r in records if r["variant"].startswith(kind)]
+        assert sum(r["default"] for r in rows) == 1 and sum(bool(r.get("best")) for r in rows) == 1
+        assert [r["vs_baseline"] for r in rows if r["default"]] == [1.0]
+
+
+def test_gswa_forward_refuses_tiles_it_would_get_wrong():
+    """BLOCK_N must divide BLOCK_M (the sweep found 34 % error with 16 x 32 before this check)."""
+    import pytest
+    import torch
+
+    from kernels import gswa
+
+    x = torch.randn(20, 1, 2, 16)
+    gswa.TILE_OVERRIDE["fwd"] = (16, 32, 1, 1)
+    try:
+        with pytest.raises(ValueError, match="BLOCK_M % BLOCK_N"):
+            gswa.gswa_attention(x, x, x, x, x, torch.rand(20, 1, 2, 1), 0.25, 4)
+    finally:
+        gswa.TILE_OVERRIDE.clear()

@@ -84,3 +84,33 @@ def test_bench_train_tiny(tmp_path):
     for r in records.values():
         assert abs(r["losses"][0] - math.log(1024)) < 0.1
     assert plot.exists() and plot.stat().st_size > 0
+
+
+def test_set_builds_the_typed_model_config_and_keeps_plain_baselines_to_dense_gpts():
+    """``--set`` merges into the typed schema as the main job does (nested loop / moe groups
+    become their dataclasses; a typo fails), and a PLT or MoE model runs ``ours`` alone: the
+    plain baselines are dense GPTs and would time another model."""
+    import pytest
+    from omegaconf.errors import ConfigKeyError
+
+    import bench_train
+    from plt_train.config.schema import LoopConfig, MoEConfig
+
+    args = bench_train.parse_args(["--tiny", "--layers", "3", "--set", "name=plt", "loops=2",
+                                   "loop.kernel=torch", "moe.layer=bigmac", "moe.top_k=2"])
+    cfg, vocab, mb = bench_train.model_config(args)
+    assert isinstance(cfg, ModelConfig) and isinstance(cfg.loop, LoopConfig)
+    assert isinstance(cfg.moe, MoEConfig)
+    assert (cfg.name, cfg.loops, cfg.loop.kernel, cfg.moe.layer, cfg.moe.top_k) == (
+        "plt", 2, "torch", "bigmac", 2)
+    assert (cfg.num_layers, cfg.hidden_size, vocab, mb) == (3, 128, 1024, 2)
+    full = bench_train.model_config(bench_train.parse_args(
+        ["--model-config", str(REPO / "configs/model/plt2.yaml")]))[0]
+    assert full.loop.detach_kv is False and full.loops == 2  # the preset's nested group
+    with pytest.raises(ConfigKeyError):
+        bench_train.model_config(bench_train.parse_args(["--tiny", "--set", "loop.kernal=x"]))
+
+    assert bench_train.select_variants(None, cuda=True, plain_gpt=False) == ["ours"]
+    with pytest.raises(SystemExit, match="--which ours"):
+        bench_train.select_variants("ours,plain_eager", cuda=True, plain_gpt=False)
+    assert bench_train.select_variants(None, cuda=True) == list(bench_train.VARIANTS)

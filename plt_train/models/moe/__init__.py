@@ -56,11 +56,12 @@ def mlp_spec(model: ModelConfig) -> ModuleSpec:
         shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     submodules = MoESubmodules(experts=experts_spec(model), shared_experts=shared, router=Router)
+    wire = {"wire_format": model.moe.wire_format}
     if layer == "fine_grained":
-        return ModuleSpec(module=FineGrainedMoE, submodules=submodules)
+        return ModuleSpec(module=FineGrainedMoE, submodules=submodules, params=wire)
     return ModuleSpec(module=BigMacMoE, submodules=submodules,
                       params={"latent_size": expert_width(model),
-                              "dcca_kernel": model.moe.dcca_kernel})
+                              "dcca_kernel": model.moe.dcca_kernel, **wire})
 
 
 __all__ = ["experts_spec", "mlp_spec"]

@@ -9,6 +9,7 @@ per phase (``dispatch`` / ``combine``, forward / backward):
   leave the device and are counted apart as ``local_bytes``.  This is what the paper's Table 3
   counts (its ``(ep - 1) / ep`` factor drops the local share), but measured from the actual
   split sizes, not from a formula.
+  Bytes are those of the wire format actually sent (``model.moe.wire_format``, ``wire.py``).
 * ``seconds``: time inside the call.  On CPU (gloo) the call blocks, so this is wall time.  On
   CUDA the collective runs on the compute stream (megatron's a2a dispatcher does not overlap
   it), so the interval between two CUDA events around it is the time the stream is stalled
@@ -28,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from plt_train.models.moe import wire
 
 PHASES = ("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd")
 
@@ -122,34 +125,47 @@ def _all_to_all(group, x: torch.Tensor, output_splits: Optional[Sequence[int]],
     return out
 
 
+def _send(group, x: torch.Tensor, output_splits, input_splits, phase: str,
+          fmt: str) -> torch.Tensor:
+    """One all-to-all of ``x``'s rows in wire format ``fmt`` (``wire.py``), counted at the
+    bytes actually sent, returned in ``x``'s dtype."""
+    payload = wire.encode(x, fmt)
+    got = _all_to_all(group, payload, output_splits, input_splits, phase)
+    return wire.decode(got, fmt, x.dtype, x.shape[1:])
+
+
 class _CountedAllToAll(torch.autograd.Function):
-    """megatron-core's ``_AllToAll`` with accounting; the backward is the reverse
-    all-to-all (split sizes swapped), counted as the ``*_bwd`` phase."""
+    """megatron-core's ``_AllToAll`` with accounting and a wire format; the backward is the
+    reverse all-to-all (split sizes swapped), counted as the ``*_bwd`` phase.  The format's
+    casts are straight-through: the gradient is sent in the backward's own format."""
 
     @staticmethod
-    def forward(ctx, group, x, output_splits, input_splits, name):
-        ctx.group, ctx.name = group, name
+    def forward(ctx, group, x, output_splits, input_splits, name, formats):
+        ctx.group, ctx.name, ctx.bwd_format = group, name, formats[1]
         ctx.output_splits, ctx.input_splits = output_splits, input_splits
         if group.size() == 1:
             return x
-        return _all_to_all(group, x, output_splits, input_splits, f"{name}_fwd")
+        return _send(group, x, output_splits, input_splits, f"{name}_fwd", formats[0])
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.group.size() == 1:
-            return None, grad, None, None, None
-        g = _all_to_all(ctx.group, grad, ctx.input_splits, ctx.output_splits, f"{ctx.name}_bwd")
-        return None, g, None, None, None
+            return None, grad, None, None, None, None
+        g = _send(ctx.group, grad, ctx.input_splits, ctx.output_splits, f"{ctx.name}_bwd",
+                  ctx.bwd_format)
+        return None, g, None, None, None, None
 
 
 def counted_all_to_all(group, x: torch.Tensor, output_splits, input_splits,
-                       name: str) -> torch.Tensor:
+                       name: str, wire_format: str = "native") -> torch.Tensor:
     """All-to-all over ``group`` (variable splits), recorded in ``COUNTER`` as ``name``
-    (``dispatch`` or ``combine``) forward and backward."""
+    (``dispatch`` or ``combine``) forward and backward, in ``wire_format``
+    (``model.moe.wire_format``: native / bf16 / fp8, see ``wire.py``)."""
     if name not in ("dispatch", "combine"):
         raise ValueError(f"unknown all-to-all phase {name!r}")
     return _CountedAllToAll.apply(group, x, _as_int_list(output_splits),
-                                  _as_int_list(input_splits), name)
+                                  _as_int_list(input_splits), name,
+                                  wire.phase_formats(wire_format, name))
 
 
 def a2a_step_metrics() -> dict:

@@ -17,6 +17,8 @@ sorting by local expert).  We replace only:
   DCCA are exactly r times those of CDAC.  ``y = sum_k p_k E_k(x)`` either way;
 * the router's aux/z-loss token scaling, which in 0.16.1 shrinks those losses' gradients by
   1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
+* optionally, the number format on the wire (``model.moe.wire_format``: bf16, or fp8 dispatch
+  as in DeepSeek-V3; ``wire.py``);
 * for BigMac with ``model.moe.dcca_kernel`` selecting Triton: the permutation and the
   un-permutation, fused with the descend / ascend projections (``kernels/dcca.py``).  The
   dispatcher's metadata (splits, tokens per expert, the sort by local expert after the
@@ -54,6 +56,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from plt_train.models.moe.accounting import COUNTER, a2a_step_metrics, counted_all_to_all
+from plt_train.models.moe.wire import WIRE_FORMATS
 
 # Training-mode router calls per layer number since the last read: the denominator of the
 # logged aux losses (a looped model runs each layer R times per micro-batch).
@@ -163,18 +166,21 @@ class Router(TopKRouter):
 
 class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher with counted all-to-alls and the probabilities applied
-    at the source after the combine (see the module docstring)."""
+    at the source after the combine (see the module docstring), in ``wire_format``
+    (``model.moe.wire_format``, ``wire.py``; set by the layer)."""
+
+    wire_format = "native"
 
     def token_dispatch(self, permuted_tokens, permuted_probs):
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_ep_alltoall", self.tokens_per_expert)
         tokens = counted_all_to_all(self.ep_group, permuted_tokens, self.output_splits,
-                                    self.input_splits, "dispatch")
+                                    self.input_splits, "dispatch", self.wire_format)
         return tokens, None  # the probabilities stay here
 
     def token_combine(self, hidden_states, *_args, **_kwargs):
         return counted_all_to_all(self.ep_group, hidden_states, self.input_splits,
-                                  self.output_splits, "combine")
+                                  self.output_splits, "combine", self.wire_format)
 
     def combine_postprocess(self, permuted_tokens):
         """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``."""
@@ -228,19 +234,23 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
 
 class FineGrainedMoE(MoELayer):
-    """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring)."""
+    """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring).
+    ``wire_format`` (``model.moe.wire_format``): the all-to-all's number format, ``wire.py``."""
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None):
+                 pg_collection=None, wire_format: str = "native"):
         patch_megatron_moe()
         if config.expert_tensor_parallel_size != 1:
             raise ValueError("our MoE layers need expert_tensor_parallel_size=1")
+        if wire_format not in WIRE_FORMATS:
+            raise ValueError(f"unknown wire_format {wire_format!r}: {WIRE_FORMATS}")
         pg_collection = pg_collection or moe_utils.get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
         self.token_dispatcher = AccountedAlltoAllDispatcher(
             self.num_local_experts, self.local_expert_indices, config=self.config,
             pg_collection=pg_collection)
+        self.token_dispatcher.wire_format = wire_format
         from plt_train.training.extra_metrics import register_step_metrics
         register_step_metrics("moe_a2a", reset=COUNTER.reset, collect=a2a_step_metrics)
         register_step_metrics("moe_aux", reset=reset_aux_losses, collect=aux_loss_step_metrics)
@@ -273,8 +283,9 @@ class BigMacMoE(FineGrainedMoE):
     """
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None, latent_size: int = 0, dcca_kernel: str = "auto"):
-        super().__init__(config, submodules, layer_number, pg_collection)
+                 pg_collection=None, latent_size: int = 0, dcca_kernel: str = "auto",
+                 wire_format: str = "native"):
+        super().__init__(config, submodules, layer_number, pg_collection, wire_format)
         if latent_size <= 0:
             raise ValueError("BigMacMoE needs latent_size = r * hidden_size > 0")
         from kernels import KERNEL_CHOICES
