@@ -64,6 +64,14 @@ def test_fp8_keeps_zeros_and_non_finite_values_arrive_as_nan(device):
     assert back[2, 0].isnan() and back[2, 1] == 3.0
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_a_rank_with_no_rows_sends_an_empty_payload(fmt):
+    x = torch.empty(0, 256)
+    payload = wire.encode(x, fmt)
+    assert payload.shape[0] == 0
+    assert wire.decode(payload, fmt, torch.float32, (256,)).shape == (0, 256)
+
+
 def test_bf16_and_native_formats():
     x = rows(5, 96)
     assert wire.encode(x, "native") is x

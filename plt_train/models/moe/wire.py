@@ -56,7 +56,7 @@ def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
         return x.to(torch.bfloat16)
     if fmt != "fp8":
         raise ValueError(f"unknown wire format {fmt!r}: {WIRE_FORMATS}")
-    rows = x.reshape(x.shape[0], -1).float()
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:])).float()  # no -1: N may be 0
     n, width = rows.shape
     tile = tile_width(width)
     tiles = rows.view(n, width // tile, tile)
@@ -67,7 +67,8 @@ def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
     exponent = torch.ceil(torch.log2(amax.clamp(min=2.0 ** -126) / FP8_MAX)).clamp(-126, 127)
     scaled = torch.where(finite, tiles * torch.exp2(-exponent), float("nan"))
     q = scaled.to(FP8).view(torch.uint8).view(n, width)
-    return torch.cat([q, exponent.view(n, -1).to(torch.int8).view(torch.uint8)], dim=1)
+    scales = exponent.view(n, width // tile).to(torch.int8).view(torch.uint8)
+    return torch.cat([q, scales], dim=1)
 
 
 def decode(payload: torch.Tensor, fmt: str, dtype: torch.dtype, row_shape) -> torch.Tensor:
