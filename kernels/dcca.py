@@ -1,4 +1,5 @@
-"""BigMac's DCCA dispatch and combine, fused around the permutation into expert order.
+"""BigMac's DCCA dispatch and combine, fused around the permutation into expert order; and
+the gate-weighted combine alone, which replaces megatron's ``unpermute`` in either MoE layer.
 
 Unfused, the layer computes ``latent = x W_down^T`` [T, r*h], then megatron's ``permute``
 copies it row by row into expert-sorted order (``index_select``), and after the combine
@@ -17,7 +18,13 @@ rows of each token (``scatter_add``), and ``linear_ascend`` maps the sum back to
   ``dW_up = dout^T c`` (cuBLAS), then ONE kernel writes ``dy[dest[t, k]] = p[t, k] dc[t]`` and
   ``dp[t, k] = <y[dest[t, k]], dc[t]>``.
 
-Both take ``dest`` [T, K] (int32): the row of the permuted tensor that holds token t's k-th
+* ``combine``: the gather-sum of ``combine_ascend`` without the GEMM, for the fine-grained
+  (CDAC) layer, which combines at full width: megatron's ``unpermute`` makes an fp32 scaled
+  copy of every expert output and ``scatter_add``s it (atomics on CUDA, so the order of the K
+  additions varies run to run); this reads each row once, adds in slot order, and its
+  backward is the same one-kernel ``dy`` / ``dp`` as ``combine_ascend``'s with ``dc = dout``.
+
+All take ``dest`` [T, K] (int32): the row of the permuted tensor that holds token t's k-th
 routed expert, -1 where that assignment was dropped (capacity factor).  ``expert_slots`` builds
 it from megatron's routing map, in megatron's order (expert-major, token order within an
 expert: ``permute``'s ``sorted_indices``), without a host sync.  Each row is the destination of
@@ -75,16 +82,20 @@ def descend_permute_reference(x, w_down, dest, n_out: int):
     return out.index_add(0, rows, latent.repeat_interleave(top_k, dim=0))[:n_out]
 
 
-def combine_ascend_reference(y, slot_probs, dest, w_up):
-    """``(sum_k p[t, k] y[dest[t, k]]) W_up^T``, the sum in fp32 rounded to y's dtype (what
-    megatron's ``unpermute`` with fp32 probabilities does)."""
+def combine_reference(y, slot_probs, dest):
+    """``sum_k p[t, k] y[dest[t, k]]``, the sum in fp32 rounded to y's dtype (what megatron's
+    ``unpermute`` with fp32 probabilities does)."""
     num_tokens, top_k = dest.shape
     y_pad = torch.cat([y, y.new_zeros(1, y.shape[1])])  # row n_out: the dropped slots' zeros
     rows = torch.where(dest >= 0, dest, y.shape[0]).reshape(-1).long()
     gathered = y_pad.index_select(0, rows).view(num_tokens, top_k, -1).float()
     weights = torch.where(dest >= 0, slot_probs.float(), 0.0)
-    combined = (gathered * weights.unsqueeze(-1)).sum(1).to(y.dtype)
-    return F.linear(combined, w_up)
+    return (gathered * weights.unsqueeze(-1)).sum(1).to(y.dtype)
+
+
+def combine_ascend_reference(y, slot_probs, dest, w_up):
+    """``combine_reference`` then ``W_up``."""
+    return F.linear(combine_reference(y, slot_probs, dest), w_up)
 
 
 # -- public ops ------------------------------------------------------------------------------
@@ -104,19 +115,28 @@ def combine_ascend(y, slot_probs, dest, w_up, rows_covered: bool = False):
     ``rows_covered`` as for ``descend_permute`` (then ``dy`` needs no zero fill)."""
     if not _kernel_takes(y, w_up):
         return combine_ascend_reference(y, slot_probs, dest, w_up)
-    return _CombineAscend.apply(y, slot_probs, dest, w_up, rows_covered)
+    return _Combine.apply(y, slot_probs, dest, w_up, rows_covered)
+
+
+def combine(y, slot_probs, dest, rows_covered: bool = False):
+    """y [n_out, N] (expert order), slot_probs / dest [T, K] -> [T, N]: the gate-weighted
+    un-permutation (megatron's ``unpermute``), ``combine_ascend`` without the projection."""
+    if not _kernel_takes(y, y):
+        return combine_reference(y, slot_probs, dest)
+    return _Combine.apply(y, slot_probs, dest, None, rows_covered)
 
 
 def self_check(device) -> bool:
-    """The first-use check of ``kernels.verified`` that ``auto`` requires: both ops forward +
-    backward at a small ragged shape, bf16 on GPU (fp32 on CPU), against the fp32 references."""
+    """The first-use check of ``kernels.verified`` that ``auto`` requires: the three ops
+    forward + backward at a small ragged shape, bf16 on GPU (fp32 on CPU), against the fp32
+    references."""
     dtype, tol = self_check_precision(device)
     shape = (300, 256, 64, 8, 2) if device.type == "cuda" else (37, 32, 16, 4, 2)
     return check_error(device, dtype, *shape) < tol
 
 
 def check_error(device, dtype, T: int, h: int, rh: int, E: int, K: int) -> float:
-    """Largest relative error (max |kernel - reference| / max |reference|) over both ops'
+    """Largest relative error (max |kernel - reference| / max |reference|) over the three ops'
     outputs and input gradients, the kernels in ``dtype`` and the references in fp32, with
     top-K routing over E experts and one token whose assignments are all dropped; inf if
     anything is not finite."""
@@ -133,17 +153,21 @@ def check_error(device, dtype, T: int, h: int, rh: int, E: int, K: int) -> float
     dz = torch.randn(n_out, rh, generator=g, device=device).to(dtype)
     dout = torch.randn(T, h, generator=g, device=device).to(dtype)
 
+    dcomb = torch.randn(T, rh, generator=g, device=device).to(dtype)
+
     def run(fns, inputs, p):
         x, w_down, y, w_up = inputs
         z = fns[0](x, w_down, dest, n_out)
         out = fns[1](y, p, dest, w_up)
-        return [z, out, *torch.autograd.grad((z, out), (*inputs, p), (dz, dout))]
+        comb = fns[2](y, p, dest)
+        return [z, out, comb, *torch.autograd.grad((z, out, comb), (*inputs, p),
+                                                    (dz, dout, dcomb))]
 
     with torch.enable_grad():
-        got = run((descend_permute, combine_ascend),
+        got = run((descend_permute, combine_ascend, combine),
                   [t.clone().requires_grad_(True) for t in ts],
                   slot_probs.clone().requires_grad_(True))
-        want = run((descend_permute_reference, combine_ascend_reference),
+        want = run((descend_permute_reference, combine_ascend_reference, combine_reference),
                    [t.float().requires_grad_(True) for t in ts],
                    slot_probs.clone().requires_grad_(True))
     return max_rel_err(got, want)
@@ -323,15 +347,18 @@ class _DescendPermute(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
-class _CombineAscend(torch.autograd.Function):
+class _Combine(torch.autograd.Function):
+    """The gate-weighted gather-sum, then ``W_up`` when given (``combine_ascend``) or nothing
+    (``combine``)."""
+
     @staticmethod
     def forward(ctx, y, slot_probs, dest, w_up, rows_covered):
         dest = dest.contiguous()
         slot_probs = slot_probs.float().contiguous()
-        combined = _gather_sum(y, dest, slot_probs, y.dtype)  # [T, r*h]
-        ctx.save_for_backward(y, slot_probs, dest, w_up, combined)
+        combined = _gather_sum(y, dest, slot_probs, y.dtype)  # [T, N]
+        ctx.save_for_backward(y, slot_probs, dest, w_up, combined if w_up is not None else None)
         ctx.rows_covered = rows_covered
-        return combined @ w_up.t()
+        return combined if w_up is None else combined @ w_up.t()
 
     @staticmethod
     def backward(ctx, dout):
@@ -340,7 +367,7 @@ class _CombineAscend(torch.autograd.Function):
         dy = dprobs = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             y = _unit_rows(y)
-            dc = _unit_rows(dout @ w_up)  # [T, r*h]
+            dc = _unit_rows(dout if w_up is None else dout @ w_up)  # [T, N]
             num_tokens, top_k = dest.shape
             dy = _new_rows(y.shape[0], y.shape[1], y, ctx.rows_covered)
             dprobs = torch.zeros(num_tokens, top_k, dtype=torch.float32, device=y.device)
@@ -354,5 +381,6 @@ class _CombineAscend(torch.autograd.Function):
         return dy, dprobs, None, dw_up, None
 
 
-__all__ = ["combine_ascend", "combine_ascend_reference", "descend_permute",
+__all__ = ["combine", "combine_ascend", "combine_ascend_reference", "combine_reference",
+           "descend_permute",
            "descend_permute_reference", "expert_slots"]

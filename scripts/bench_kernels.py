@@ -12,8 +12,10 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   G-SWA (``ops.gswa``: two SDPA calls, one with a [S, S] band mask, and the gate mix); and
   forward only (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
-* ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, and the
-  whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x).
+* ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, the
+  fine-grained layer's full-width gather-sum combine vs megatron's ``unpermute``, and the
+  whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x), with
+  the fine-grained layer beside it (same expert FLOPs).
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
   issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
@@ -166,8 +168,9 @@ def _flex_variants(q, k, v, dy, S, w, scale) -> dict:
 
 # -- DCCA -------------------------------------------------------------------------------------
 def section_dcca(args, device, dtype) -> list:
-    """Components (fused vs megatron's permute/unpermute around the projections) and the whole
-    BigMac layer (dcca_kernel torch vs triton) against its expert GEMMs alone."""
+    """Components (fused vs megatron's permute/unpermute around the projections; the
+    fine-grained layer's full-width combine vs ``unpermute``) and the whole BigMac and
+    fine-grained layers (dcca_kernel torch vs triton) against BigMac's expert GEMMs alone."""
     import torch.nn.functional as F
     from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
@@ -219,22 +222,37 @@ def section_dcca(args, device, dtype) -> list:
         out = dcca.combine_ascend(y, slot_probs, dest, w_up, rows_covered=True)
         torch.autograd.grad(out, (y, p, w_up), d_out)
 
+    y_full = param(n_out, h)  # the fine-grained (CDAC) layer combines at full width
+
+    def unpermute_torch():
+        c = unpermute(y_full, sorted_indices, torch.Size((T, h)), probs=p, routing_map=routing)
+        torch.autograd.grad(c, (y_full, p), d_out)
+
+    def unpermute_fused():
+        dest, slot_probs = dcca.expert_slots(routing, p, K)
+        c = dcca.combine(y_full, slot_probs, dest, rows_covered=True)
+        torch.autograd.grad(c, (y_full, p), d_out)
+
     parts = [("descend_permute_torch", descend_torch), ("descend_permute_fused", descend_fused),
-             ("gather_ascend_torch", combine_torch), ("gather_ascend_fused", combine_fused)]
+             ("gather_ascend_torch", combine_torch), ("gather_ascend_fused", combine_fused),
+             ("unpermute_torch", unpermute_torch), ("unpermute_fused", unpermute_fused)]
     for name, fn in parts:
         ms = timeit(fn, args.warmup, args.iters, device)
         records.append(dict(section="dcca", variant=name, ms=ms, **shape))
         log(f"dcca {name}: {ms:.3f} ms")
-    base = {"descend": records[1]["ms"], "gather": records[3]["ms"]}
+    base = {rec["variant"].split("_")[0]: rec["ms"] for rec in records[1:]
+            if rec["variant"].endswith("_torch")}
     for rec in records[1:]:
         rec["vs_baseline"] = rec["ms"] / base[rec["variant"].split("_")[0]]
-    records += _bigmac_layer(args, device, dtype, T, h, E, K, r, shape)
+    records += _moe_layers(args, device, dtype, T, h, E, K, r, shape)
     return records
 
 
-def _bigmac_layer(args, device, dtype, T, h, E, K, r, shape) -> list:
-    """The whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and its
-    experts alone on the same number of (balanced) routed tokens: the issue's ratio."""
+def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
+    """Each whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and
+    BigMac's experts alone on the same number of (balanced) routed tokens: the issue's ratio.
+    The fine-grained layer's experts do the same FLOPs (h -> r*h -> h instead of r*h -> h ->
+    r*h), so its rows read against the same baseline."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.spec_utils import build_module
 
@@ -249,15 +267,17 @@ def _bigmac_layer(args, device, dtype, T, h, E, K, r, shape) -> list:
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device))
     heads = max(1, h // 128)
     records, layers = [], {}
-    for kernel in ("torch", "triton"):
-        model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
-                            seq_length=T // 4,
-                            moe=MoEConfig(layer="bigmac", num_experts=E, top_k=K, ratio=r,
-                                          capacity_factor=None, dcca_kernel=kernel))
-        tc = to_transformer_config(model, ParallelConfig(), dtype, megatron_device_kwargs(dev))
-        layer = build_module(mlp_spec(model), config=tc).to(device)
-        layer.set_layer_number(1)
-        layers[kernel] = layer
+    for kind in ("bigmac", "fine_grained"):
+        for kernel in ("torch", "triton"):
+            model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
+                                seq_length=T // 4,
+                                moe=MoEConfig(layer=kind, num_experts=E, top_k=K, ratio=r,
+                                              capacity_factor=None, dcca_kernel=kernel))
+            tc = to_transformer_config(model, ParallelConfig(), dtype,
+                                       megatron_device_kwargs(dev))
+            layer = build_module(mlp_spec(model), config=tc).to(device)
+            layer.set_layer_number(1)
+            layers[kind, kernel] = layer
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype).requires_grad_(True)
     dy = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype)
@@ -266,7 +286,7 @@ def _bigmac_layer(args, device, dtype, T, h, E, K, r, shape) -> list:
         out, _ = layer(x)
         torch.autograd.grad(out, [x, *layer.parameters()], dy, allow_unused=True)
 
-    experts = layers["torch"].experts
+    experts = layers["bigmac", "torch"].experts
     tokens = torch.randn(T * K, int(r * h), generator=g, device=device).to(dtype)
     tokens.requires_grad_(True)
     per_expert = torch.full((E,), T * K // E, dtype=torch.long, device=device)
@@ -281,12 +301,12 @@ def _bigmac_layer(args, device, dtype, T, h, E, K, r, shape) -> list:
     records.append(dict(section="dcca", variant="expert_gemms", ms=gemm_ms, vs_baseline=1.0,
                         **shape))
     log(f"dcca expert_gemms: {gemm_ms:.3f} ms")
-    for kernel, layer in layers.items():
+    for (kind, kernel), layer in layers.items():
         ms = timeit(lambda: layer_step(layer), args.warmup, args.iters, device)
-        assert layer._fused_dcca == (kernel == "triton")
-        records.append(dict(section="dcca", variant=f"bigmac_layer_{kernel}", ms=ms,
+        assert layer.fused_kernels == (kernel == "triton")
+        records.append(dict(section="dcca", variant=f"{kind}_layer_{kernel}", ms=ms,
                             vs_baseline=ms / gemm_ms, **shape))
-        log(f"dcca bigmac_layer_{kernel}: {ms:.3f} ms ({ms / gemm_ms:.2f}x expert GEMMs)")
+        log(f"dcca {kind}_layer_{kernel}: {ms:.3f} ms ({ms / gemm_ms:.2f}x expert GEMMs)")
     return records
 
 
@@ -411,14 +431,15 @@ DEFAULT_SECTIONS = ("gswa", "dcca", "decode")
 # -- report -----------------------------------------------------------------------------------
 def print_table(records: list) -> None:
     rows = [r for r in records if "ms" in r or "max_rel_err" in r]
-    print(f"{'section':10} {'variant':22} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
+    width = max([22] + [len(r["variant"]) for r in rows])
+    print(f"{'section':10} {'variant':{width}} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
     for r in rows:
         ms = f"{r['ms']:9.3f}" if "ms" in r else " " * 9
         ratio = f"{r['vs_baseline']:10.2f}" if "vs_baseline" in r else " " * 10
         err = f"{r['max_rel_err']:12.2e}" if "max_rel_err" in r else " " * 12
         ok = ("yes" if r["ok"] else "NO") if "ok" in r else ""
         ok += "".join(f"  {tag}" for tag in ("default", "best") if r.get(tag))
-        print(f"{r['section']:10} {r['variant']:22} {ms} {ratio} {err}  {ok}")
+        print(f"{r['section']:10} {r['variant']:{width}} {ms} {ratio} {err}  {ok}")
 
 
 def plot(records: list, path: Path) -> None:

@@ -73,9 +73,10 @@ class MoEConfig:
     # backend is active, else torch._grouped_mm where it runs, else the loop), "grouped"
     # (torch._grouped_mm), "loop" (one matmul per expert: the reference), "te".
     expert_gemm: str = "auto"
-    # BigMac's fused DCCA dispatch / combine (descend + permute, gather-sum + ascend): "auto"
-    # (Triton on CUDA once it passed its first-use check, else torch), "triton" (required) or
-    # "torch".
+    # The fused (un)permutation kernels of kernels/dcca.py: for bigmac the DCCA dispatch /
+    # combine (descend + permute, gather-sum + ascend), for fine_grained the gate-weighted
+    # gather-sum combine in place of megatron's unpermute.  "auto" (Triton on CUDA once it
+    # passed its first-use check, else torch), "triton" (required) or "torch".
     dcca_kernel: str = "auto"
     # Number format of the expert-parallel all-to-all (plt_train/models/moe/wire.py): "native"
     # (the activations' dtype), "bf16" (all four all-to-alls), "fp8" (DeepSeek-V3: dispatch

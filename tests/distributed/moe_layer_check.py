@@ -17,10 +17,14 @@ from identical weights.  For each layout and layer type we record, against EP=1:
 * all-to-all bytes from the counters vs the exact count from the routing map, and bigmac /
   fine_grained bytes for the same tokens and routing;
 * the load-balancing loss gradient under TP=2 x SP against one rank holding both halves;
-* the bf16 and fp8 wire formats at EP=2 and EP=4: bytes per phase, error against EP=1.
+* the bf16 and fp8 wire formats at EP=2 and EP=4: bytes per phase, error against EP=1;
+* the fused (un)permutation kernels (``dcca_kernel=triton``; Triton's interpreter on CPU) at
+  EP=2 and TP=2 x EP=2, dropless and with a capacity factor: the same diffs against the
+  unfused EP=1 run, so the kernels' slot order holds across the all-to-all.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -140,8 +144,6 @@ def check_wire_formats(report, model, dev, x, g, ref_out, ref_grads, ref_xgrad) 
     """bf16 and fp8 on the wire at EP=2 and EP=4 (dropless): bytes per phase as the format
     says, outputs and gradients within the format's rounding of the exact EP=1 run, and EP=2
     and EP=4 computing the same outputs (every routed row is rounded once, wherever it goes)."""
-    import dataclasses
-
     rank = dist.get_rank()
     layer_type = model.moe.layer
     width = H if layer_type == "fine_grained" else int(RATIO * H)
@@ -163,6 +165,26 @@ def check_wire_formats(report, model, dev, x, g, ref_out, ref_grads, ref_xgrad) 
             report["wire"].setdefault(f"{layer_type}|{fmt}|ep{ep}", {})[f"rank{rank}"] = rec
 
 
+def diffs_to(reference, out, grads, xgrad, ep: int) -> dict:
+    """Max abs differences from the EP=1 run: outputs, input gradient, and each parameter's
+    gradient (experts: the EP=1 gradients summed over this EP group, sliced to the local
+    experts)."""
+    from megatron.core import parallel_state as ps
+
+    ref_out, ref_grads, ref_xgrad, expert_ref = reference
+    group = dist.get_process_group_ranks(ps.get_expert_model_parallel_group())
+    n_local = E // ep
+    lo = ps.get_expert_model_parallel_rank() * n_local
+    diffs = {"out": maxdiff(out, ref_out), "x_grad": maxdiff(xgrad, ref_xgrad)}
+    for n, t in grads.items():
+        if n in expert_ref:
+            want = sum(expert_ref[n][r] for r in group)[lo:lo + n_local]
+        else:
+            want = ref_grads[n]
+        diffs[f"grad:{n}"] = maxdiff(t, want)
+    return diffs
+
+
 def main(out_path: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -173,7 +195,8 @@ def main(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 4, "run with 4 processes"
     x, g = tokens(rank, "x"), tokens(rank, "g")
-    report: dict = {"layouts": {}, "bytes": {}, "capacity": {}, "aux_tp": {}, "wire": {}}
+    report: dict = {"layouts": {}, "bytes": {}, "capacity": {}, "aux_tp": {}, "wire": {},
+                    "fused": {}}
 
     for layer_type in ("fine_grained", "bigmac"):
         for capacity in (None, 1.2):
@@ -193,18 +216,18 @@ def main(out_path: str) -> None:
                 setup(dev, tp, ep)
                 layer = build(model, tp, ep, dev)
                 out, grads, xgrad, snap = run_layer(layer, x, g)
-                group = dist.get_process_group_ranks(ps.get_expert_model_parallel_group())
-                n_local = E // ep
-                lo = ps.get_expert_model_parallel_rank() * n_local
-                diffs = {"out": maxdiff(out, ref_out), "x_grad": maxdiff(xgrad, ref_xgrad)}
-                for n, t in grads.items():
-                    if n in expert_ref:
-                        want = sum(expert_ref[n][r] for r in group)[lo:lo + n_local]
-                    else:
-                        want = ref_grads[n]
-                    diffs[f"grad:{n}"] = maxdiff(t, want)
+                reference = (ref_out, ref_grads, ref_xgrad, expert_ref)
                 key = f"{layer_type}|cap={capacity}|tp{tp}_ep{ep}"
-                report["layouts"].setdefault(key, {})[f"rank{rank}"] = diffs
+                report["layouts"].setdefault(key, {})[f"rank{rank}"] = diffs_to(
+                    reference, out, grads, xgrad, ep)
+                if ep == 2:
+                    fused = dataclasses.replace(model, moe=dataclasses.replace(
+                        model.moe, dcca_kernel="triton"))
+                    fused_layer = build(fused, tp, ep, dev)
+                    f_out, f_grads, f_xgrad, _ = run_layer(fused_layer, x, g)
+                    report["fused"].setdefault(key, {})[f"rank{rank}"] = {
+                        "fused_kernels": fused_layer.fused_kernels,
+                        **diffs_to(reference, f_out, f_grads, f_xgrad, ep)}
                 if capacity is None and tp == 1:
                     width = H if layer_type == "fine_grained" else int(RATIO * H)
                     rows = sum(routed_rows(layer, x))

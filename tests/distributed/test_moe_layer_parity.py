@@ -110,3 +110,21 @@ def test_wire_formats_put_their_bytes_on_the_wire_and_round_only_that_much(layer
             for rank, rec in layer_report["bytes"][f"{layer}|ep{ep}"].items():
                 assert sum(wire[f"{layer}|bf16|ep{ep}"][rank]["phases"].values()) * 2 == (
                     rec["measured"])
+
+
+def test_fused_kernels_across_the_all_to_all_match_ep1(layer_report):
+    """``dcca_kernel=triton`` (kernels/dcca.py, Triton's interpreter on CPU) at EP=2 and
+    TP=2 x EP=2: the fused permutation / combine index the rows megatron's dispatcher sends
+    and gets back, so outputs and every gradient match the unfused EP=1 run."""
+    fused = layer_report["fused"]
+    assert set(fused) == {f"{t}|cap={c}|{l}" for t in ("fine_grained", "bigmac")
+                          for c, ls in (("None", ("tp1_ep2", "tp2_ep2")), ("1.2", ("tp1_ep2",)))
+                          for l in ls}
+    for key, ranks in fused.items():
+        assert len(ranks) == NPROC
+        for rank, diffs in ranks.items():
+            assert diffs.pop("fused_kernels") is True, (key, rank)
+            assert "grad:router.weight" in diffs
+            assert any(n.startswith("grad:experts.") for n in diffs)
+            for name, d in diffs.items():  # fp32; the kernels sum in another order
+                assert d < 1e-5, (key, rank, name, d)

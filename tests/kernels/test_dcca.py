@@ -1,5 +1,6 @@
-"""BigMac's fused DCCA dispatch / combine (kernels/dcca.py) against its pure-torch references
-and megatron's permutation, and the layer with the kernels against the layer without.
+"""The fused (un)permutation kernels (kernels/dcca.py: BigMac's DCCA dispatch / combine, and
+the fine-grained layer's gate-weighted combine) against their pure-torch references and
+megatron's permutation, and both MoE layers with the kernels against the layers without.
 
 On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
 so shapes are small; ragged ones (tokens not a multiple of the 32-token tile, widths not
@@ -51,7 +52,7 @@ def _case(T, h, rh, E, K, drop, dtype=torch.float32, seed=0):
     return dict(routing_map=routing_map, probs=probs, n_out=n_out, x=rand(T, h),
                 w_down=rand(rh, h, scale=h ** -0.5), y=rand(n_out, rh),
                 w_up=rand(h, rh, scale=rh ** -0.5), d_perm=rand(n_out, rh).detach(),
-                d_out=rand(T, h).detach())
+                d_out=rand(T, h).detach(), d_comb=rand(T, rh).detach())
 
 
 def _descend(fn, c, K):
@@ -66,6 +67,19 @@ def _combine(fn, c, K):
     extra = {"rows_covered": True} if fn is dcca.combine_ascend else {}
     out = fn(c["y"], slot_probs, dest, c["w_up"], **extra)
     return out, torch.autograd.grad(out, [c["y"], c["probs"], c["w_up"]], c["d_out"])
+
+
+def _combine_only(fn, c, K):
+    """The fine-grained layer's un-permutation: no projection (here at width r*h)."""
+    dest, slot_probs = dcca.expert_slots(c["routing_map"], c["probs"], K)
+    extra = {"rows_covered": True} if fn is dcca.combine else {}
+    out = fn(c["y"], slot_probs, dest, **extra)
+    return out, torch.autograd.grad(out, [c["y"], c["probs"]], c["d_comb"])
+
+
+OPS = [(_descend, dcca.descend_permute, dcca.descend_permute_reference, ["x", "w_down"]),
+       (_combine, dcca.combine_ascend, dcca.combine_ascend_reference, ["y", "probs", "w_up"]),
+       (_combine_only, dcca.combine, dcca.combine_reference, ["y", "probs"])]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
@@ -97,16 +111,12 @@ def test_fp32_forward_and_gradients_match_the_reference(shape):
     K = shape[4]
     c = _case(*shape, seed=sum(shape[:5]))
     tol = dict(rtol=1e-5, atol=1e-5)
-    out, grads = _descend(dcca.descend_permute, c, K)
-    ref, ref_grads = _descend(dcca.descend_permute_reference, c, K)
-    torch.testing.assert_close(out, ref, **tol)
-    for name, a, b in zip(["x", "w_down"], grads, ref_grads):
-        torch.testing.assert_close(a, b, **tol, msg=f"d{name}")
-    out, grads = _combine(dcca.combine_ascend, c, K)
-    ref, ref_grads = _combine(dcca.combine_ascend_reference, c, K)
-    torch.testing.assert_close(out, ref, **tol)
-    for name, a, b in zip(["y", "probs", "w_up"], grads, ref_grads):
-        torch.testing.assert_close(a, b, **tol, msg=f"d{name}")
+    for run, fn, ref_fn, names in OPS:
+        out, grads = run(fn, c, K)
+        ref, ref_grads = run(ref_fn, c, K)
+        torch.testing.assert_close(out, ref, **tol, msg=fn.__name__)
+        for name, a, b in zip(names, grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol, msg=f"{fn.__name__} d{name}")
 
 
 def test_descend_permute_equals_megatrons_projection_then_permute():
@@ -135,8 +145,7 @@ def test_half_precision_matches_the_fp32_reference(dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=ulps * eps,
                                    atol=ulps * eps * b.float().abs().max().item(), msg=msg)
 
-    for run, fn, ref_fn in ((_descend, dcca.descend_permute, dcca.descend_permute_reference),
-                            (_combine, dcca.combine_ascend, dcca.combine_ascend_reference)):
+    for run, fn, ref_fn, _ in OPS:
         out, grads = run(fn, c, K)
         ref32, grads32 = run(ref_fn, c32, K)
         ref, grads_ref = run(ref_fn, c, K)
@@ -194,7 +203,7 @@ def test_nan_reaches_the_output_rows_of_its_token():
 
 # --- the layer --------------------------------------------------------------------------------
 
-def _bigmac(dev, kernel: str, capacity):
+def _moe_layer(dev, kernel: str, capacity, kind: str = "bigmac"):
     from megatron.core.transformer.spec_utils import build_module
 
     from plt_train.config.megatron import to_transformer_config
@@ -204,7 +213,7 @@ def _bigmac(dev, kernel: str, capacity):
     from plt_train.runtime.device import megatron_device_kwargs
 
     model = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, seq_length=13,
-                        moe=MoEConfig(layer="bigmac", num_experts=8, top_k=2, ratio=0.5,
+                        moe=MoEConfig(layer=kind, num_experts=8, top_k=2, ratio=0.5,
                                       capacity_factor=capacity, aux_loss_coeff=0.01,
                                       dcca_kernel=kernel))
     tc = to_transformer_config(model, ParallelConfig(), torch.float32,
@@ -215,11 +224,24 @@ def _bigmac(dev, kernel: str, capacity):
     return layer
 
 
+@pytest.mark.parametrize("kind", ["bigmac", "fine_grained"])
 @pytest.mark.parametrize("capacity", [None, 1.0], ids=["dropless", "capacity1.0"])
-def test_bigmac_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity):
+def test_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity, kind, monkeypatch):
     """Same weights, tokens and upstream gradient: outputs, input and every parameter
-    gradient (router through the gate probabilities, projections, experts) agree."""
+    gradient (router through the gate probabilities, projections, experts) agree.  With the
+    kernels megatron's ``unpermute`` is never called (it raises here)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from plt_train.models.moe import layer as layer_module
+
+    unpermute = layer_module.unpermute
+    calls = []
+
+    def counted_unpermute(*args, **kwargs):
+        calls.append(1)
+        return unpermute(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "unpermute", counted_unpermute)
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     g = torch.Generator().manual_seed(9)
@@ -227,11 +249,13 @@ def test_bigmac_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity):
     d_out = torch.randn(13, 3, 48, generator=g).to(one_rank.device)
     results = {}
     for kernel in ("triton", "torch"):
-        layer = _bigmac(one_rank, kernel, capacity)
+        layer = _moe_layer(one_rank, kernel, capacity, kind)
         xi = x.clone().requires_grad_(True)
+        calls.clear()
         out, _ = layer(xi)
         out.backward(d_out)
-        assert layer._fused_dcca == (kernel == "triton")
+        assert layer.fused_kernels == (kernel == "triton")
+        assert len(calls) == (kernel == "torch")
         results[kernel] = (out.detach(), xi.grad,
                            {n: p.grad for n, p in layer.named_parameters()})
         if capacity is not None:
@@ -241,8 +265,8 @@ def test_bigmac_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity):
     (out, dx, grads), (out_ref, dx_ref, grads_ref) = results["triton"], results["torch"]
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
-    assert set(grads) == set(grads_ref) and {"linear_descend.weight", "linear_ascend.weight",
-                                              "router.weight"} <= set(grads)
+    projections = {"linear_descend.weight", "linear_ascend.weight"} if kind == "bigmac" else set()
+    assert set(grads) == set(grads_ref) and projections | {"router.weight"} <= set(grads)
     for name, grad in grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -251,9 +275,10 @@ def test_bigmac_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity):
 def test_auto_uses_the_unfused_path_without_cuda(one_rank):
     """``auto`` selects Triton only on CUDA; on CPU (even under the interpreter) the layer
     takes megatron's permute / unpermute."""
-    layer = _bigmac(one_rank, "auto", None)
-    layer(torch.randn(13, 3, 48))
-    assert layer._fused_dcca == torch.cuda.is_available()
+    for kind in ("bigmac", "fine_grained"):
+        layer = _moe_layer(one_rank, "auto", None, kind)
+        layer(torch.randn(13, 3, 48))
+        assert layer.fused_kernels == torch.cuda.is_available()
 
 
 def test_first_use_check_passes():

@@ -56,12 +56,11 @@ def mlp_spec(model: ModelConfig) -> ModuleSpec:
         shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     submodules = MoESubmodules(experts=experts_spec(model), shared_experts=shared, router=Router)
-    wire = {"wire_format": model.moe.wire_format}
+    params = {"wire_format": model.moe.wire_format, "dcca_kernel": model.moe.dcca_kernel}
     if layer == "fine_grained":
-        return ModuleSpec(module=FineGrainedMoE, submodules=submodules, params=wire)
+        return ModuleSpec(module=FineGrainedMoE, submodules=submodules, params=params)
     return ModuleSpec(module=BigMacMoE, submodules=submodules,
-                      params={"latent_size": expert_width(model),
-                              "dcca_kernel": model.moe.dcca_kernel, **wire})
+                      params={"latent_size": expert_width(model), **params})
 
 
 __all__ = ["experts_spec", "mlp_spec"]

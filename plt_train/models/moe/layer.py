@@ -19,10 +19,11 @@ sorting by local expert).  We replace only:
   1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
 * optionally, the number format on the wire (``model.moe.wire_format``: bf16, or fp8 dispatch
   as in DeepSeek-V3; ``wire.py``);
-* for BigMac with ``model.moe.dcca_kernel`` selecting Triton: the permutation and the
-  un-permutation, fused with the descend / ascend projections (``kernels/dcca.py``).  The
-  dispatcher's metadata (splits, tokens per expert, the sort by local expert after the
-  all-to-all) stays megatron's.
+* with ``model.moe.dcca_kernel`` selecting Triton (``kernels/dcca.py``): the
+  un-permutation, a gate-weighted gather-sum kernel instead of megatron's scaled copy +
+  ``scatter_add``; for BigMac also fused with the ascend projection, and the permutation
+  fused with the descend projection.  The dispatcher's metadata (splits, tokens per expert,
+  the sort by local expert after the all-to-all) stays megatron's.
 
 Capacity factor: megatron-core drops per SOURCE rank, before dispatch (capacity from the
 rank's own tokens), so the expert-parallel size does not change which tokens drop (checked in
@@ -170,6 +171,9 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     (``model.moe.wire_format``, ``wire.py``; set by the layer)."""
 
     wire_format = "native"
+    # (dest, slot_probs) of kernels/dcca.expert_slots while the fused kernels run this forward
+    # (set in the layer's preprocess, used by the combine), else None.
+    slots = None
 
     def token_dispatch(self, permuted_tokens, permuted_probs):
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
@@ -183,14 +187,28 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
                                   self.output_splits, "combine", self.wire_format)
 
     def combine_postprocess(self, permuted_tokens):
-        """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``."""
+        """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``,
+        by the gather-sum kernel when the fused kernels run, else megatron's ``unpermute``."""
+        if self.slots is not None:
+            from kernels.dcca import combine
+
+            (dest, slot_probs), self.slots = self.slots, None
+            output = combine(permuted_tokens, slot_probs, dest, rows_covered=True)
+            return output.view(self.hidden_shape)
         output = unpermute(
             permuted_tokens, self.reversed_local_input_permutation_mapping,
             restore_shape=self.hidden_shape_before_permute, probs=self.probs,
             routing_map=self.routing_map, fused=False, drop_and_pad=self.drop_and_pad)
         return output.view(self.hidden_shape)
 
-    # -- BigMac's fused DCCA (kernels/dcca.py) ---------------------------------------------
+    # -- the fused kernels (kernels/dcca.py) -------------------------------------------------
+    def remember_slots(self, routing_map, probs) -> None:
+        """Each token's rows in the permuted order and their gate probabilities, for the fused
+        combine; computed on the device from the routing map (no host sync)."""
+        from kernels.dcca import expert_slots
+
+        self.slots = expert_slots(routing_map, probs, self.config.moe_router_topk)
+
     def permutes_as_slots(self) -> bool:
         """Whether megatron's permutation here is one row per routed (token, expert) pair,
         at most top-k per token, which the fused DCCA ops assume: not with padding to
@@ -204,7 +222,7 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         the permutation: the same metadata steps, then ``descend_permute`` writes each latent
         token straight to its rows in expert order.  Returns (permuted latent, None): the
         probabilities stay at the source (``token_dispatch``)."""
-        from kernels.dcca import descend_permute, expert_slots
+        from kernels.dcca import descend_permute
 
         self.probs, self.routing_map = probs, routing_map
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
@@ -216,9 +234,8 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             "before_permutation_1", self.tokens_per_expert)
         # num_out_tokens: T * top_k dropless; with dropping, the routed-pair count, already on
         # the host after megatron's "before_permutation_1" sync (index_select would sync too).
-        self.dcca_dest, self.dcca_probs = expert_slots(routing_map, probs,
-                                                       self.config.moe_router_topk)
-        permuted = descend_permute(tokens, w_down, self.dcca_dest, int(self.num_out_tokens),
+        self.remember_slots(routing_map, probs)
+        permuted = descend_permute(tokens, w_down, self.slots[0], int(self.num_out_tokens),
                                    rows_covered=True)
         return permuted, None
 
@@ -227,23 +244,27 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         token's rows, then the ascend GEMM.  Returns [*, h]."""
         from kernels.dcca import combine_ascend
 
-        output = combine_ascend(permuted_tokens, self.dcca_probs, self.dcca_dest, w_up,
-                                rows_covered=True)
-        self.dcca_dest = self.dcca_probs = None
+        (dest, slot_probs), self.slots = self.slots, None
+        output = combine_ascend(permuted_tokens, slot_probs, dest, w_up, rows_covered=True)
         return output.view(*self.hidden_shape[:-1], w_up.shape[0])
 
 
 class FineGrainedMoE(MoELayer):
     """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring).
-    ``wire_format`` (``model.moe.wire_format``): the all-to-all's number format, ``wire.py``."""
+    ``wire_format`` (``model.moe.wire_format``): the all-to-all's number format, ``wire.py``.
+    ``dcca_kernel`` (``model.moe.dcca_kernel``): auto / triton / torch for the fused kernels of
+    ``kernels/dcca.py`` (``uses_fused_kernels``); same outputs and gradients either way."""
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None, wire_format: str = "native"):
+                 pg_collection=None, wire_format: str = "native", dcca_kernel: str = "auto"):
         patch_megatron_moe()
         if config.expert_tensor_parallel_size != 1:
             raise ValueError("our MoE layers need expert_tensor_parallel_size=1")
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"unknown wire_format {wire_format!r}: {WIRE_FORMATS}")
+        from kernels import KERNEL_CHOICES
+        if dcca_kernel not in KERNEL_CHOICES:
+            raise ValueError(f"unknown dcca_kernel {dcca_kernel!r}: {KERNEL_CHOICES}")
         pg_collection = pg_collection or moe_utils.get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
@@ -251,9 +272,35 @@ class FineGrainedMoE(MoELayer):
             self.num_local_experts, self.local_expert_indices, config=self.config,
             pg_collection=pg_collection)
         self.token_dispatcher.wire_format = wire_format
+        self.dcca_kernel = dcca_kernel
+        self.fused_kernels = False  # chosen per forward in preprocess, used by postprocess
         from plt_train.training.extra_metrics import register_step_metrics
         register_step_metrics("moe_a2a", reset=COUNTER.reset, collect=a2a_step_metrics)
         register_step_metrics("moe_aux", reset=reset_aux_losses, collect=aux_loss_step_metrics)
+
+    def uses_fused_kernels(self, hidden_states) -> bool:
+        """``model.moe.dcca_kernel`` for this call: the fused ops (kernels/dcca.py) when
+        Triton is selected for the device and the dispatcher permutes one row per routed pair;
+        otherwise megatron's permute / unpermute.  Checked before anything imports Triton,
+        which CPU installs may lack."""
+        from kernels import use_triton, verified
+
+        device = hidden_states.device
+        if not (self.token_dispatcher.permutes_as_slots()
+                and use_triton(self.dcca_kernel, device)):
+            return False
+        if self.dcca_kernel == "triton":
+            return True
+        from kernels import dcca  # auto: once per process, a check against the reference
+        return verified("dcca", device, dcca.self_check)
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        self.fused_kernels = self.uses_fused_kernels(hidden_states)
+        self.token_dispatcher.slots = None
+        permuted = self.token_dispatcher.dispatch_preprocess(hidden_states, routing_map, probs)
+        if self.fused_kernels:  # megatron's permute (a plain gather); the combine is fused
+            self.token_dispatcher.remember_slots(routing_map, probs)
+        return permuted
 
 
 class _Projection(torch.nn.Module):
@@ -278,54 +325,35 @@ class BigMacMoE(FineGrainedMoE):
     ``linear_descend`` (h -> r*h) and ``linear_ascend`` (r*h -> h) are ONE projection each per
     layer, shared by all experts.  Initialised like megatron-core's latent-MoE projections:
     normal(0, std), the ascend (an output of the residual branch) scaled by 1/sqrt(2L).
-    ``dcca_kernel`` (``model.moe.dcca_kernel``): auto / triton / torch for the fused descend +
-    permute and gather-sum + ascend (``uses_fused_dcca``); same outputs and gradients either way.
+    With the fused kernels (``uses_fused_kernels``) the descend projection is fused with the
+    permutation and the gate-weighted combine with the ascend projection.
     """
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
                  pg_collection=None, latent_size: int = 0, dcca_kernel: str = "auto",
                  wire_format: str = "native"):
-        super().__init__(config, submodules, layer_number, pg_collection, wire_format)
+        super().__init__(config, submodules, layer_number, pg_collection, wire_format,
+                         dcca_kernel)
         if latent_size <= 0:
             raise ValueError("BigMacMoE needs latent_size = r * hidden_size > 0")
-        from kernels import KERNEL_CHOICES
-        if dcca_kernel not in KERNEL_CHOICES:
-            raise ValueError(f"unknown dcca_kernel {dcca_kernel!r}: {KERNEL_CHOICES}")
         self.latent_size = latent_size
-        self.dcca_kernel = dcca_kernel
-        self._fused_dcca = False  # chosen per forward in preprocess, used by its postprocess
         self.linear_descend = _Projection(config, config.hidden_size, latent_size,
                                           config.init_method)
         self.linear_ascend = _Projection(config, latent_size, config.hidden_size,
                                          config.output_layer_init_method)
 
-    def uses_fused_dcca(self, hidden_states) -> bool:
-        """``model.moe.dcca_kernel`` for this call: the fused ops (kernels/dcca.py) when
-        Triton is selected for the device and the dispatcher permutes one row per routed pair;
-        otherwise megatron's permute / unpermute around the two projections.  Checked before
-        anything imports Triton, which CPU installs may lack."""
-        from kernels import use_triton, verified
-
-        device = hidden_states.device
-        if not (self.token_dispatcher.permutes_as_slots()
-                and use_triton(self.dcca_kernel, device)):
-            return False
-        if self.dcca_kernel == "triton":
-            return True
-        from kernels import dcca  # auto: once per process, a check against the reference
-        return verified("dcca", device, dcca.self_check)
-
     def preprocess(self, hidden_states, probs, routing_map):
         # The router already saw the full-width x.
-        self._fused_dcca = self.uses_fused_dcca(hidden_states)
-        if self._fused_dcca:
+        self.fused_kernels = self.uses_fused_kernels(hidden_states)
+        self.token_dispatcher.slots = None
+        if self.fused_kernels:
             return self.token_dispatcher.descend_dispatch_preprocess(
                 hidden_states, routing_map, probs, self.linear_descend.weight)
         latent = self.linear_descend(hidden_states)
         return self.token_dispatcher.dispatch_preprocess(latent, routing_map, probs)
 
     def postprocess(self, output, shared_expert_output):
-        if self._fused_dcca:
+        if self.fused_kernels:
             output = self.token_dispatcher.combine_ascend_postprocess(
                 output, self.linear_ascend.weight)
         else:
