@@ -7,7 +7,10 @@ reproduce:
 - ``plt_decode``: one decode step's attention for all R loop-rows of a PLT layer in one launch,
   reading loop 1's full cache and the later loops' rolling windows.
 - ``dcca``: BigMac's descend projection fused with the permutation into expert order, and the
-  gate-weighted un-permute fused with the combine before the ascend projection.
+  gate-weighted un-permute fused with the combine before the ascend projection (alone, the
+  fine-grained layer's un-permute).
+- ``offline``: not a kernel: compiles the launches for sm_90 on a machine without a GPU and
+  reads registers, spills and shared memory from ``ptxas`` (``scripts/kernel_resources.py``).
 
 Selection (``model.loop.kernel``, ``model.moe.dcca_kernel``): ``auto`` uses Triton on CUDA
 when it imports and the pure-torch path otherwise; ``triton`` insists (on CPU it runs only
@@ -69,6 +72,16 @@ def use_triton(choice: str, device) -> bool:
             raise RuntimeError(f"kernel=triton but {why}")
         return True
     return why is None and getattr(device, "type", str(device)).startswith("cuda")
+
+
+# Set by kernels.offline.compiling_for_hopper while CPU tensors stand in for CUDA ones.
+_COMPILE_TARGET: str | None = None
+
+
+def gpu_tiles(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` takes the GPU tile sizes: on CUDA, or compiled for a GPU from
+    CPU tensors (kernels/offline.py); else the interpreter's small tiles."""
+    return t.is_cuda or _COMPILE_TARGET is not None
 
 
 _VERIFIED: dict = {}

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import interpreting, max_rel_err, self_check_precision, triton_unusable_reason
+from kernels import (gpu_tiles, interpreting, max_rel_err, self_check_precision,
+                     triton_unusable_reason)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -277,7 +278,7 @@ def _combine_backward_kernel(Y, DC, P, DEST, DY, DP, T, N, syt, sct, sdt,
 def _gemm_blocks(x: torch.Tensor) -> dict:
     """Tile sizes.  The interpreter runs small tiles (fewer numpy ops per test); on GPU the
     Triton matmul tutorial's Hopper-friendly choices (fp32 runs IEEE dots: smaller tiles)."""
-    if not x.is_cuda:
+    if not gpu_tiles(x):
         return dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=2, num_warps=1, num_stages=1)
     if x.dtype == torch.float32:
         return dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=4, num_stages=3)
@@ -286,8 +287,9 @@ def _gemm_blocks(x: torch.Tensor) -> dict:
 
 def _row_blocks(t: torch.Tensor, width: int) -> tuple:
     """(BLOCK_T, BLOCK_N, num_warps) of the memory-bound gather kernels."""
-    block_n = min(triton.next_power_of_2(max(width, 16)), 128 if t.is_cuda else 64)
-    return (32 if t.is_cuda else 16), block_n, (4 if t.is_cuda else 1)
+    gpu = gpu_tiles(t)
+    block_n = min(triton.next_power_of_2(max(width, 16)), 128 if gpu else 64)
+    return (32 if gpu else 16), block_n, (4 if gpu else 1)
 
 
 def _precision(dtype) -> str:

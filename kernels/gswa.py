@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import max_rel_err, self_check_precision, use_triton, verified
+from kernels import gpu_tiles, max_rel_err, self_check_precision, use_triton, verified
 
 LOG2E = 1.4426950408889634
 
@@ -320,13 +320,22 @@ def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), "bwd" = (BLOCK, num_warps, num_stages).  Empty in
 # normal runs: _blocks' choice.
 TILE_OVERRIDE: dict = {}
+# The GPU tilings that sweep times.  Forward tiles need BLOCK_M % BLOCK_N == 0.  Left out after
+# scripts/kernel_resources.py (ptxas for sm_90a at the issue's shape, 2026-11-27): tilings that
+# spill over 1 KB of registers per thread (forward 128x64 and 128x32 with 4 warps, 256x64;
+# backward 64 with 4 warps and 3 stages, 128-blocks) and 128x128 (192 B spills, 224 KB of
+# the 227 KB shared memory).
+SWEEP_FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
+                   (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3)]
+SWEEP_BWD_TILES = [(64, 8, 2), (64, 8, 3), (64, 8, 1), (32, 4, 2), (32, 4, 3), (32, 8, 2),
+                   (32, 4, 1)]
 
 
 def _blocks(q: torch.Tensor) -> dict:
     """Tile sizes.  The interpreter runs small tiles (tests use short ragged sequences);
     on GPU the Triton flash-attention tutorial's Hopper choices for head dim <= 128."""
     d = triton.next_power_of_2(max(q.shape[-1], 16))
-    if not q.is_cuda:
+    if not gpu_tiles(q):
         tiles = dict(fwd=(16, 16, 1, 1), bwd=(16, 1, 1))
     elif d <= 64:
         tiles = dict(fwd=(128, 64, 4, 3), bwd=(64, 4, 3))
@@ -378,7 +387,7 @@ class _GSWA(torch.autograd.Function):
         cfg = _blocks(q)
         delta_g, delta_l, dgate = (torch.empty_like(g) for _ in range(3))
         rows = g.numel()
-        block_r = 16 if not q.is_cuda else 32
+        block_r = 32 if gpu_tiles(q) else 16
         _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
             dy, y, diff, g, delta_g, delta_l, dgate, rows, D, BLOCK_R=block_r,
             BLOCK_D=cfg["BLOCK_D"])

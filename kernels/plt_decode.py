@@ -93,8 +93,9 @@ def plt_decode_attention(q, k_full, v_full, key_valid, scale: float, k_win=None,
     decoded; keys after it are skipped (the caller guarantees they are invalid).
 
     ``splits``: programs per (sequence, KV head) over the full cache (default: enough to
-    fill the GPU, ``default_splits``).  ``block_n`` / ``num_warps``: untuned (ptxas for
-    sm_90, d=128, 4 warps: 255 registers, no spills; 8 warps: 198)."""
+    fill the GPU, ``default_splits``).  ``block_n`` / ``num_warps``: untuned (sm_90, d=128,
+    4 warps, as the JIT specialises it: 128 registers, at most 4 bytes of spills, 70 KB of
+    shared memory, 3 blocks per SM; ``scripts/kernel_resources.py``)."""
     B, nk, S, d = k_full.shape
     rows, nq = q.shape[1], q.shape[2]
     loops, group = rows // B, nq // nk

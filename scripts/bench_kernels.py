@@ -359,11 +359,6 @@ def section_decode(args, device, dtype) -> list:
 
 
 # -- G-SWA tile sweep ---------------------------------------------------------------------------
-# Forward tiles need BLOCK_M % BLOCK_N == 0 (kernels/gswa.py).
-FWD_TILES = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-             (64, 64, 4, 3), (64, 32, 4, 2), (256, 64, 8, 3), (128, 64, 8, 4)]
-BWD_TILES = [(64, 8, 2), (64, 4, 3), (64, 8, 3), (32, 4, 2), (128, 8, 2), (128, 8, 1),
-             (32, 4, 3)]
 SMALL_FWD_TILES = [(16, 16, 1, 1), (32, 16, 1, 1), (32, 32, 1, 1)]
 SMALL_BWD_TILES = [(16, 1, 1), (32, 1, 1)]
 
@@ -389,8 +384,8 @@ def section_gswa_tiles(args, device, dtype) -> list:
     y0, grads0 = run()
     default = gswa._blocks(ins[0])
     records = []
-    sweeps = (("fwd", SMALL_FWD_TILES if args.small else FWD_TILES),
-              ("bwd", SMALL_BWD_TILES if args.small else BWD_TILES))
+    sweeps = (("fwd", SMALL_FWD_TILES if args.small else gswa.SWEEP_FWD_TILES),
+              ("bwd", SMALL_BWD_TILES if args.small else gswa.SWEEP_BWD_TILES))
     for kind, tiles in sweeps:
         rows = []
         for tile in tiles:
@@ -429,6 +424,31 @@ DEFAULT_SECTIONS = ("gswa", "dcca", "decode")
 
 
 # -- report -----------------------------------------------------------------------------------
+def compiled_resources() -> list:
+    """Registers, spills and shared memory of every kernel this process compiled, as the
+    driver reports them: the check of scripts/kernel_resources.py's static numbers.  Reads
+    Triton internals (the JIT's kernel cache), so any failure only leaves the list short."""
+    rows = []
+    try:
+        from triton.runtime.jit import JITFunction
+
+        from kernels import dcca, gswa, plt_decode
+        for module in (gswa, dcca, plt_decode):
+            for fn in vars(module).values():
+                if not isinstance(fn, JITFunction):
+                    continue
+                for caches in fn.device_caches.values():
+                    for kernel in caches[0].values():
+                        meta = kernel.metadata
+                        rows.append(dict(kernel=fn.__name__, num_warps=meta.num_warps,
+                                         num_stages=meta.num_stages, shared_memory=meta.shared,
+                                         registers=getattr(kernel, "n_regs", None),
+                                         spills=getattr(kernel, "n_spills", None)))
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        log(f"compiled_resources: {type(exc).__name__}: {exc}")
+    return rows
+
+
 def print_table(records: list) -> None:
     rows = [r for r in records if "ms" in r or "max_rel_err" in r]
     width = max([22] + [len(r["variant"]) for r in rows])
@@ -502,6 +522,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kernels.json").write_text(json.dumps(records, indent=1))
+    if device.type == "cuda":
+        compiled = compiled_resources()
+        (out / "compiled_resources.json").write_text(json.dumps(compiled, indent=1))
+        log(f"{len(compiled)} compiled kernels' registers/spills in compiled_resources.json")
     plot(records, out / "bench_kernels.png")
     print_table(records)
     failed = [r for r in records if r.get("ok") is False]

@@ -5,8 +5,10 @@
 #     and the generator tests, whose CUDA-graph capture tests skip on CPU; the MoE wire
 #     formats' casts (fp8/bf16 all-to-all payloads) on CUDA.
 #  2. scripts/bench_kernels.py at the issue's shapes, bf16: full-size checks, then G-SWA vs
-#     SDPA/Flex, DCCA vs megatron's permute/unpermute, the BigMac layer vs its expert GEMMs,
-#     the decode attention launch vs the reference.
+#     SDPA/Flex, DCCA vs megatron's permute/unpermute, the BigMac and fine-grained layers vs
+#     the expert GEMMs, the decode attention launch vs the reference; and every compiled
+#     kernel's registers/spills from the driver (compiled_resources.json), to set against
+#     docs/results/kernel_resources_sm90.json (found on CPU).
 #  3. scripts/bench_decode.py at the PLT issue's shape (16 layers, d=2048, prompt 1024),
 #     eager vs CUDA graph, decode attention torch vs triton: the end-to-end re-run.
 source "$(dirname "$0")/env.sh"
