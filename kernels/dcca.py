@@ -153,7 +153,6 @@ def check_error(device, dtype, T: int, h: int, rh: int, E: int, K: int) -> float
                                ((h, rh), rh ** -0.5))]
     dz = torch.randn(n_out, rh, generator=g, device=device).to(dtype)
     dout = torch.randn(T, h, generator=g, device=device).to(dtype)
-
     dcomb = torch.randn(T, rh, generator=g, device=device).to(dtype)
 
     def run(fns, inputs, p):
@@ -384,5 +383,4 @@ class _Combine(torch.autograd.Function):
 
 
 __all__ = ["combine", "combine_ascend", "combine_ascend_reference", "combine_reference",
-           "descend_permute",
-           "descend_permute_reference", "expert_slots"]
+           "descend_permute", "descend_permute_reference", "expert_slots"]
