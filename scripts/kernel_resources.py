@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,9 +108,13 @@ def collect(gswa_tiles: bool) -> list:
         launches += [("gswa_tiles", f"bwd {t}", lambda t=t: launch_gswa({"bwd": t}))
                      for t in gswa.SWEEP_BWD_TILES[1:]]
     rows, seen = [], set()
-    for family, tiling, launch in launches:
+    for i, (family, tiling, launch) in enumerate(launches, 1):
+        t0 = time.time()
         with compiling_for_hopper() as builds:
             launch()
+        print(f"[kernel_resources] {i}/{len(launches)} {family} {tiling or 'default tiles'}: "
+              f"{len(builds)} launches compiled in {time.time() - t0:.1f} s", file=sys.stderr,
+              flush=True)
         for b in builds:
             key = (b.kernel, json.dumps(b.constants, sort_keys=True, default=str), b.num_warps,
                    b.num_stages)

@@ -59,3 +59,20 @@ def test_every_kernel_compiles_for_hopper_and_fits(tmp_path):
     assert {r["constants"]["SPLITS"] for r in rows if r["kernel"] == "_plt_decode_kernel"} \
         == {1, 2, 16}
     assert "blocks/SM" in proc.stdout  # the table
+
+
+def test_occupancy_bound_counts_registers_threads_and_shared_memory():
+    """``Build.blocks_per_sm``: registers go to warps in units of 8 per thread, 64K per SM;
+    2048 threads; 228 KB of shared memory with 1 KB reserved per block."""
+    from kernels.offline import Build
+
+    def build(regs, warps, smem_kb):
+        return Build("k", {}, warps, 3, regs, 0, 0, int(smem_kb * 1024))
+
+    assert build(255, 8, 128).blocks_per_sm == 1  # 256 x 32 x 8 = all 64K registers
+    assert build(128, 4, 0).blocks_per_sm == 4  # registers bound
+    assert build(128, 4, 70).blocks_per_sm == 3  # shared memory bound: 228 // 71
+    assert build(32, 4, 0).blocks_per_sm == 16  # threads bound: 2048 // 128
+    assert build(121, 8, 0).blocks_per_sm == 2  # 121 rounds up to 128
+    assert build(16, 1, 0).blocks_per_sm == 32  # the hardware's block limit
+    assert not build(64, 4, 228).fits and build(64, 4, 227).fits
