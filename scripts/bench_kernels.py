@@ -452,7 +452,8 @@ def compiled_resources() -> list:
 def print_table(records: list) -> None:
     rows = [r for r in records if "ms" in r or "max_rel_err" in r]
     width = max([22] + [len(r["variant"]) for r in rows])
-    print(f"{'section':10} {'variant':{width}} {'ms':>9} {'x baseline':>10} {'max rel err':>12}  ok")
+    print(f"{'section':10} {'variant':{width}} {'ms':>9} {'x baseline':>10} "
+          f"{'max rel err':>12}  ok")
     for r in rows:
         ms = f"{r['ms']:9.3f}" if "ms" in r else " " * 9
         ratio = f"{r['vs_baseline']:10.2f}" if "vs_baseline" in r else " " * 10
