@@ -127,7 +127,8 @@ def collect(gswa_tiles: bool) -> list:
 
 
 def describe(constants: dict) -> str:
-    """The tile / flag constants, shortest first (the JIT's constant-1 ints left out)."""
+    """The tile / flag constants (upper-case names; the JIT's constant-1 ints and the dot
+    precision left out)."""
     keep = {k: v for k, v in constants.items() if k.isupper() and k not in ("PREC",)}
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in keep.items())
 

@@ -21,7 +21,8 @@ import torch
 
 from tests.conftest import REPO
 
-# (kernel, the constant that tells its compilations apart) -> compilations expected
+# kernel -> its distinct compilations (G-SWA dK/dV: LOCAL; gather-sum: WEIGHTED; decode:
+# LOOPS x SPLITS)
 EXPECTED = {"_gswa_fwd": 1, "_gswa_bwd_pre": 1, "_gswa_bwd_dq": 1, "_gswa_bwd_dkdv": 2,
             "_descend_permute_kernel": 1, "_gather_sum_kernel": 2,
             "_combine_backward_kernel": 1, "_plt_decode_kernel": 6}

@@ -229,7 +229,7 @@ def _moe_layer(dev, kernel: str, capacity, kind: str = "bigmac"):
 def test_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity, kind, monkeypatch):
     """Same weights, tokens and upstream gradient: outputs, input and every parameter
     gradient (router through the gate probabilities, projections, experts) agree.  With the
-    kernels megatron's ``unpermute`` is never called (it raises here)."""
+    kernels megatron's ``unpermute`` is never called (counted here), without them once."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from plt_train.models.moe import layer as layer_module
