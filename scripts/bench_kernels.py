@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -506,12 +507,6 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
     args.iters = args.iters if args.iters is not None else (2 if args.small else 20)
 
-    records = []
-    for name in args.only.split(","):
-        t0 = time.time()
-        log(f"section {name} ...")
-        records += SECTIONS[name](args, device, dtype)
-        log(f"section {name} done in {time.time() - t0:.1f} s")
     stamp = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""),
                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     try:
@@ -519,10 +514,22 @@ def main(argv=None) -> int:
         stamp["triton"] = triton.__version__
     except ImportError:
         pass
-    records = [{**r, **stamp} for r in records]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_kernels.json").write_text(json.dumps(records, indent=1))
+    records = []
+    for name in args.only.split(","):
+        t0 = time.time()
+        log(f"section {name} ...")
+        try:
+            records += [{**r, **stamp} for r in SECTIONS[name](args, device, dtype)]
+        except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the rest
+            # Recorded as a failed check, so --strict fails and the table shows it.
+            traceback.print_exc()
+            records.append(dict(section=name, variant="error", ok=False, max_rel_err=float("nan"),
+                                error=f"{type(exc).__name__}: {str(exc)[:300]}", **stamp))
+        log(f"section {name} done in {time.time() - t0:.1f} s")
+        # Written after every section: a GPU lease that ends mid-run still leaves the rest.
+        (out / "bench_kernels.json").write_text(json.dumps(records, indent=1))
     if device.type == "cuda":
         compiled = compiled_resources()
         (out / "compiled_resources.json").write_text(json.dumps(compiled, indent=1))
