@@ -58,9 +58,29 @@ def _self_check(device) -> bool:
     return max_rel_err(got, want) < tol
 
 
-def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int):
-    """q [s, b, nq, d], k*/v* [s, b, nk, d], gate [s, b, nq(, 1)] -> y [s, b, nq, d]."""
-    return _GSWA.apply(q, k_shared, v_shared, k, v, gate, scale, window)
+# Where loop 1's causal branch runs by default: see gswa_attention.
+GLOBAL_BRANCHES = ("sdpa", "triton")
+GLOBAL_BRANCH = "sdpa"
+
+
+def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
+                   global_branch: str | None = None):
+    """q [s, b, nq, d], k*/v* [s, b, nk, d], gate [s, b, nq(, 1)] -> y [s, b, nq, d].
+
+    ``global_branch`` (default ``GLOBAL_BRANCH``): ``sdpa`` runs loop 1's causal branch through
+    torch's SDPA (FlashAttention / cuDNN) and only the window branch, the gate mix and their
+    backward in Triton; ``triton`` runs both branches in the one Triton kernel.  The branches
+    have separate softmaxes, so splitting them costs only re-reading ``y_global``; and on an
+    H200 (2026-11-27, docs/benchmarks.md) our Triton causal attention ran at about half of
+    SDPA's forward speed and a quarter of its backward's, so ``sdpa`` is the default."""
+    mode = global_branch or GLOBAL_BRANCH
+    if mode == "sdpa":
+        from plt_train.models.plt import ops
+        y_global = ops.causal_attention(q, k_shared, v_shared, scale)
+        return _GSWA.apply(q, None, None, k, v, gate, y_global, scale, window)
+    if mode == "triton":
+        return _GSWA.apply(q, k_shared, v_shared, k, v, gate, None, scale, window)
+    raise ValueError(f"global_branch must be one of {GLOBAL_BRANCHES}, not {mode!r}")
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -94,12 +114,13 @@ def _fwd_branch(acc, m_i, l_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, lo
 
 
 @triton.jit
-def _gswa_fwd(Q, K1, V1, K, V, G, Y, DIFF, LSE_G, LSE_L,
+def _gswa_fwd(Q, K1, V1, K, V, G, YG, Y, DIFF, LSE_G, LSE_L,
               sqs, sqb, sqh, sqd, sk1s, sk1b, sk1h, sk1d, sv1s, sv1b, sv1h, sv1d,
-              sks, skb, skh, skd, svs, svb, svh, svd,
+              sks, skb, skh, skd, svs, svb, svh, svd, sygs, sygb, sygh, sygd,
               S, B, HQ, GROUP, D, window, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr):
+              GLOBAL: tl.constexpr, PREC: tl.constexpr):
+    """GLOBAL: both branches here; else loop 1's branch ``YG`` comes in (from SDPA)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // GROUP
@@ -111,18 +132,27 @@ def _gswa_fwd(Q, K1, V1, K, V, G, Y, DIFF, LSE_G, LSE_L,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     hi = tl.minimum(m0 + BLOCK_M, S)
 
-    # global branch: causal over loop 1's K/V; blocks left of the diagonal need no mask
-    acc_g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_g = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k1 = K1 + b * sk1b + hk * sk1h
-    v1 = V1 + b * sv1b + hk * sv1h
-    acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
-                                  0, m0, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
-                                  False, False, PREC)
-    acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
-                                  m0, hi, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
-                                  True, False, PREC)
+    row = (offs_m * B + b) * HQ + h  # [s, b, heads] fp32 side tensors
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    if GLOBAL:
+        # global branch: causal over loop 1's K/V; blocks left of the diagonal need no mask
+        acc_g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_g = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+        k1 = K1 + b * sk1b + hk * sk1h
+        v1 = V1 + b * sv1b + hk * sv1h
+        acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
+                                      0, m0, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
+                                      False, False, PREC)
+        acc_g, m_g, l_g = _fwd_branch(acc_g, m_g, l_g, q, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m,
+                                      m0, hi, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
+                                      True, False, PREC)
+        l_g = tl.where(row_ok, l_g, 1.0)
+        y_g = acc_g / l_g[:, None]
+        tl.store(LSE_G + row, m_g + tl.log2(l_g), mask=row_ok)
+    else:
+        y_g = tl.load(YG + b * sygb + h * sygh + offs_m[:, None] * sygs
+                      + offs_d[None, :] * sygd, mask=mask, other=0.0).to(tl.float32)
     # local branch: the loop's own K/V in the window (i - w, i]
     acc_l = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_l = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -133,27 +163,23 @@ def _gswa_fwd(Q, K1, V1, K, V, G, Y, DIFF, LSE_G, LSE_L,
                                   lo, hi, S, window, qk_scale, D, BLOCK_N, BLOCK_D,
                                   True, True, PREC)
 
-    l_g = tl.where(row_ok, l_g, 1.0)
     l_l = tl.where(row_ok, l_l, 1.0)
-    y_g = acc_g / l_g[:, None]
     y_l = acc_l / l_l[:, None]
-    row = (offs_m * B + b) * HQ + h  # [s, b, heads] fp32 side tensors
     g = tl.load(G + row, mask=row_ok, other=0.0)
     y = g[:, None] * y_g + (1.0 - g[:, None]) * y_l
     out = (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :]
-    mask = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(DIFF + out, (y_g - y_l).to(DIFF.dtype.element_ty), mask=mask)
-    tl.store(LSE_G + row, m_g + tl.log2(l_g), mask=row_ok)
     tl.store(LSE_L + row, m_l + tl.log2(l_l), mask=row_ok)
 
 
 @triton.jit
-def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, ROWS, D,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DYG: tl.constexpr):
     """Per (position, batch, head) row: ``dgate = <dy, diff>``, and each branch's ``delta =
     <dO_branch, y_branch>`` with ``dO_global = g dy``, ``y_global = y + (1 - g) diff``,
-    ``dO_local = (1 - g) dy``, ``y_local = y - g diff``.  One read of dy, y and diff."""
+    ``dO_local = (1 - g) dy``, ``y_local = y - g diff``.  One read of dy, y and diff.
+    WRITE_DYG: also ``dO_global`` itself, for SDPA's backward when it ran loop 1's branch."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < ROWS) & (cols[None, :] < D)
@@ -162,6 +188,8 @@ def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, ROWS, D,
     dy_y = tl.sum(dy * tl.load(Y + at, mask=mask, other=0.0).to(tl.float32), 1)
     dgate = tl.sum(dy * tl.load(DIFF + at, mask=mask, other=0.0).to(tl.float32), 1)
     g = tl.load(G + rows, mask=rows < ROWS, other=0.0)
+    if WRITE_DYG:
+        tl.store(DYG + at, (dy * g[:, None]).to(DYG.dtype.element_ty), mask=mask)
     tl.store(DELTA_G + rows, g * (dy_y + (1.0 - g) * dgate), mask=rows < ROWS)
     tl.store(DELTA_L + rows, (1.0 - g) * (dy_y - g * dgate), mask=rows < ROWS)
     tl.store(DGATE + rows, dgate, mask=rows < ROWS)
@@ -276,7 +304,8 @@ def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
                  sqs, sqb, sqh, sqd, sk1s, sk1b, sk1h, sk1d, sv1s, sv1b, sv1h, sv1d,
                  sks, skb, skh, skd, svs, svb, svh, svd,
                  S, B, HQ, GROUP, D, window, qk_scale, sm_scale,
-                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
+                 PREC: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // GROUP
@@ -294,15 +323,16 @@ def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
     hi = tl.minimum(m0 + BLOCK, S)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
 
-    do = (dy * g[:, None]).to(q.dtype)
-    lse = tl.load(LSE_G + row, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA_G + row, mask=row_ok, other=0.0)
-    k1 = K1 + b * sk1b + hk * sk1h
-    v1 = V1 + b * sv1b + hk * sv1h
-    dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, 0, m0, S,
-                    window, qk_scale, D, BLOCK, BLOCK_D, False, False, PREC)
-    dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, m0, hi, S,
-                    window, qk_scale, D, BLOCK, BLOCK_D, True, False, PREC)
+    if GLOBAL:  # else SDPA's backward adds loop 1's branch to dq
+        do = (dy * g[:, None]).to(q.dtype)
+        lse = tl.load(LSE_G + row, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA_G + row, mask=row_ok, other=0.0)
+        k1 = K1 + b * sk1b + hk * sk1h
+        v1 = V1 + b * sv1b + hk * sv1h
+        dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, 0, m0,
+                        S, window, qk_scale, D, BLOCK, BLOCK_D, False, False, PREC)
+        dq = _dq_branch(dq, q, do, lse, delta, k1, v1, sk1s, sk1d, sv1s, sv1d, offs_m, m0, hi,
+                        S, window, qk_scale, D, BLOCK, BLOCK_D, True, False, PREC)
 
     do = (dy * (1.0 - g[:, None])).to(q.dtype)
     lse = tl.load(LSE_L + row, mask=row_ok, other=0.0)
@@ -351,31 +381,39 @@ def _strides(t):
 
 
 class _GSWA(torch.autograd.Function):
+    """``y_global`` None: loop 1's branch is computed here from k1, v1 (``triton``); else it
+    came from SDPA (``sdpa``: k1, v1 are None here) and its gradient ``g * dy`` goes back."""
+
     @staticmethod
-    def forward(ctx, q, k1, v1, k, v, gate, scale, window):
+    def forward(ctx, q, k1, v1, k, v, gate, y_global, scale, window):
         S, B, HQ, D = q.shape
         HK = k.shape[2]
-        if HQ % HK or k1.shape[2] != HK:
+        fused_global = y_global is None
+        if HQ % HK or (fused_global and k1.shape[2] != HK):
             raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
         g = gate.reshape(S, B, HQ).float().contiguous()
         y = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
         diff = torch.empty_like(y)
-        lse_g = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
-        lse_l = torch.empty_like(lse_g)
+        lse_l = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
+        lse_g = torch.empty_like(lse_l) if fused_global else lse_l  # unused without GLOBAL
+        k1_, v1_ = (k1, v1) if fused_global else (k, v)  # placeholders without GLOBAL
+        yg_ = y if fused_global else y_global
         cfg = _blocks(q)
         bm, bn, warps, stages = cfg["fwd"]
         if bm % bn:  # the unmasked causal blocks [0, m0) are stepped by BLOCK_N
             raise ValueError(f"G-SWA forward tiles need BLOCK_M % BLOCK_N == 0, got {bm}, {bn}")
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         grid = (triton.cdiv(S, bm), B * HQ)
-        _gswa_fwd[grid](q, k1, v1, k, v, g, y, diff, lse_g, lse_l,
-                        *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
+        _gswa_fwd[grid](q, k1_, v1_, k, v, g, yg_, y, diff, lse_g, lse_l,
+                        *_strides(q), *_strides(k1_), *_strides(v1_), *_strides(k),
+                        *_strides(v), *_strides(yg_),
                         S, B, HQ, HQ // HK, D, window, scale * LOG2E,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], PREC=prec,
-                        num_warps=warps, num_stages=stages)
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], GLOBAL=fused_global,
+                        PREC=prec, num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k1, v1, k, v, g, y, diff, lse_g, lse_l)
         ctx.scale, ctx.window, ctx.gate_shape, ctx.gate_dtype = scale, window, gate.shape, \
             gate.dtype
+        ctx.fused_global = fused_global
         return y
 
     @staticmethod
@@ -383,14 +421,16 @@ class _GSWA(torch.autograd.Function):
         q, k1, v1, k, v, g, y, diff, lse_g, lse_l = ctx.saved_tensors
         S, B, HQ, D = q.shape
         HK = k.shape[2]
+        fused_global = ctx.fused_global
         dy = dy.contiguous()
         cfg = _blocks(q)
         delta_g, delta_l, dgate = (torch.empty_like(g) for _ in range(3))
+        dy_global = dy if fused_global else torch.empty_like(dy)
         rows = g.numel()
         block_r = 32 if gpu_tiles(q) else 16
         _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
-            dy, y, diff, g, delta_g, delta_l, dgate, rows, D, BLOCK_R=block_r,
-            BLOCK_D=cfg["BLOCK_D"])
+            dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, D, BLOCK_R=block_r,
+            BLOCK_D=cfg["BLOCK_D"], WRITE_DYG=not fused_global)
 
         blk, warps, stages = cfg["bwd"]
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -398,10 +438,11 @@ class _GSWA(torch.autograd.Function):
                       num_stages=stages)
         args = (S, B, HQ, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale)
         dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+        k1_, v1_ = (k1, v1) if fused_global else (k, v)
         _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
-            q, k1, v1, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
-            *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
-            *args, **common)
+            q, k1_, v1_, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
+            *_strides(q), *_strides(k1_), *_strides(v1_), *_strides(k), *_strides(v),
+            *args, GLOBAL=fused_global, **common)
 
         def dkdv(kk, vv, lse, delta, local):
             dk = torch.empty(S, B, HK, D, dtype=kk.dtype, device=q.device)
@@ -415,12 +456,13 @@ class _GSWA(torch.autograd.Function):
 
         need = ctx.needs_input_grad
         dk1 = dv1 = dk = dv = None
-        if need[1] or need[2]:  # loop 1's K/V are detached in the released recipe
-            dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)
+        if fused_global and (need[1] or need[2]):  # loop 1's K/V are detached in the
+            dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)  # released recipe
         if need[3] or need[4]:
             dk, dv = dkdv(k, v, lse_l, delta_l, True)
         dgate = dgate.view(ctx.gate_shape).to(ctx.gate_dtype) if need[5] else None
-        return dq, dk1, dv1, dk, dv, dgate, None, None
+        d_y_global = None if fused_global or not need[6] else dy_global
+        return dq, dk1, dv1, dk, dv, dgate, d_y_global, None, None
 
 
 __all__ = ["fused_applies", "gswa_attention"]

@@ -7,10 +7,12 @@ at full size, then times it against its baselines, side by side in one process.
 
 Sections (each a function below; records carry ``section``, ``variant``, ``ms``, shapes):
 
-* ``gswa``: fused G-SWA forward+backward vs PyTorch SDPA causal attention of the same shape
-  (the target: at most 1.15x), FlexAttention causal and window-64 (GPU only), and the naive
-  G-SWA (``ops.gswa``: two SDPA calls, one with a [S, S] band mask, and the gate mix); and
-  forward only (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
+* ``gswa``: G-SWA forward+backward vs PyTorch SDPA causal attention of the same shape
+  (the target: at most 1.15x): ``gswa_kernel`` (the default: loop 1's branch by SDPA, the
+  window branch and the gate in Triton) and ``gswa_one_kernel`` (both branches in one Triton
+  kernel); FlexAttention causal and window-64 (GPU only), and the naive G-SWA (``ops.gswa``:
+  two SDPA calls, one with a [S, S] band mask, and the gate mix); and forward only
+  (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, the
   fine-grained layer's full-width gather-sum combine vs megatron's ``unpermute``, and the
@@ -19,6 +21,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
   issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
+* ``moe_profile`` (only with ``--only``): the largest kernels of each whole MoE layer's
+  forward+backward (torch.profiler), where the layer's time over its expert GEMMs goes.
 * ``decode``: one PLT decode step's attention for all R loop-rows in one launch vs the
   reference path (SDPA over loop 1's cache with rows folded into heads + one SDPA per later
   loop's window + the gate), R = 2 and 3, batch 1 and 32, a 2048-token cache.
@@ -107,14 +111,17 @@ def section_gswa(args, device, dtype) -> list:
 
     # correctness: the kernel in the run dtype against the fp32 reference
     ins, dy = inputs(check[0], check[2], dtype)
-    y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)
     ref_in = [t.detach().float().requires_grad_(True) for t in ins]
     y_ref, grads_ref = fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ref_in, dy.float())
-    err = max_rel_err([y, *grads], [y_ref, *grads_ref])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    records.append(dict(section="gswa", variant="check", max_rel_err=err, tol=tol,
-                        ok=err <= tol, B=check[0], H=H, S=check[2], D=D, window=w))
-    log(f"gswa check: max rel err {err:.2e} (tol {tol:g})")
+    for branch in gswa.GLOBAL_BRANCHES:
+        y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w, global_branch=branch),
+                           ins, dy)
+        err = max_rel_err([y, *grads], [y_ref, *grads_ref])
+        records.append(dict(section="gswa", variant=f"check_{branch}", max_rel_err=err,
+                            tol=tol, ok=err <= tol, B=check[0], H=H, S=check[2], D=D,
+                            window=w))
+        log(f"gswa check ({branch} global branch): max rel err {err:.2e} (tol {tol:g})")
 
     # timing at the issue's shape, fwd+bwd
     ins, dy = inputs(B, S, dtype)
@@ -126,15 +133,21 @@ def section_gswa(args, device, dtype) -> list:
         "sdpa_causal": lambda: fwd_bwd(lambda q, k, v: sdpa(q, k, v, is_causal=True, scale=scale),
                                        [qt, kt, vt], dyt),
         "gswa_naive": lambda: fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ins, dy),
-        "gswa_fused": lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy),
+        # the default: loop 1's branch by SDPA, the window branch + gate in Triton
+        "gswa_kernel": lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy),
+        # both branches in the one Triton kernel (global_branch="triton")
+        "gswa_one_kernel": lambda: fwd_bwd(
+            lambda *a: gswa.gswa_attention(*a, scale, w, global_branch="triton"), ins, dy),
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_flex:
         variants.update(_flex_variants(qt, kt, vt, dyt, S, w, scale))
     # Forward only (detached inputs: no graph is recorded): is a gap to the target in fwd or bwd?
     q0, k0, v0 = (t.detach() for t in (qt, kt, vt))
     fwd_ins = [t.detach() for t in ins]
     variants["sdpa_causal_fwd"] = lambda: sdpa(q0, k0, v0, is_causal=True, scale=scale)
-    variants["gswa_fused_fwd"] = lambda: gswa.gswa_attention(*fwd_ins, scale, w)
+    variants["gswa_kernel_fwd"] = lambda: gswa.gswa_attention(*fwd_ins, scale, w)
+    variants["gswa_one_kernel_fwd"] = lambda: gswa.gswa_attention(*fwd_ins, scale, w,
+                                                                  global_branch="triton")
     for name, fn in variants.items():
         try:
             ms = timeit(fn, args.warmup, args.iters, device)
@@ -249,11 +262,9 @@ def section_dcca(args, device, dtype) -> list:
     return records
 
 
-def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
-    """Each whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and
-    BigMac's experts alone on the same number of (balanced) routed tokens: the issue's ratio.
-    The fine-grained layer's experts do the same FLOPs (h -> r*h -> h instead of r*h -> h ->
-    r*h), so its rows read against the same baseline."""
+def _build_moe_layers(device, dtype, T, h, E, K, r):
+    """({(kind, dcca_kernel): layer} at EP=1 (dropless), the generator that made the input,
+    ``layer_step(layer)``: one forward + backward of an input [T/4, 4, h])."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.spec_utils import build_module
 
@@ -267,7 +278,7 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     init_distributed(dev)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device))
     heads = max(1, h // 128)
-    records, layers = [], {}
+    layers = {}
     for kind in ("bigmac", "fine_grained"):
         for kernel in ("torch", "triton"):
             model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
@@ -287,6 +298,16 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
         out, _ = layer(x)
         torch.autograd.grad(out, [x, *layer.parameters()], dy, allow_unused=True)
 
+    return layers, g, layer_step
+
+
+def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
+    """Each whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and
+    BigMac's experts alone on the same number of (balanced) routed tokens: the issue's ratio.
+    The fine-grained layer's experts do the same FLOPs (h -> r*h -> h instead of r*h -> h ->
+    r*h), so its rows read against the same baseline."""
+    layers, g, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
+    records = []
     experts = layers["bigmac", "torch"].experts
     tokens = torch.randn(T * K, int(r * h), generator=g, device=device).to(dtype)
     tokens.requires_grad_(True)
@@ -308,6 +329,40 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
         records.append(dict(section="dcca", variant=f"{kind}_layer_{kernel}", ms=ms,
                             vs_baseline=ms / gemm_ms, **shape))
         log(f"dcca {kind}_layer_{kernel}: {ms:.3f} ms ({ms / gemm_ms:.2f}x expert GEMMs)")
+    return records
+
+
+def section_moe_profile(args, device, dtype) -> list:
+    """Where a whole MoE layer's forward+backward time goes: torch.profiler's kernels (CUDA;
+    CPU ops on CPU) of each layer, the 12 largest by total time, for the next round of
+    tuning.  Not in the default sections: ``--only moe_profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
+    layers, _, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    records = []
+    for (kind, kernel), layer in layers.items():
+        for _ in range(args.warmup):
+            layer_step(layer)
+        with profile(activities=activities) as prof:
+            for _ in range(args.iters):
+                layer_step(layer)
+            if cuda:
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages()
+                  if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+        key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        total = sum(key(e) for e in events) / args.iters / 1e3
+        log(f"moe_profile {kind}_{kernel}: {total:.3f} ms of kernels per step")
+        for e in sorted(events, key=key, reverse=True)[:12]:
+            ms = key(e) / args.iters / 1e3
+            records.append(dict(section="moe_profile", variant=f"{kind}_{kernel}",
+                                op=e.key[:80], calls=e.count // args.iters, op_ms=ms,
+                                share=ms / total, T=T, h=h, experts=E, top_k=K, ratio=r))
+            log(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{e.count // args.iters:<3} "
+                f"{e.key[:70]}")
     return records
 
 
@@ -420,7 +475,7 @@ def section_gswa_tiles(args, device, dtype) -> list:
 
 
 SECTIONS = {"gswa": section_gswa, "dcca": section_dcca, "decode": section_decode,
-            "gswa_tiles": section_gswa_tiles}
+            "gswa_tiles": section_gswa_tiles, "moe_profile": section_moe_profile}
 DEFAULT_SECTIONS = ("gswa", "dcca", "decode")
 
 
@@ -496,6 +551,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    p.add_argument("--no-flex", action="store_true",
+                   help="skip the FlexAttention baselines (their compilation takes a while)")
     p.add_argument("--out", default="outputs/bench_kernels")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -48,7 +48,12 @@ def launch_gswa(tiles: dict | None = None) -> None:
     try:
         ins = [torch.empty(S, B, H, D, dtype=BF16, requires_grad=True) for _ in range(5)]
         gate = torch.empty(S, B, H, 1, dtype=BF16, requires_grad=True)
-        y = gswa.gswa_attention(*ins, gate, D ** -0.5, w)
+        y = gswa.gswa_attention(*ins, gate, D ** -0.5, w, global_branch="triton")
+        y.backward(torch.empty_like(y))
+        # global_branch="sdpa" (the default): loop 1's branch comes in.  Its Function is
+        # called directly: SDPA itself would run for real here, a [S, S] score matrix on CPU.
+        y_global = torch.empty(S, B, H, D, dtype=BF16, requires_grad=True)
+        y = gswa._GSWA.apply(ins[0], None, None, ins[3], ins[4], gate, y_global, D ** -0.5, w)
         y.backward(torch.empty_like(y))
     finally:
         gswa.TILE_OVERRIDE.clear()

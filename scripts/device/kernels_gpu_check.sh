@@ -19,6 +19,11 @@
 #     --which ours): PLT-2 on 8 layers of the 1b shape (model.loop.kernel) and BigMac on 4
 #     (64 experts, top-8, r=0.25, capacity 1.2; model.moe.dcca_kernel).
 #  5. The G-SWA tile sweep (bench_kernels.py --only gswa_tiles).
+#  6. Where the MoE layers' time goes (bench_kernels.py --only moe_profile).
+# A re-check runs a subset: STAGES (names below: bench_kernels bench_decode tests train_plt
+# train_bigmac gswa_tiles moe_profile), BENCH_SECTIONS and BENCH_ARGS (bench_kernels' --only
+# and extra flags), TESTS (pytest's paths), e.g. STAGES="bench_kernels tests"
+# BENCH_SECTIONS=gswa BENCH_ARGS=--no-flex TESTS=tests/kernels/test_gswa.py.
 source "$(dirname "$0")/env.sh"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$OUT/gpu.txt"
@@ -29,6 +34,10 @@ END=$((SECONDS + ${BUDGET_S:-550}))
 
 pack() {
   tar czf "$OUT/results.tgz.part" -C "$W" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
+
+want() {  # is stage $1 among $STAGES (all when unset)?
+  [[ -z "${STAGES:-}" || " $STAGES " == *" $1 "* ]]
 }
 
 stage() {  # name cap-seconds command...: runs it into $W/name.log unless the budget is spent
@@ -52,15 +61,25 @@ train() {  # name kernel-key value layers extra-sets...
       --set "$key=$value" "$@"
 }
 
-stage bench_kernels 210 python3 scripts/bench_kernels.py --out "$W/bench_kernels"
-stage bench_decode 150 python3 scripts/bench_decode.py --layers 16 --hidden 2048 --heads 16 \
-    --groups 4 --vocab 32768 --new 64 --cuda-graph off on --kernel torch triton \
-    --out "$W/bench_decode"
-stage tests 120 python3 -m pytest tests/kernels tests/inference/test_generator.py \
-    tests/models/test_moe_wire.py -q -rfE -n 8 --deselect tests/kernels/test_compile_for_hopper.py
-for k in torch triton; do train plt loop.kernel "$k" 8 name=plt loops=2; done
-for k in torch triton; do train bigmac moe.dcca_kernel "$k" 4 moe.layer=bigmac; done
-stage gswa_tiles 150 python3 scripts/bench_kernels.py --only gswa_tiles --out "$W/gswa_tiles"
+want bench_kernels && stage bench_kernels 210 python3 scripts/bench_kernels.py \
+    --only "${BENCH_SECTIONS:-gswa,dcca,decode}" ${BENCH_ARGS:-} --out "$W/bench_kernels"
+want bench_decode && stage bench_decode 150 python3 scripts/bench_decode.py --layers 16 \
+    --hidden 2048 --heads 16 --groups 4 --vocab 32768 --new 64 --cuda-graph off on \
+    --kernel torch triton --out "$W/bench_decode"
+# shellcheck disable=SC2086  # TESTS is a list of paths
+want tests && stage tests 120 python3 -m pytest \
+    ${TESTS:-tests/kernels tests/inference/test_generator.py tests/models/test_moe_wire.py} \
+    -q -rfE -n 8 --deselect tests/kernels/test_compile_for_hopper.py
+if want train_plt; then
+  for k in torch triton; do train plt loop.kernel "$k" 8 name=plt loops=2; done
+fi
+if want train_bigmac; then
+  for k in torch triton; do train bigmac moe.dcca_kernel "$k" 4 moe.layer=bigmac; done
+fi
+want gswa_tiles && stage gswa_tiles 150 python3 scripts/bench_kernels.py --only gswa_tiles \
+    --out "$W/gswa_tiles"
+want moe_profile && stage moe_profile 90 python3 scripts/bench_kernels.py --only moe_profile \
+    --warmup 3 --iters 5 --out "$W/moe_profile"
 
 echo; echo "===== summary ($(head -2 "$W/gpu.txt" | tail -1))"
 cat "$W/summary.txt"
@@ -87,4 +106,6 @@ for name in ("plt", "bigmac"):
         print(f"{name:7} triton / torch step time: {ms['triton'] / ms['torch']:.3f}")
 PY
 echo "----- gswa_tiles"; grep -E "failed|Error|^gswa_tiles" "$W/gswa_tiles.log" 2>/dev/null | tail -20
+echo "----- moe_profile"; grep -E "Error|moe_profile| ms +[0-9.]+%" "$W/moe_profile.log" 2>/dev/null \
+    | cut -c17- | head -60
 pack

@@ -21,9 +21,9 @@ import torch
 
 from tests.conftest import REPO
 
-# kernel -> its distinct compilations (G-SWA dK/dV: LOCAL; gather-sum: WEIGHTED; decode:
-# LOOPS x SPLITS)
-EXPECTED = {"_gswa_fwd": 1, "_gswa_bwd_pre": 1, "_gswa_bwd_dq": 1, "_gswa_bwd_dkdv": 2,
+# kernel -> its distinct compilations (G-SWA: GLOBAL, i.e. global_branch triton or sdpa, and
+# for dK/dV: LOCAL; gather-sum: WEIGHTED; decode: LOOPS x SPLITS)
+EXPECTED = {"_gswa_fwd": 2, "_gswa_bwd_pre": 2, "_gswa_bwd_dq": 2, "_gswa_bwd_dkdv": 2,
             "_descend_permute_kernel": 1, "_gather_sum_kernel": 2,
             "_combine_backward_kernel": 1, "_plt_decode_kernel": 6}
 TENSOR_CORES = {"_gswa_fwd", "_gswa_bwd_dq", "_gswa_bwd_dkdv", "_descend_permute_kernel",

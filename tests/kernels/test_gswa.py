@@ -10,6 +10,8 @@ scripts/bench_kernels.py checks bf16 at full size.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -26,6 +28,12 @@ SHAPES = [  # S, B, query heads, KV heads, head dim, window
     (33, 2, 2, 2, 16, 64),
     (1, 1, 2, 2, 16, 4),
 ]
+# Loop 1's causal branch in the one Triton kernel, or from SDPA with the rest in Triton.
+BRANCHES = pytest.mark.parametrize("branch", gswa.GLOBAL_BRANCHES)
+
+
+def _kernel(branch):
+    return functools.partial(gswa.gswa_attention, global_branch=branch)
 
 
 def _inputs(S, B, HQ, HK, D, dtype, seed):
@@ -45,24 +53,26 @@ def _run(fn, inputs, dy, scale, window):
     return y, torch.autograd.grad(y, wanted, dy)
 
 
+@BRANCHES
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "S{}B{}H{}/{}D{}w{}".format(*s))
-def test_fp32_forward_and_gradients_match_the_reference(shape):
+def test_fp32_forward_and_gradients_match_the_reference(shape, branch):
     S, B, HQ, HK, D, w = shape
     inputs, dy = _inputs(S, B, HQ, HK, D, torch.float32, seed=S)
     scale = D ** -0.5
-    y, grads = _run(gswa.gswa_attention, inputs, dy, scale, w)
+    y, grads = _run(_kernel(branch), inputs, dy, scale, w)
     y_ref, grads_ref = _run(ops.gswa, inputs, dy, scale, w)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["q", "k_shared", "v_shared", "k", "v", "gate"], grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=f"d{name}")
 
 
+@BRANCHES
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_half_precision_matches_the_fp32_reference(dtype):
+def test_half_precision_matches_the_fp32_reference(dtype, branch):
     S, B, HQ, HK, D, w = 45, 2, 4, 2, 32, 7
     inputs, dy = _inputs(S, B, HQ, HK, D, dtype, seed=3)
     scale = D ** -0.5
-    y, grads = _run(gswa.gswa_attention, inputs, dy, scale, w)
+    y, grads = _run(_kernel(branch), inputs, dy, scale, w)
     ref_in = [t.detach().float().requires_grad_(True) for t in inputs]
     y_ref, grads_ref = _run(ops.gswa, ref_in, dy.float(), scale, w)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -72,7 +82,8 @@ def test_half_precision_matches_the_fp32_reference(dtype):
         assert err < 1e-2, float(err)  # NaN fails this too
 
 
-def test_detached_shared_kv_and_strided_views():
+@BRANCHES
+def test_detached_shared_kv_and_strided_views(branch):
     """Loop 1's K/V detached (the released recipe): no gradient for them, the rest unchanged;
     q/k/v as strided views of one fused projection, as megatron's QKV split gives them."""
     S, B, HQ, HK, D, w = 29, 2, 4, 2, 16, 6
@@ -84,7 +95,7 @@ def test_detached_shared_kv_and_strided_views():
     k1, v1 = torch.randn(2, S, B, HK, D, generator=g).to(DEVICE).unbind(0)
     gate = torch.rand(S, B, HQ, 1, generator=g).to(DEVICE).requires_grad_()
     dy = torch.randn(S, B, HQ, D, generator=g).to(DEVICE)
-    y = gswa.gswa_attention(q, k1, v1, k, v, gate, D ** -0.5, w)
+    y = gswa.gswa_attention(q, k1, v1, k, v, gate, D ** -0.5, w, global_branch=branch)
     got = torch.autograd.grad(y, (fused, gate), dy)
     y_ref = ops.gswa(q, k1, v1, k, v, gate, D ** -0.5, w)
     want = torch.autograd.grad(y_ref, (fused, gate), dy)
@@ -93,11 +104,12 @@ def test_detached_shared_kv_and_strided_views():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
-def test_the_window_and_the_gate_matter():
+@BRANCHES
+def test_the_window_and_the_gate_matter(branch):
     """Guards the oracle: a wrong window or an ignored gate would be caught above."""
     S, B, HQ, HK, D, w = 24, 1, 2, 2, 16, 4
     inputs, _ = _inputs(S, B, HQ, HK, D, torch.float32, seed=1)
-    y = gswa.gswa_attention(*inputs, D ** -0.5, w).detach()
+    y = gswa.gswa_attention(*inputs, D ** -0.5, w, global_branch=branch).detach()
     assert (y - ops.gswa(*inputs, D ** -0.5, w + 1)).abs().max() > 1e-2
     flipped = inputs[:5] + [1 - inputs[5]]
     assert (y - ops.gswa(*flipped, D ** -0.5, w)).abs().max() > 1e-2
@@ -113,6 +125,8 @@ def test_selection():
     assert not gswa.fused_applies("triton", q, torch.ones(1, 4, dtype=torch.bool))  # padding
     with pytest.raises(ValueError):
         use_triton("fast", q.device)
+    with pytest.raises(ValueError, match="global_branch"):
+        gswa.gswa_attention(q, q, q, q, q, q[..., :1], 0.25, 4, global_branch="flash")
 
 
 def test_first_use_check_guards_auto():
@@ -152,7 +166,7 @@ def test_plt_model_with_the_kernel_equals_the_reference_path(one_rank, monkeypat
     fused = gswa.gswa_attention
     monkeypatch.setattr(gswa, "gswa_attention", lambda *a: calls.append(1) or fused(*a))
     tok = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(2))
-    pos = torch.arange(20)[None]
+    tok, pos = tok.to(one_rank.device), torch.arange(20, device=one_rank.device)[None]
     out = {}
     for kernel in ("torch", "triton"):
         model = build(kernel)

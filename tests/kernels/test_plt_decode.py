@@ -104,9 +104,11 @@ def test_keys_after_the_cursor_are_never_read_and_nan_fails():
 
 
 def test_kernel_choice():
-    q, k = torch.zeros(1, 4, 4, 16), torch.zeros(2, 2, 8, 16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = torch.zeros(1, 4, 4, 16, device=device), torch.zeros(2, 2, 8, 16, device=device)
     assert not plt_decode.kernel_applies("torch", q, k)
     assert plt_decode.kernel_applies("auto", q, k) == torch.cuda.is_available()
+    assert not plt_decode.kernel_applies("auto", q.cpu(), k.cpu())
     if not torch.cuda.is_available():  # the interpreter counts as usable for "triton"
         assert plt_decode.kernel_applies("triton", q, k)
     assert not plt_decode.kernel_applies("triton", torch.zeros(1, 4, 4, 512),

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 
+from plt_train.models.common.params import param_device
+
 ACTIVATIONS = ("swiglu", "relu")
 GEMMS = ("auto", "grouped", "loop", "te")
 
@@ -59,9 +61,9 @@ def _offsets(tokens_per_expert: torch.Tensor, device) -> torch.Tensor:
 class _Weight(torch.nn.Module):
     """Holds one stacked expert weight so its state-dict key reads ``linear_fc1.weight``."""
 
-    def __init__(self, shape, dtype):
+    def __init__(self, shape, dtype, device):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
 
 
 class GroupedExperts(MegatronModule):
@@ -87,9 +89,9 @@ class GroupedExperts(MegatronModule):
         self.activation, self.gemm = activation, gemm
         self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
         fc1_out = 2 * hidden_size if activation == "swiglu" else hidden_size
-        dtype = config.params_dtype
-        self.linear_fc1 = _Weight((num_local_experts, input_size, fc1_out), dtype)
-        self.linear_fc2 = _Weight((num_local_experts, hidden_size, input_size), dtype)
+        dtype, device = config.params_dtype, param_device(config)
+        self.linear_fc1 = _Weight((num_local_experts, input_size, fc1_out), dtype, device)
+        self.linear_fc2 = _Weight((num_local_experts, hidden_size, input_size), dtype, device)
         for p in (self.linear_fc1.weight, self.linear_fc2.weight):
             p.allreduce = False  # expert parallel: reduced over the expert-data-parallel group
             # Not a TP duplicate: every rank's copy counts in the grad norm (megatron's experts

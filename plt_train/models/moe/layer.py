@@ -56,6 +56,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from plt_train.models.common.params import param_device
 from plt_train.models.moe.accounting import COUNTER, a2a_step_metrics, counted_all_to_all
 from plt_train.models.moe.wire import WIRE_FORMATS
 
@@ -309,7 +310,8 @@ class _Projection(torch.nn.Module):
     def __init__(self, config, in_features: int, out_features: int, init_method):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features,
-                                                     dtype=config.params_dtype))
+                                                     dtype=config.params_dtype,
+                                                     device=param_device(config)))
         init_method(self.weight)
         # Under sequence parallelism each TP rank sees its own tokens: the gradient is partial
         # and is all-reduced over TP by finalize_model_grads, like the norms' and the router's.

@@ -17,13 +17,16 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from plt_train.models.common.params import param_device
+
 
 class QueryGate(MegatronModule):
     def __init__(self, config, heads_per_partition: int, head_dim: int):
         super().__init__(config=config)
-        dtype = config.params_dtype
-        self.weight = torch.nn.Parameter(torch.zeros(heads_per_partition, head_dim, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(heads_per_partition, dtype=dtype))
+        dtype, device = config.params_dtype, param_device(config)
+        self.weight = torch.nn.Parameter(torch.zeros(heads_per_partition, head_dim, dtype=dtype,
+                                                       device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(heads_per_partition, dtype=dtype, device=device))
         for p in (self.weight, self.bias):  # split by heads, like the QKV projection
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
 
