@@ -243,7 +243,7 @@ def test_layer_with_kernels_equals_the_unfused_layer(one_rank, capacity, kind, m
 
     monkeypatch.setattr(layer_module, "unpermute", counted_unpermute)
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=one_rank.device))
     g = torch.Generator().manual_seed(9)
     x = torch.randn(13, 3, 48, generator=g).to(one_rank.device)
     d_out = torch.randn(13, 3, 48, generator=g).to(one_rank.device)

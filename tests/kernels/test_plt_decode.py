@@ -111,8 +111,8 @@ def test_kernel_choice():
     assert not plt_decode.kernel_applies("auto", q.cpu(), k.cpu())
     if not torch.cuda.is_available():  # the interpreter counts as usable for "triton"
         assert plt_decode.kernel_applies("triton", q, k)
-    assert not plt_decode.kernel_applies("triton", torch.zeros(1, 4, 4, 512),
-                                         torch.zeros(2, 2, 8, 512))  # head dim too large
+    assert not plt_decode.kernel_applies("triton", torch.zeros(1, 4, 4, 512, device=device),
+                                         torch.zeros(2, 2, 8, 512, device=device))  # head dim
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (timing-size "
