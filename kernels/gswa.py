@@ -3,14 +3,23 @@
     y = g * causal(q, K1, V1) + (1 - g) * window_w(q, K, V)
 
 with K1/V1 loop 1's keys/values of the layer (shared), K/V the loop's own, g [s, b, heads] the
-per-head gate.  One forward pass over each block of queries runs both online softmaxes (flash
-attention style: no [s, s] score matrix and no [s, s] mask are ever materialised) and writes
-``y`` plus ``diff = y_global - y_local``, from which the backward recovers both branch outputs
-without dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
+per-head gate.  Where loop 1's causal branch runs is ``global_branch``:
 
-Backward: the per-row terms (``delta`` of each branch, the gate gradient ``<dy, diff>``) are
-three fused reductions in torch, then a dK/dV kernel per branch (skipped for K1/V1 when they
-are detached, the released recipe) and one dQ kernel over both branches.
+* ``sdpa`` (the default): torch's SDPA (FlashAttention / cuDNN) computes ``y_global``; the
+  Triton forward runs the window branch over each block of queries, reads ``y_global`` and
+  mixes.  The branches have separate softmaxes, so the split costs one extra read; and SDPA's
+  causal attention was 2x (forward) and 4x (backward) faster than ours on an H200
+  (2026-11-27, docs/benchmarks.md).
+* ``triton``: one forward pass over each block of queries runs both online softmaxes.
+
+Either way no [s, s] score matrix or mask is materialised, and the forward writes ``y`` plus
+``diff = y_global - y_local``, from which the backward recovers both branch outputs without
+dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
+
+Backward: one kernel computes the per-row terms (``delta`` of each branch, the gate gradient
+``<dy, diff>``; with ``sdpa`` also ``g dy``, the gradient SDPA's backward takes), then a dK/dV
+kernel per branch (for K1/V1 only with ``triton`` and when they are not detached, as they are
+in the released recipe) and one dQ kernel over the branches it ran.
 
 Layout: megatron's [s, b, heads, d] with any strides (q/k/v are views of the fused QKV
 projection); grouped K/V heads (GQA) are read in place.  The reference is

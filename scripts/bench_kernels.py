@@ -21,8 +21,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
   issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
-* ``moe_profile`` (only with ``--only``): the largest kernels of each whole MoE layer's
-  forward+backward (torch.profiler), where the layer's time over its expert GEMMs goes.
+* ``profile`` (only with ``--only``): the largest kernels (torch.profiler) of G-SWA's default
+  path and of each whole MoE layer, forward+backward: where the time over the baselines goes.
 * ``decode``: one PLT decode step's attention for all R loop-rows in one launch vs the
   reference path (SDPA over loop 1's cache with rows folded into heads + one SDPA per later
   loop's window + the gate), R = 2 and 3, batch 1 and 32, a 2048-token cache.
@@ -332,37 +332,56 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     return records
 
 
-def section_moe_profile(args, device, dtype) -> list:
-    """Where a whole MoE layer's forward+backward time goes: torch.profiler's kernels (CUDA;
-    CPU ops on CPU) of each layer, the 12 largest by total time, for the next round of
-    tuning.  Not in the default sections: ``--only moe_profile``."""
+def _top_ops(name: str, step, args, device, shape: dict) -> list:
+    """``step()`` under torch.profiler (CUDA kernels on CUDA, CPU ops on CPU): its 12 largest
+    ops by time, each with its share of the step's total."""
     from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    for _ in range(args.warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(args.iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def key(e):
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if key(e) > 0]
+    total = sum(key(e) for e in events) / args.iters / 1e3
+    log(f"profile {name}: {total:.3f} ms of {'kernels' if cuda else 'ops'} per step")
+    records = []
+    for e in sorted(events, key=key, reverse=True)[:12]:
+        ms = key(e) / args.iters / 1e3
+        records.append(dict(section="profile", variant=name, op=e.key[:80],
+                            calls=e.count // args.iters, op_ms=ms, share=ms / total, **shape))
+        log(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{e.count // args.iters:<3} {e.key[:70]}")
+    return records
+
+
+def section_profile(args, device, dtype) -> list:
+    """Where the time over the targets' baselines goes: the largest kernels of G-SWA's default
+    path (forward+backward) and of each whole MoE layer's forward+backward, for the next
+    round of tuning.  Not in the default sections: ``--only profile``."""
+    from kernels import gswa
+
+    B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
+    g = torch.Generator(device=device).manual_seed(0)
+    ins = [torch.randn(S, B, H, D, generator=g, device=device).to(dtype).requires_grad_(True)
+           for _ in range(5)]
+    ins.append(torch.rand(S, B, H, 1, generator=g, device=device).to(dtype).requires_grad_())
+    dy = torch.randn(S, B, H, D, generator=g, device=device).to(dtype)
+    records = _top_ops("gswa_kernel", lambda: fwd_bwd(
+        lambda *a: gswa.gswa_attention(*a, D ** -0.5, w), ins, dy), args, device,
+        dict(B=B, H=H, S=S, D=D, window=w))
 
     T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
     layers, _, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    records = []
     for (kind, kernel), layer in layers.items():
-        for _ in range(args.warmup):
-            layer_step(layer)
-        with profile(activities=activities) as prof:
-            for _ in range(args.iters):
-                layer_step(layer)
-            if cuda:
-                torch.cuda.synchronize()
-        events = [e for e in prof.key_averages()
-                  if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
-        key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-        total = sum(key(e) for e in events) / args.iters / 1e3
-        log(f"moe_profile {kind}_{kernel}: {total:.3f} ms of kernels per step")
-        for e in sorted(events, key=key, reverse=True)[:12]:
-            ms = key(e) / args.iters / 1e3
-            records.append(dict(section="moe_profile", variant=f"{kind}_{kernel}",
-                                op=e.key[:80], calls=e.count // args.iters, op_ms=ms,
-                                share=ms / total, T=T, h=h, experts=E, top_k=K, ratio=r))
-            log(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{e.count // args.iters:<3} "
-                f"{e.key[:70]}")
+        records += _top_ops(f"{kind}_layer_{kernel}", lambda: layer_step(layer), args, device,
+                            dict(T=T, h=h, experts=E, top_k=K, ratio=r))
     return records
 
 
@@ -475,7 +494,7 @@ def section_gswa_tiles(args, device, dtype) -> list:
 
 
 SECTIONS = {"gswa": section_gswa, "dcca": section_dcca, "decode": section_decode,
-            "gswa_tiles": section_gswa_tiles, "moe_profile": section_moe_profile}
+            "gswa_tiles": section_gswa_tiles, "profile": section_profile}
 DEFAULT_SECTIONS = ("gswa", "dcca", "decode")
 
 

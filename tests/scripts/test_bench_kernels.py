@@ -50,20 +50,22 @@ def test_gswa_tile_sweep_checks_every_tiling_against_the_default(tmp_path):
         assert [r["vs_baseline"] for r in rows if r["default"]] == [1.0]
 
 
-def test_moe_profile_lists_each_layers_largest_ops(tmp_path):
-    """``--only moe_profile``: per layer (BigMac / fine-grained x torch / triton) its largest
-    ops, each with its share of the profiled time; the Triton layers run the DCCA kernels."""
+def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
+    """``--only profile``: G-SWA's default path and each MoE layer (BigMac / fine-grained x
+    torch / triton), each with its largest ops and their shares of the profiled time; our
+    kernels appear in the paths that use them and only there."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
-                           "--only", "moe_profile", "--out", str(tmp_path)], cwd=REPO, env=env,
+                           "--only", "profile", "--out", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = json.loads((tmp_path / "bench_kernels.json").read_text())
-    layers = {r["variant"] for r in records}
-    assert layers == {f"{k}_{x}" for k in ("bigmac", "fine_grained") for x in ("torch", "triton")}
-    for layer in layers:
-        rows = [r for r in records if r["variant"] == layer]
+    steps = {r["variant"] for r in records}
+    assert steps == {"gswa_kernel"} | {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
+                                       for x in ("torch", "triton")}
+    for step in steps:
+        rows = [r for r in records if r["variant"] == step]
         assert 0 < len(rows) <= 12 and all(0 < r["share"] <= 1 for r in rows)
         shares = [r["share"] for r in rows]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
@@ -71,7 +73,9 @@ def test_moe_profile_lists_each_layers_largest_ops(tmp_path):
     for r in records:
         assert any(name in r["op"] for name in ours) <= r["variant"].endswith("triton"), r
     assert any(any(name in r["op"] for name in ours) for r in records
-               if r["variant"] == "bigmac_triton")
+               if r["variant"] == "bigmac_layer_triton")
+    assert any(name in r["op"] for r in records if r["variant"] == "gswa_kernel"
+               for name in ("_GSWA", "_gswa_fwd"))
 
 
 def test_gswa_forward_refuses_tiles_it_would_get_wrong():
