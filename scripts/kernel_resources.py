@@ -62,7 +62,7 @@ def launch_gswa(tiles: dict | None = None) -> None:
 def launch_dcca() -> None:
     from kernels import dcca
 
-    T, h, E, K, r = 1024, 2048, 64, 8, 0.25
+    T, h, K, r = 1024, 2048, 8, 0.25  # the expert count enters only through dest
     rh = int(r * h)
     n_out = T * K
     dest = torch.arange(n_out, dtype=torch.int32).view(T, K)

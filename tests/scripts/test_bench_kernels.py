@@ -10,14 +10,20 @@ import sys
 from tests.conftest import REPO
 
 
-def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
+def _bench_small(tmp_path, *args):
+    """Runs ``bench_kernels.py --small --strict`` (outside any torchrun group): its stdout
+    and records."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
-                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           *args, "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = json.loads((tmp_path / "bench_kernels.json").read_text())
+    return proc.stdout, json.loads((tmp_path / "bench_kernels.json").read_text())
+
+
+def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
+    stdout, records = _bench_small(tmp_path)
     assert (tmp_path / "bench_kernels.png").stat().st_size > 1000
     checks = [r for r in records if r["variant"].startswith("check")]
     assert sorted(r["section"] for r in checks) == ["dcca", "decode", "gswa", "gswa"]
@@ -26,7 +32,7 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
     assert {("gswa", "sdpa_causal"), ("gswa", "gswa_naive"), ("gswa", "gswa_kernel"),
             ("gswa", "gswa_one_kernel")} <= timed
     assert all(r["ms"] > 0 and r["vs_baseline"] > 0 for r in records if "ms" in r)
-    lines = proc.stdout.splitlines()  # the table comes last: its header, then one row each
+    lines = stdout.splitlines()  # the table comes last: its header, then one row each
     header = max(i for i, line in enumerate(lines) if line.startswith("section "))
     assert len(lines) - header - 1 == sum("ms" in r or "max_rel_err" in r for r in records)
 
@@ -34,13 +40,7 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
 def test_gswa_tile_sweep_checks_every_tiling_against_the_default(tmp_path):
     """``--only gswa_tiles`` (the sweep a GPU session runs to tune the G-SWA tiles): every
     tiling's outputs and gradients equal the default tiling's, the default is the baseline."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
-                           "--only", "gswa_tiles", "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = json.loads((tmp_path / "bench_kernels.json").read_text())
+    _, records = _bench_small(tmp_path, "--only", "gswa_tiles")
     assert {r["variant"] for r in records} == {
         "fwd_16x16x1x1", "fwd_32x16x1x1", "fwd_32x32x1x1", "bwd_16x1x1", "bwd_32x1x1"}
     assert all(r["ok"] and r["max_rel_err"] <= 1e-4 for r in records)
@@ -54,13 +54,7 @@ def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
     """``--only profile``: G-SWA's default path and each MoE layer (BigMac / fine-grained x
     torch / triton), each with its largest ops and their shares of the profiled time; our
     kernels appear in the paths that use them and only there."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
-                           "--only", "profile", "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = json.loads((tmp_path / "bench_kernels.json").read_text())
+    _, records = _bench_small(tmp_path, "--only", "profile")
     steps = {r["variant"] for r in records}
     assert steps == {"gswa_kernel"} | {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
                                        for x in ("torch", "triton")}
