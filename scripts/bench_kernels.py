@@ -334,7 +334,9 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
 
 def _top_ops(name: str, step, args, device, shape: dict) -> list:
     """``step()`` under torch.profiler (CUDA kernels on CUDA, CPU ops on CPU): its 12 largest
-    ops by time, each with its share of the step's total."""
+    ops by time, each with its share of the step's total; and the step's own time without
+    the profiler.  Kernel time well under the step's time means the GPU waits for the host
+    (launch overhead, syncs): no kernel tuning closes that gap."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -351,12 +353,15 @@ def _top_ops(name: str, step, args, device, shape: dict) -> list:
 
     events = [e for e in prof.key_averages() if key(e) > 0]
     total = sum(key(e) for e in events) / args.iters / 1e3
-    log(f"profile {name}: {total:.3f} ms of {'kernels' if cuda else 'ops'} per step")
+    step_ms = timeit(step, 1, args.iters, device)
+    log(f"profile {name}: {total:.3f} ms of {'kernels' if cuda else 'ops'} in a "
+        f"{step_ms:.3f} ms step")
     records = []
     for e in sorted(events, key=key, reverse=True)[:12]:
         ms = key(e) / args.iters / 1e3
         records.append(dict(section="profile", variant=name, op=e.key[:80],
-                            calls=e.count // args.iters, op_ms=ms, share=ms / total, **shape))
+                            calls=e.count // args.iters, op_ms=ms, share=ms / total,
+                            kernels_ms=total, step_ms=step_ms, **shape))
         log(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{e.count // args.iters:<3} {e.key[:70]}")
     return records
 

@@ -63,6 +63,7 @@ def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
         assert 0 < len(rows) <= 12 and all(0 < r["share"] <= 1 for r in rows)
         shares = [r["share"] for r in rows]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+        assert all(r["step_ms"] > 0 and r["kernels_ms"] > 0 for r in rows)
     ours = ("_Combine", "_gather_sum_kernel")  # the op on CPU, the kernel on CUDA
     for r in records:
         assert any(name in r["op"] for name in ours) <= r["variant"].endswith("triton"), r
