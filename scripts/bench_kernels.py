@@ -92,6 +92,15 @@ def fwd_bwd(fn, inputs, dy):
 
 
 # -- G-SWA ------------------------------------------------------------------------------------
+def gswa_inputs(B: int, H: int, S: int, D: int, dtype, device):
+    """([q, k1, v1, k, v, gate] leaves that require grad, dy): seed 0, [S, B, H, D] layout."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    ins = [mk(S, B, H, D) for _ in range(5)]
+    ins.append(torch.rand(S, B, H, 1, generator=g, device=device).to(dtype))
+    return [t.requires_grad_(True) for t in ins], mk(S, B, H, D)
+
+
 def section_gswa(args, device, dtype) -> list:
     from kernels import gswa, max_rel_err
     from plt_train.models.plt import ops
@@ -101,16 +110,8 @@ def section_gswa(args, device, dtype) -> list:
     scale = D ** -0.5
     records = []
 
-    def inputs(b, s, dt, grad=True):
-        g = torch.Generator(device=device).manual_seed(0)
-        mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dt)  # noqa: E731
-        q, k1, v1, k, v = (mk(s, b, H, D) for _ in range(5))
-        gate = torch.rand(s, b, H, 1, generator=g, device=device).to(dt)
-        ts = [q, k1, v1, k, v, gate]
-        return [t.requires_grad_(grad) for t in ts], mk(s, b, H, D)
-
     # correctness: the kernel in the run dtype against the fp32 reference
-    ins, dy = inputs(check[0], check[2], dtype)
+    ins, dy = gswa_inputs(check[0], H, check[2], D, dtype, device)
     ref_in = [t.detach().float().requires_grad_(True) for t in ins]
     y_ref, grads_ref = fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ref_in, dy.float())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -124,7 +125,7 @@ def section_gswa(args, device, dtype) -> list:
         log(f"gswa check ({branch} global branch): max rel err {err:.2e} (tol {tol:g})")
 
     # timing at the issue's shape, fwd+bwd
-    ins, dy = inputs(B, S, dtype)
+    ins, dy = gswa_inputs(B, H, S, D, dtype, device)
     qt, kt, vt = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_(True)
                   for t in ins[:3])
     dyt = dy.permute(1, 2, 0, 3).contiguous()
@@ -373,11 +374,7 @@ def section_profile(args, device, dtype) -> list:
     from kernels import gswa
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
-    g = torch.Generator(device=device).manual_seed(0)
-    ins = [torch.randn(S, B, H, D, generator=g, device=device).to(dtype).requires_grad_(True)
-           for _ in range(5)]
-    ins.append(torch.rand(S, B, H, 1, generator=g, device=device).to(dtype).requires_grad_())
-    dy = torch.randn(S, B, H, D, generator=g, device=device).to(dtype)
+    ins, dy = gswa_inputs(B, H, S, D, dtype, device)
     records = _top_ops("gswa_kernel", lambda: fwd_bwd(
         lambda *a: gswa.gswa_attention(*a, D ** -0.5, w), ins, dy), args, device,
         dict(B=B, H=H, S=S, D=D, window=w))
@@ -453,11 +450,7 @@ def section_gswa_tiles(args, device, dtype) -> list:
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
     scale = D ** -0.5
-    g = torch.Generator(device=device).manual_seed(0)
-    mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
-    ins = [mk(S, B, H, D).requires_grad_(True) for _ in range(5)]
-    ins.append(torch.rand(S, B, H, 1, generator=g, device=device).to(dtype).requires_grad_(True))
-    dy = mk(S, B, H, D)
+    ins, dy = gswa_inputs(B, H, S, D, dtype, device)
     fwd_ins = [t.detach() for t in ins]
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     run = lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)  # noqa: E731
