@@ -28,6 +28,8 @@ Importing this module imports Triton: callers check ``kernels.use_triton`` first
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -70,10 +72,15 @@ def _self_check(device) -> bool:
 # Where loop 1's causal branch runs by default: see gswa_attention.
 GLOBAL_BRANCHES = ("sdpa", "triton")
 GLOBAL_BRANCH = "sdpa"
+# The window branch's backward with ``sdpa``: "fused" (one kernel per key block for dQ, dK
+# and dV, the default since 2026-11-27) or "split" (a dQ kernel and a dK/dV kernel, as the
+# ``triton`` path still does).  See _GSWA.
+WINDOW_BACKWARDS = ("fused", "split")
+WINDOW_BACKWARD = "fused"
 
 
 def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
-                   global_branch: str | None = None):
+                   global_branch: str | None = None, window_backward: str | None = None):
     """q [s, b, nq, d], k*/v* [s, b, nk, d], gate [s, b, nq(, 1)] -> y [s, b, nq, d].
 
     ``global_branch`` (default ``GLOBAL_BRANCH``): ``sdpa`` runs loop 1's causal branch through
@@ -81,15 +88,16 @@ def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
     backward in Triton; ``triton`` runs both branches in the one Triton kernel.  The branches
     have separate softmaxes, so splitting them costs only re-reading ``y_global``; and on an
     H200 (2026-11-27, docs/benchmarks.md) our Triton causal attention ran at about half of
-    SDPA's forward speed and a quarter of its backward's, so ``sdpa`` is the default."""
+    SDPA's forward speed and a quarter of its backward's, so ``sdpa`` is the default.
+    ``window_backward`` (default ``WINDOW_BACKWARD``, ``sdpa`` only): ``fused`` or ``split``."""
     mode = global_branch or GLOBAL_BRANCH
-    if mode == "sdpa":
-        from plt_train.models.plt import ops
-        y_global = ops.causal_attention(q, k_shared, v_shared, scale)
-        return _GSWA.apply(q, None, None, k, v, gate, y_global, scale, window)
-    if mode == "triton":
-        return _GSWA.apply(q, k_shared, v_shared, k, v, gate, None, scale, window)
-    raise ValueError(f"global_branch must be one of {GLOBAL_BRANCHES}, not {mode!r}")
+    if mode not in GLOBAL_BRANCHES:
+        raise ValueError(f"global_branch must be one of {GLOBAL_BRANCHES}, not {mode!r}")
+    backward = window_backward or WINDOW_BACKWARD
+    if backward not in WINDOW_BACKWARDS:
+        raise ValueError(f"window_backward must be one of {WINDOW_BACKWARDS}, not {backward!r}")
+    return _GSWA.apply(q, k_shared, v_shared, k, v, gate, scale, window, mode, backward,
+                       torch.is_grad_enabled())
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -311,10 +319,12 @@ def _dq_branch(dq, q, do, lse, delta, k_base, v_base, sks, skd, svs, svd, offs_m
 @triton.jit
 def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
                  sqs, sqb, sqh, sqd, sk1s, sk1b, sk1h, sk1d, sv1s, sv1b, sv1h, sv1d,
-                 sks, skb, skh, skd, svs, svb, svh, svd,
+                 sks, skb, skh, skd, svs, svb, svh, svd, sdqs, sdqb, sdqh, sdqd,
                  S, B, HQ, GROUP, D, window, qk_scale, sm_scale,
                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
-                 PREC: tl.constexpr):
+                 ACC_DQ: tl.constexpr, PREC: tl.constexpr):
+    """dQ of one query block and head over the branches run here.  ACC_DQ: DQ holds SDPA's
+    dQ of loop 1's branch, and this adds to it."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // GROUP
@@ -350,8 +360,69 @@ def _gswa_bwd_dq(Q, K1, V1, K, V, DY, G, LSE_G, LSE_L, DELTA_G, DELTA_L, DQ,
     dq = _dq_branch(dq, q, do, lse, delta, K + b * skb + hk * skh, V + b * svb + hk * svh,
                     sks, skd, svs, svd, offs_m, lo, hi, S, window, qk_scale, D, BLOCK, BLOCK_D,
                     True, True, PREC)
-    out = (offs_m[:, None] * B + b) * HQ * D + h * D + offs_d[None, :]
-    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+    _store_dq(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :] * sdqd,
+              dq * sm_scale, rmask, ACC_DQ)
+
+
+@triton.jit
+def _store_dq(ptrs, dq, mask, ACC_DQ: tl.constexpr):
+    if ACC_DQ:  # in place: each dQ tile belongs to one program
+        dq += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, dq.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gswa_bwd_window(Q, K, V, DY, G, LSE, DELTA, DQ, DK, DV,
+                     sqs, sqb, sqh, sqd, sks, skb, skh, skd, svs, svb, svh, svd,
+                     sdqs, sdqb, sdqh, sdqd, S, B, HQ, HK, GROUP, D, window, qk_scale, sm_scale,
+                     ACC_DQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The window branch's whole backward in one launch: program j first computes dQ of
+    query block j for each query head of its KV group (the dQ kernel's loop), then dK, dV of
+    key block j over those heads (the dK/dV kernel's).  The two phases touch the same rows of
+    q, dy, K and V, so the second reads them from cache rather than memory, and neither
+    phase keeps the other's accumulators live (sharing the diagonal block's P and dS
+    between them did: 248 bytes of spills per thread for sm_90, kernels/offline.py,
+    2026-11-27).  ACC_DQ: DQ holds SDPA's dQ, and this adds to it."""
+    pid_n, pid_bk = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bk // HK, pid_bk % HK
+    n0 = pid_n * BLOCK
+    offs = n0 + tl.arange(0, BLOCK)  # query block j in phase 1, key block j in phase 2
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < S
+    tile = ok[:, None] & (offs_d[None, :] < D)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    first_key = tl.maximum(n0 - window + 1, 0) // BLOCK * BLOCK  # query block j's window
+    for h in range(hk * GROUP, hk * GROUP + GROUP):
+        q = tl.load(Q + b * sqb + h * sqh + offs[:, None] * sqs + offs_d[None, :] * sqd,
+                    mask=tile, other=0.0)
+        row = (offs * B + b) * HQ + h
+        lse = tl.load(LSE + row, mask=ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=ok, other=0.0)
+        g_local = 1.0 - tl.load(G + row, mask=ok, other=0.0)
+        dy = tl.load(DY + (offs[:, None] * B + b) * HQ * D + h * D + offs_d[None, :], mask=tile,
+                     other=0.0)
+        do = (dy * g_local[:, None]).to(q.dtype)
+        dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        dq = _dq_branch(dq, q, do, lse, delta, k_base, v_base, sks, skd, svs, svd, offs,
+                        first_key, tl.minimum(n0 + BLOCK, S), S, window, qk_scale, D, BLOCK,
+                        BLOCK_D, True, True, PREC)
+        _store_dq(DQ + b * sdqb + h * sdqh + offs[:, None] * sdqs + offs_d[None, :] * sdqd,
+                  dq * sm_scale, tile, ACC_DQ)
+
+    k = tl.load(k_base + offs[:, None] * sks + offs_d[None, :] * skd, mask=tile, other=0.0)
+    v = tl.load(v_base + offs[:, None] * svs + offs_d[None, :] * svd, mask=tile, other=0.0)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    last_query = tl.minimum(n0 + BLOCK + window - 1, S)  # the queries key block j reaches
+    for h in range(hk * GROUP, hk * GROUP + GROUP):
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q + b * sqb + h * sqh, DY, G, LSE, DELTA, sqs, sqd,
+                              offs, n0, last_query, b, h, S, B, HQ, D, window, qk_scale, BLOCK,
+                              BLOCK_D, True, True, PREC)
+    out = (offs[:, None] * B + b) * HK * D + hk * D + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=tile)
 
 
 # -- launch ----------------------------------------------------------------------------------
@@ -390,31 +461,45 @@ def _strides(t):
 
 
 class _GSWA(torch.autograd.Function):
-    """``y_global`` None: loop 1's branch is computed here from k1, v1 (``triton``); else it
-    came from SDPA (``sdpa``: k1, v1 are None here) and its gradient ``g * dy`` goes back."""
+    """``triton``: loop 1's branch computed here from k1, v1.  ``sdpa``: SDPA computes it in
+    the forward, recorded as a small autograd graph of its own (``ctx.sdpa``) whenever a
+    gradient is wanted; the backward runs that graph with ``g * dy`` first, then the window
+    kernels add their dQ into SDPA's dQ in place, instead of autograd summing two dQ tensors
+    afterwards (three more passes over [s, b, h, d])."""
 
     @staticmethod
-    def forward(ctx, q, k1, v1, k, v, gate, y_global, scale, window):
+    def forward(ctx, q, k1, v1, k, v, gate, scale, window, mode, window_backward, grad_mode):
         S, B, HQ, D = q.shape
         HK = k.shape[2]
-        fused_global = y_global is None
-        if HQ % HK or (fused_global and k1.shape[2] != HK):
+        fused_global = mode == "triton"
+        if HQ % HK or k1.shape[2] != HK:
             raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
+        ctx.sdpa = None
+        if not fused_global:
+            from plt_train.models.plt import ops
+
+            track = grad_mode and any(ctx.needs_input_grad[:3])
+            with torch.enable_grad() if track else contextlib.nullcontext():
+                leaves = [t.detach().requires_grad_(need and track)
+                          for t, need in zip((q, k1, v1), ctx.needs_input_grad)]
+                y_global = ops.causal_attention(*leaves, scale)
+            if track:
+                ctx.sdpa = (y_global, leaves)
+            y_global = y_global.detach()
         g = gate.reshape(S, B, HQ).float().contiguous()
         y = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
         diff = torch.empty_like(y)
         lse_l = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
         lse_g = torch.empty_like(lse_l) if fused_global else lse_l  # unused without GLOBAL
-        k1_, v1_ = (k1, v1) if fused_global else (k, v)  # placeholders without GLOBAL
-        yg_ = y if fused_global else y_global
+        yg_ = y if fused_global else y_global  # a placeholder with GLOBAL
         cfg = _blocks(q)
         bm, bn, warps, stages = cfg["fwd"]
         if bm % bn:  # the unmasked causal blocks [0, m0) are stepped by BLOCK_N
             raise ValueError(f"G-SWA forward tiles need BLOCK_M % BLOCK_N == 0, got {bm}, {bn}")
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         grid = (triton.cdiv(S, bm), B * HQ)
-        _gswa_fwd[grid](q, k1_, v1_, k, v, g, yg_, y, diff, lse_g, lse_l,
-                        *_strides(q), *_strides(k1_), *_strides(v1_), *_strides(k),
+        _gswa_fwd[grid](q, k1, v1, k, v, g, yg_, y, diff, lse_g, lse_l,
+                        *_strides(q), *_strides(k1), *_strides(v1), *_strides(k),
                         *_strides(v), *_strides(yg_),
                         S, B, HQ, HQ // HK, D, window, scale * LOG2E,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], GLOBAL=fused_global,
@@ -422,7 +507,7 @@ class _GSWA(torch.autograd.Function):
         ctx.save_for_backward(q, k1, v1, k, v, g, y, diff, lse_g, lse_l)
         ctx.scale, ctx.window, ctx.gate_shape, ctx.gate_dtype = scale, window, gate.shape, \
             gate.dtype
-        ctx.fused_global = fused_global
+        ctx.fused_global, ctx.window_backward = fused_global, window_backward
         return y
 
     @staticmethod
@@ -431,6 +516,7 @@ class _GSWA(torch.autograd.Function):
         S, B, HQ, D = q.shape
         HK = k.shape[2]
         fused_global = ctx.fused_global
+        need = ctx.needs_input_grad
         dy = dy.contiguous()
         cfg = _blocks(q)
         delta_g, delta_l, dgate = (torch.empty_like(g) for _ in range(3))
@@ -441,37 +527,57 @@ class _GSWA(torch.autograd.Function):
             dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, D, BLOCK_R=block_r,
             BLOCK_D=cfg["BLOCK_D"], WRITE_DYG=not fused_global)
 
+        dq = dk1 = dv1 = None
+        if ctx.sdpa is not None:  # SDPA's backward of loop 1's branch, from g * dy
+            y_global, leaves = ctx.sdpa
+            ctx.sdpa = None
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(y_global, wanted, dy_global))
+            dq, dk1, dv1 = (next(grads) if t.requires_grad else None for t in leaves)
+        acc_dq = dq is not None
+        if not acc_dq:
+            dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+
         blk, warps, stages = cfg["bwd"]
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         common = dict(BLOCK=blk, BLOCK_D=cfg["BLOCK_D"], PREC=prec, num_warps=warps,
                       num_stages=stages)
         args = (S, B, HQ, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale)
-        dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
-        k1_, v1_ = (k1, v1) if fused_global else (k, v)
-        _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
-            q, k1_, v1_, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
-            *_strides(q), *_strides(k1_), *_strides(v1_), *_strides(k), *_strides(v),
-            *args, GLOBAL=fused_global, **common)
 
-        def dkdv(kk, vv, lse, delta, local):
-            dk = torch.empty(S, B, HK, D, dtype=kk.dtype, device=q.device)
-            dv = torch.empty(S, B, HK, D, dtype=vv.dtype, device=q.device)
-            _gswa_bwd_dkdv[(triton.cdiv(S, blk), B * HK)](
-                q, kk, vv, dy, g, lse, delta, dk, dv,
-                *_strides(q), *_strides(kk), *_strides(vv),
+        def new_kv():
+            return (torch.empty(S, B, HK, D, dtype=k.dtype, device=q.device),
+                    torch.empty(S, B, HK, D, dtype=v.dtype, device=q.device))
+
+        dk = dv = None
+        if not fused_global and ctx.window_backward == "fused":
+            dk, dv = new_kv()  # computed even when K/V need none: dQ comes from the same pass
+            _gswa_bwd_window[(triton.cdiv(S, blk), B * HK)](
+                q, k, v, dy, g, lse_l, delta_l, dq, dk, dv,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
                 S, B, HQ, HK, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale,
-                LOCAL=local, **common)
-            return dk, dv
+                ACC_DQ=acc_dq, **common)
+        else:
+            _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
+                q, k1, v1, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
+                *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
+                *_strides(dq), *args, GLOBAL=fused_global, ACC_DQ=acc_dq, **common)
 
-        need = ctx.needs_input_grad
-        dk1 = dv1 = dk = dv = None
-        if fused_global and (need[1] or need[2]):  # loop 1's K/V are detached in the
-            dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)  # released recipe
-        if need[3] or need[4]:
-            dk, dv = dkdv(k, v, lse_l, delta_l, True)
+            def dkdv(kk, vv, lse, delta, local):
+                dk_, dv_ = new_kv()
+                _gswa_bwd_dkdv[(triton.cdiv(S, blk), B * HK)](
+                    q, kk, vv, dy, g, lse, delta, dk_, dv_,
+                    *_strides(q), *_strides(kk), *_strides(vv),
+                    S, B, HQ, HK, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale,
+                    LOCAL=local, **common)
+                return dk_, dv_
+
+            if fused_global and (need[1] or need[2]):  # loop 1's K/V are detached in the
+                dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)  # released recipe
+            if need[3] or need[4]:
+                dk, dv = dkdv(k, v, lse_l, delta_l, True)
         dgate = dgate.view(ctx.gate_shape).to(ctx.gate_dtype) if need[5] else None
-        d_y_global = None if fused_global or not need[6] else dy_global
-        return dq, dk1, dv1, dk, dv, dgate, d_y_global, None, None
+        return (dq if need[0] else None, dk1, dv1, dk if need[3] else None,
+                dv if need[4] else None, dgate, None, None, None, None, None)
 
 
 __all__ = ["fused_applies", "gswa_attention"]

@@ -9,15 +9,18 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
 
 * ``gswa``: G-SWA forward+backward vs PyTorch SDPA causal attention of the same shape
   (the target: at most 1.15x): ``gswa_kernel`` (the default: loop 1's branch by SDPA, the
-  window branch and the gate in Triton) and ``gswa_one_kernel`` (both branches in one Triton
-  kernel); FlexAttention causal and window-64 (GPU only), and the naive G-SWA (``ops.gswa``:
+  window branch and the gate in Triton, the window's backward in one kernel),
+  ``gswa_kernel_split_bwd`` (that backward as a dQ and a dK/dV kernel) and
+  ``gswa_one_kernel`` (both branches in one Triton kernel); FlexAttention causal and window-64 (GPU only), and the naive G-SWA (``ops.gswa``:
   two SDPA calls, one with a [S, S] band mask, and the gate mix); and forward only
   (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, the
   fine-grained layer's full-width gather-sum combine vs megatron's ``unpermute``, and the
-  whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x), with
-  the fine-grained layer beside it (same expert FLOPs).
+  whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x) and vs
+  their FLOPs at the measured matmul peak, with the fine-grained layer beside it (same expert
+  FLOPs); each layer unfused, with the DCCA kernels, and with those plus the fused SwiGLU
+  (``model.swiglu_fusion``), which is also checked against the eager SwiGLU.
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
   issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
@@ -115,14 +118,15 @@ def section_gswa(args, device, dtype) -> list:
     ref_in = [t.detach().float().requires_grad_(True) for t in ins]
     y_ref, grads_ref = fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ref_in, dy.float())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for branch in gswa.GLOBAL_BRANCHES:
-        y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w, global_branch=branch),
-                           ins, dy)
+    for name, branch, backward in (("sdpa", "sdpa", "fused"), ("sdpa_split", "sdpa", "split"),
+                                   ("triton", "triton", None)):
+        y, grads = fwd_bwd(lambda *a: gswa.gswa_attention(
+            *a, scale, w, global_branch=branch, window_backward=backward), ins, dy)
         err = max_rel_err([y, *grads], [y_ref, *grads_ref])
-        records.append(dict(section="gswa", variant=f"check_{branch}", max_rel_err=err,
+        records.append(dict(section="gswa", variant=f"check_{name}", max_rel_err=err,
                             tol=tol, ok=err <= tol, B=check[0], H=H, S=check[2], D=D,
                             window=w))
-        log(f"gswa check ({branch} global branch): max rel err {err:.2e} (tol {tol:g})")
+        log(f"gswa check ({name}): max rel err {err:.2e} (tol {tol:g})")
 
     # timing at the issue's shape, fwd+bwd
     ins, dy = gswa_inputs(B, H, S, D, dtype, device)
@@ -136,6 +140,9 @@ def section_gswa(args, device, dtype) -> list:
         "gswa_naive": lambda: fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ins, dy),
         # the default: loop 1's branch by SDPA, the window branch + gate in Triton
         "gswa_kernel": lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy),
+        # the same with the window branch's backward as two kernels (dQ, then dK/dV)
+        "gswa_kernel_split_bwd": lambda: fwd_bwd(
+            lambda *a: gswa.gswa_attention(*a, scale, w, window_backward="split"), ins, dy),
         # both branches in the one Triton kernel (global_branch="triton")
         "gswa_one_kernel": lambda: fwd_bwd(
             lambda *a: gswa.gswa_attention(*a, scale, w, global_branch="triton"), ins, dy),
@@ -263,9 +270,17 @@ def section_dcca(args, device, dtype) -> list:
     return records
 
 
+# The MoE layer variants timed: (dcca_kernel, model.swiglu_fusion) -> the record's suffix.
+# torch/off is run 1's unfused baseline, triton/off run 1's fused DCCA, triton/on the default
+# on CUDA since 2026-11-27 (megatron's fused SwiGLU in the experts too).
+MOE_VARIANTS = {("torch", "off"): "torch", ("triton", "off"): "triton",
+                ("triton", "on"): "triton_swiglu"}
+
+
 def _build_moe_layers(device, dtype, T, h, E, K, r):
-    """({(kind, dcca_kernel): layer} at EP=1 (dropless), the generator that made the input,
-    ``layer_step(layer)``: one forward + backward of an input [T/4, 4, h])."""
+    """({(kind, suffix): layer} at EP=1 (dropless) for each of ``MOE_VARIANTS``, the
+    generator that made the input, ``layer_step(layer)``: one forward + backward of an input
+    [T/4, 4, h]).  Every layer of a kind gets the first one's weights."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.spec_utils import build_module
 
@@ -281,55 +296,100 @@ def _build_moe_layers(device, dtype, T, h, E, K, r):
     heads = max(1, h // 128)
     layers = {}
     for kind in ("bigmac", "fine_grained"):
-        for kernel in ("torch", "triton"):
+        first = None
+        for (kernel, fusion), suffix in MOE_VARIANTS.items():
             model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
-                                seq_length=T // 4,
+                                seq_length=T // 4, swiglu_fusion=fusion,
                                 moe=MoEConfig(layer=kind, num_experts=E, top_k=K, ratio=r,
                                               capacity_factor=None, dcca_kernel=kernel))
             tc = to_transformer_config(model, ParallelConfig(), dtype,
                                        megatron_device_kwargs(dev))
             layer = build_module(mlp_spec(model), config=tc).to(device)
             layer.set_layer_number(1)
-            layers[kind, kernel] = layer
+            if first is None:
+                first = layer
+            layer.load_state_dict(first.state_dict())
+            layers[kind, suffix] = layer
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype).requires_grad_(True)
     dy = torch.randn(T // 4, 4, h, generator=g, device=device).to(dtype)
 
     def layer_step(layer):
         out, _ = layer(x)
-        torch.autograd.grad(out, [x, *layer.parameters()], dy, allow_unused=True)
+        return out, torch.autograd.grad(out, [x, *layer.parameters()], dy, allow_unused=True)
 
     return layers, g, layer_step
 
 
 def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
-    """Each whole layer forward+backward at EP=1 (dropless) with each dcca_kernel, and
-    BigMac's experts alone on the same number of (balanced) routed tokens: the issue's ratio.
-    The fine-grained layer's experts do the same FLOPs (h -> r*h -> h instead of r*h -> h ->
-    r*h), so its rows read against the same baseline."""
+    """Each whole layer forward+backward at EP=1 (dropless) for each of ``MOE_VARIANTS``,
+    against BigMac's expert GEMMs on the same number of (balanced) routed rows: the issue's
+    ratio.  The baseline ``expert_gemms`` is the six grouped GEMMs alone (fc1 and fc2, forward
+    and both backward products); ``experts_*`` are the expert module with its SwiGLU unfused
+    (run 1's "expert_gemms") and fused; ``experts_at_peak`` is their FLOPs at this card's
+    measured matmul peak, the issue's own yardstick.  The fine-grained layer's experts do the
+    same FLOPs (h -> r*h -> h instead of r*h -> h -> r*h), so its rows read against the same
+    baselines."""
+    from kernels import max_rel_err
+    from plt_train.training.metrics import _measured_peak
+
     layers, g, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
     records = []
-    experts = layers["bigmac", "torch"].experts
-    tokens = torch.randn(T * K, int(r * h), generator=g, device=device).to(dtype)
-    tokens.requires_grad_(True)
-    per_expert = torch.full((E,), T * K // E, dtype=torch.long, device=device)
-    per_expert[-1] += T * K - int(per_expert.sum())
+    rh, rows = int(r * h), T * K
+    tokens = torch.randn(rows, rh, generator=g, device=device).to(dtype).requires_grad_(True)
+    per_expert = torch.full((E,), rows // E, dtype=torch.long, device=device)
+    per_expert[-1] += rows - int(per_expert.sum())
     d_tok = torch.randn_like(tokens)
 
-    def expert_step():
+    def expert_step(experts):
         out, _ = experts(tokens, per_expert)
-        torch.autograd.grad(out, [tokens, *experts.parameters()], d_tok)
+        return out, torch.autograd.grad(out, [tokens, *experts.parameters()], d_tok)
 
-    gemm_ms = timeit(expert_step, args.warmup, args.iters, device)
-    records.append(dict(section="dcca", variant="expert_gemms", ms=gemm_ms, vs_baseline=1.0,
-                        **shape))
-    log(f"dcca expert_gemms: {gemm_ms:.3f} ms")
-    for (kind, kernel), layer in layers.items():
+    experts = {fusion: layers["bigmac", MOE_VARIANTS["triton", fusion]].experts
+               for fusion in ("off", "on")}
+    # The fused SwiGLU against the eager one, through the whole expert module, gradients too.
+    got, want = (expert_step(experts[f]) for f in ("on", "off"))
+    err = max_rel_err([got[0], *got[1]], [want[0], *want[1]])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    records.append(dict(section="dcca", variant="check_swiglu_fusion", max_rel_err=err,
+                        tol=tol, ok=err <= tol, **shape))
+    log(f"dcca check_swiglu_fusion: max rel err {err:.2e} (tol {tol:g})")
+
+    w1, w2 = experts["off"].linear_fc1.weight, experts["off"].linear_fc2.weight
+    offs = torch.cumsum(per_expert, 0).to(torch.int32)
+    act = torch.randn(rows, w2.shape[1], generator=g, device=device).to(dtype)
+    act.requires_grad_(True)
+    d_fc1 = torch.randn(rows, w1.shape[2], generator=g, device=device).to(dtype)
+
+    def gemm_step():
+        fc1 = torch._grouped_mm(tokens, w1, offs=offs)
+        torch.autograd.grad(fc1, [tokens, w1], d_fc1)
+        fc2 = torch._grouped_mm(act, w2, offs=offs)
+        torch.autograd.grad(fc2, [act, w2], d_tok)
+
+    flops = 18 * rows * rh * h  # SwiGLU experts, forward + backward (3 x 2 x 3 r h^2 per row)
+    peak = _measured_peak(device, dtype, torch.get_num_threads())
+    base = {"experts_at_peak": flops / peak * 1e3}
+    log(f"dcca matmul peak {peak / 1e12:.1f} TFLOP/s measured: the experts' {flops:.3g} FLOPs "
+        f"take {base['experts_at_peak']:.3f} ms there")
+    steps = {"expert_gemms": gemm_step, "experts_unfused": lambda: expert_step(experts["off"]),
+             "experts_fused": lambda: expert_step(experts["on"])}
+    for name, fn in steps.items():
+        base[name] = timeit(fn, args.warmup, args.iters, device)
+        log(f"dcca {name}: {base[name]:.3f} ms")
+    gemm_ms = base["expert_gemms"]
+    for name, ms in base.items():
+        records.append(dict(section="dcca", variant=name, ms=ms, vs_baseline=ms / gemm_ms,
+                            vs_peak=ms / base["experts_at_peak"], flops=flops,
+                            peak_tflops=peak / 1e12, **shape))
+    for (kind, suffix), layer in layers.items():
         ms = timeit(lambda: layer_step(layer), args.warmup, args.iters, device)
-        assert layer.fused_kernels == (kernel == "triton")
-        records.append(dict(section="dcca", variant=f"{kind}_layer_{kernel}", ms=ms,
-                            vs_baseline=ms / gemm_ms, **shape))
-        log(f"dcca {kind}_layer_{kernel}: {ms:.3f} ms ({ms / gemm_ms:.2f}x expert GEMMs)")
+        assert layer.fused_kernels == suffix.startswith("triton")
+        records.append(dict(section="dcca", variant=f"{kind}_layer_{suffix}", ms=ms,
+                            vs_baseline=ms / gemm_ms, vs_peak=ms / base["experts_at_peak"],
+                            **shape))
+        log(f"dcca {kind}_layer_{suffix}: {ms:.3f} ms ({ms / gemm_ms:.2f}x the expert GEMMs, "
+            f"{ms / base['experts_at_peak']:.2f}x their FLOPs at peak)")
     return records
 
 
@@ -381,8 +441,8 @@ def section_profile(args, device, dtype) -> list:
 
     T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
     layers, _, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
-    for (kind, kernel), layer in layers.items():
-        records += _top_ops(f"{kind}_layer_{kernel}", lambda: layer_step(layer), args, device,
+    for (kind, suffix), layer in layers.items():
+        records += _top_ops(f"{kind}_layer_{suffix}", lambda: layer_step(layer), args, device,
                             dict(T=T, h=h, experts=E, top_k=K, ratio=r))
     return records
 

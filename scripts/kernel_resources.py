@@ -7,7 +7,8 @@ found on a machine without one (kernels/offline.py: real launches, the JIT's spe
 
 Each kernel family is launched through its autograd function / op at the issue's shapes in
 bf16 (forward and backward):
-* G-SWA: B=4, H=16, S=4096, D=128, w=64 (both dK/dV branches: loop 1's K/V require grad);
+* G-SWA: B=4, H=16, S=4096, D=128, w=64, both global branches (``triton``: both dK/dV
+  branches, loop 1's K/V require grad; ``sdpa``: both window backwards);
 * DCCA: d=2048, 64 experts, top-8, r=0.25 (1024 tokens: the token count changes no
   specialisation, 16384 would only slow the CPU matmuls of the backward);
 * PLT decode: 4 KV heads x 4, d=128, a 2048-token cache, window 64, R = 2 and 3, batch 1
@@ -40,7 +41,10 @@ BF16 = torch.bfloat16
 
 
 def launch_gswa(tiles: dict | None = None) -> None:
+    from unittest import mock
+
     from kernels import gswa
+    from plt_train.models.plt import ops
 
     B, H, S, D, w = 4, 16, 4096, 128, 64
     gswa.TILE_OVERRIDE.clear()
@@ -50,11 +54,14 @@ def launch_gswa(tiles: dict | None = None) -> None:
         gate = torch.empty(S, B, H, 1, dtype=BF16, requires_grad=True)
         y = gswa.gswa_attention(*ins, gate, D ** -0.5, w, global_branch="triton")
         y.backward(torch.empty_like(y))
-        # global_branch="sdpa" (the default): loop 1's branch comes in.  Its Function is
-        # called directly: SDPA itself would run for real here, a [S, S] score matrix on CPU.
-        y_global = torch.empty(S, B, H, D, dtype=BF16, requires_grad=True)
-        y = gswa._GSWA.apply(ins[0], None, None, ins[3], ins[4], gate, y_global, D ** -0.5, w)
-        y.backward(torch.empty_like(y))
+        # global_branch="sdpa" (the default), each window backward.  SDPA would run for real
+        # here, a [S, S] score matrix on CPU: a stand-in with its shapes and a gradient for
+        # each input takes its place (it runs on the CPU; only the Triton launches compile).
+        with mock.patch.object(ops, "causal_attention", lambda q, k, v, scale: q + 0 * (k + v)):
+            for backward in gswa.WINDOW_BACKWARDS:
+                y = gswa.gswa_attention(*ins, gate, D ** -0.5, w, global_branch="sdpa",
+                                        window_backward=backward)
+                y.backward(torch.empty_like(y))
     finally:
         gswa.TILE_OVERRIDE.clear()
 

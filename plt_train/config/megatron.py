@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from plt_train.config.schema import ModelConfig, ParallelConfig
 
 
+SWIGLU_FUSIONS = ("auto", "on", "off")
+
+
 def swiglu_ffn_size(hidden_size: int) -> int:
     """Llama's rule: 2/3 of 4h (equal parameters to a 4h GELU MLP), rounded up to 64."""
     return 64 * math.ceil(8 * hidden_size / 3 / 64)
@@ -36,6 +39,9 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: t
     from plt_train.models.moe.config import moe_transformer_kwargs  # here: no import cycle
 
     bf16 = dtype == torch.bfloat16
+    device_kwargs = dict(device_kwargs)
+    if model.swiglu_fusion != "auto":  # else the device's default (megatron_device_kwargs)
+        device_kwargs["bias_activation_fusion"] = model.swiglu_fusion == "on"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

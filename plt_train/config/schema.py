@@ -112,6 +112,12 @@ class ModelConfig:
     backend: str = "auto"
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # SwiGLU as one fused kernel forward and one backward (megatron-core's
+    # ``bias_swiglu_impl``, i.e. TransformerConfig.bias_activation_fusion: torch.compile'd),
+    # in the dense MLPs and the routed experts, instead of eager chunk / silu / mul and their
+    # autograd.  "auto": on with CUDA (Megatron-LM's default, --bias-swiglu-fusion), off on
+    # CPU, where torch.compile builds C++ for every new shape; "on"; "off".
+    swiglu_fusion: str = "auto"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from plt_train.config.megatron import SWIGLU_FUSIONS
 from plt_train.config.schema import RunConfig
 
 
@@ -52,6 +53,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
                           f"num_attention_heads={m.num_attention_heads}",
                           "pick a hidden size that is a multiple of the head count")
+    if m.swiglu_fusion not in SWIGLU_FUSIONS:
+        raise ConfigError("model.swiglu_fusion", f"unknown {m.swiglu_fusion!r}",
+                          ", ".join(SWIGLU_FUSIONS))
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % groups:
         raise ConfigError("model.num_query_groups", f"{groups} does not divide "

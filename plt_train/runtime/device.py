@@ -54,7 +54,9 @@ def megatron_device_kwargs(device: DeviceInfo) -> dict:
         # without them the grad norm drops every TP-sharded weight on TP ranks > 0.
         perform_initialization=not cuda,
         gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
-        bias_activation_fusion=False,  # we have no bias; SwiGLU fusion is in the TE backend
+        # megatron's fused SwiGLU (no bias here) is torch.compile'd: on with CUDA, as in
+        # Megatron-LM; on CPU torch.compile would build C++ per shape.  model.swiglu_fusion.
+        bias_activation_fusion=cuda,
         masked_softmax_fusion=False,  # unused: attention is SDPA (local) or TE
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

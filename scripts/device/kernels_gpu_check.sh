@@ -20,7 +20,8 @@
 #  train_plt, train_bigmac: the training end-to-end re-run, kernels off vs on, one process
 #     each (bench_train.py --which ours): PLT-2 on 8 layers of the 1b shape
 #     (model.loop.kernel) and BigMac on 4 (64 experts, top-8, r=0.25, capacity 1.2;
-#     model.moe.dcca_kernel).
+#     model.moe.dcca_kernel); "on" also turns on megatron's fused SwiGLU (model.swiglu_fusion,
+#     the CUDA default since 2026-11-27), "off" runs the eager SwiGLU as run 1 did.
 #  bench_decode: bench_decode.py at the PLT issue's shape (16 layers, d=2048, prompt 1024),
 #     eager vs CUDA graph, decode attention torch vs triton: the decode end-to-end re-run.
 # A re-check runs a subset: STAGES (the names above), BENCH_SECTIONS and BENCH_ARGS
@@ -74,11 +75,17 @@ want gswa_tiles && stage gswa_tiles 90 python3 scripts/bench_kernels.py --only g
 want tests && stage tests 120 python3 -m pytest \
     ${TESTS:-tests/kernels tests/inference/test_generator.py tests/models/test_moe_wire.py} \
     -q -rfE -n 8 --deselect tests/kernels/test_compile_for_hopper.py
+# kernels off = the Triton kernels and megatron's fused SwiGLU off; on = both on
+fusion() { [[ $1 == triton ]] && echo on || echo off; }
 if want train_plt; then
-  for k in torch triton; do train plt loop.kernel "$k" 8 name=plt loops=2; done
+  for k in torch triton; do
+    train plt loop.kernel "$k" 8 name=plt loops=2 "swiglu_fusion=$(fusion "$k")"
+  done
 fi
 if want train_bigmac; then
-  for k in torch triton; do train bigmac moe.dcca_kernel "$k" 4 moe.layer=bigmac; done
+  for k in torch triton; do
+    train bigmac moe.dcca_kernel "$k" 4 moe.layer=bigmac "swiglu_fusion=$(fusion "$k")"
+  done
 fi
 want bench_decode && stage bench_decode 150 python3 scripts/bench_decode.py --layers 16 \
     --hidden 2048 --heads 16 --groups 4 --vocab 32768 --new 64 --cuda-graph off on \

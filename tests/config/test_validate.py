@@ -49,6 +49,7 @@ def test_default_config_is_valid_for_two_processes():
     (["model.name=plt", "model.loops=2", "parallel.pipeline=2", "train.global_batch_size=24"],
      2, "train.global_batch_size", "interleaved schedule"),
     (["model.backend=te"], 2, "model.backend", "not installed"),
+    (["model.swiglu_fusion=yes"], 2, "model.swiglu_fusion", "unknown"),
     (["model.make_vocab_size_divisible_by=127", "parallel.tensor=2"], 2,
      "model.make_vocab_size_divisible_by", "multiple"),
 ])
@@ -58,6 +59,24 @@ def test_invalid_configs_name_the_field(overrides, world, field, words):
         validate(cfg, world)
     assert err.value.field == field
     assert words in str(err.value) and "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("choice, cpu, cuda", [("auto", False, True), ("on", True, True),
+                                               ("off", False, False)])
+def test_swiglu_fusion_is_the_device_default_unless_set(choice, cpu, cuda):
+    """model.swiglu_fusion becomes megatron's bias_activation_fusion: "auto" takes the
+    device's default (on with CUDA, as in Megatron-LM), "on" / "off" override it."""
+    import torch
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.config.schema import ParallelConfig
+    from plt_train.runtime.device import DeviceInfo, megatron_device_kwargs
+
+    model = compose_run(["experiment=debug", f"model.swiglu_fusion={choice}"]).model
+    for kind, want in (("cpu", cpu), ("cuda", cuda)):
+        kwargs = megatron_device_kwargs(DeviceInfo(torch.device(kind), "gloo", kind))
+        tc = to_transformer_config(model, ParallelConfig(), torch.float32, kwargs)
+        assert tc.bias_activation_fusion is want, (choice, kind)
 
 
 def test_unknown_key_is_rejected_by_the_schema():

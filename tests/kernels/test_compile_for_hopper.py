@@ -24,10 +24,10 @@ from tests.conftest import REPO
 # kernel -> its distinct compilations (G-SWA: GLOBAL, i.e. global_branch triton or sdpa, and
 # for dK/dV: LOCAL; gather-sum: WEIGHTED; decode: LOOPS x SPLITS)
 EXPECTED = {"_gswa_fwd": 2, "_gswa_bwd_pre": 2, "_gswa_bwd_dq": 2, "_gswa_bwd_dkdv": 2,
-            "_descend_permute_kernel": 1, "_gather_sum_kernel": 2,
+            "_gswa_bwd_window": 1, "_descend_permute_kernel": 1, "_gather_sum_kernel": 2,
             "_combine_backward_kernel": 1, "_plt_decode_kernel": 6}
-TENSOR_CORES = {"_gswa_fwd", "_gswa_bwd_dq", "_gswa_bwd_dkdv", "_descend_permute_kernel",
-                "_plt_decode_kernel"}
+TENSOR_CORES = {"_gswa_fwd", "_gswa_bwd_dq", "_gswa_bwd_dkdv", "_gswa_bwd_window",
+                "_descend_permute_kernel", "_plt_decode_kernel"}
 # Spills per thread the default tiles may have (2026-11-27, Triton 3.9: at most 56 bytes, the
 # global branch's dK/dV).  A change that spills kilobytes (e.g. a second live accumulator at
 # the 4-warp forward tile: 3 KB) is a slowdown no CPU test would otherwise see.

@@ -28,12 +28,16 @@ SHAPES = [  # S, B, query heads, KV heads, head dim, window
     (33, 2, 2, 2, 16, 64),
     (1, 1, 2, 2, 16, 4),
 ]
-# Loop 1's causal branch in the one Triton kernel, or from SDPA with the rest in Triton.
-BRANCHES = pytest.mark.parametrize("branch", gswa.GLOBAL_BRANCHES)
+# Loop 1's causal branch in the one Triton kernel, or from SDPA with the rest in Triton, the
+# window branch's backward then in one kernel (the default) or two.
+PATHS = ["sdpa/fused", "sdpa/split", "triton"]
+BRANCHES = pytest.mark.parametrize("branch", PATHS)
 
 
-def _kernel(branch):
-    return functools.partial(gswa.gswa_attention, global_branch=branch)
+def _kernel(path):
+    branch, _, backward = path.partition("/")
+    return functools.partial(gswa.gswa_attention, global_branch=branch,
+                             window_backward=backward or None)
 
 
 def _inputs(S, B, HQ, HK, D, dtype, seed):
@@ -95,7 +99,7 @@ def test_detached_shared_kv_and_strided_views(branch):
     k1, v1 = torch.randn(2, S, B, HK, D, generator=g).to(DEVICE).unbind(0)
     gate = torch.rand(S, B, HQ, 1, generator=g).to(DEVICE).requires_grad_()
     dy = torch.randn(S, B, HQ, D, generator=g).to(DEVICE)
-    y = gswa.gswa_attention(q, k1, v1, k, v, gate, D ** -0.5, w, global_branch=branch)
+    y = _kernel(branch)(q, k1, v1, k, v, gate, D ** -0.5, w)
     got = torch.autograd.grad(y, (fused, gate), dy)
     y_ref = ops.gswa(q, k1, v1, k, v, gate, D ** -0.5, w)
     want = torch.autograd.grad(y_ref, (fused, gate), dy)
@@ -104,12 +108,32 @@ def test_detached_shared_kv_and_strided_views(branch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_sdpa_branch_records_a_graph_only_for_a_backward(mode, monkeypatch):
+    """The SDPA branch records its own autograd graph inside the forward (for the backward's
+    in-place dQ sum), but only when a backward can follow: not in prefill or decode (no_grad,
+    inference_mode), where it would only hold memory; the output is the same either way."""
+    S, B, HQ, HK, D, w = 21, 1, 2, 2, 16, 5
+    inputs, _ = _inputs(S, B, HQ, HK, D, torch.float32, seed=4)
+    recorded = []
+    sdpa = ops.causal_attention
+    monkeypatch.setattr(ops, "causal_attention",
+                        lambda *a: recorded.append(torch.is_grad_enabled()) or sdpa(*a))
+    with getattr(torch, "enable_grad" if mode == "grad" else mode)():
+        y = gswa.gswa_attention(*inputs, D ** -0.5, w)
+    assert recorded == [mode == "grad"] and y.requires_grad == (mode == "grad")
+    monkeypatch.undo()
+    want = ops.gswa(*inputs, D ** -0.5, w)
+    torch.testing.assert_close(y.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ops.gswa(*inputs, D ** -0.5, w).detach(), rtol=1e-5, atol=1e-5)
+
+
 @BRANCHES
 def test_the_window_and_the_gate_matter(branch):
     """Guards the oracle: a wrong window or an ignored gate would be caught above."""
     S, B, HQ, HK, D, w = 24, 1, 2, 2, 16, 4
     inputs, _ = _inputs(S, B, HQ, HK, D, torch.float32, seed=1)
-    y = gswa.gswa_attention(*inputs, D ** -0.5, w, global_branch=branch).detach()
+    y = _kernel(branch)(*inputs, D ** -0.5, w).detach()
     assert (y - ops.gswa(*inputs, D ** -0.5, w + 1)).abs().max() > 1e-2
     flipped = inputs[:5] + [1 - inputs[5]]
     assert (y - ops.gswa(*flipped, D ** -0.5, w)).abs().max() > 1e-2
@@ -127,6 +151,8 @@ def test_selection():
         use_triton("fast", q.device)
     with pytest.raises(ValueError, match="global_branch"):
         gswa.gswa_attention(q, q, q, q, q, q[..., :1], 0.25, 4, global_branch="flash")
+    with pytest.raises(ValueError, match="window_backward"):
+        gswa.gswa_attention(q, q, q, q, q, q[..., :1], 0.25, 4, window_backward="one")
 
 
 def test_first_use_check_guards_auto():

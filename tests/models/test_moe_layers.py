@@ -118,6 +118,53 @@ def test_layer_is_the_papers_formula(one_rank, layer_type):
     torch.testing.assert_close(out.reshape(-1, H).detach(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer_type", ["dense", "fine_grained", "bigmac"])
+def test_swiglu_fusion_is_used_and_changes_nothing(one_rank, layer_type, monkeypatch):
+    """model.swiglu_fusion=on: megatron's fused SwiGLU (torch.compile'd; C++ on this CPU)
+    runs in the dense MLP and in the routed experts (GroupedExperts._act) and gives the
+    eager path's output and gradients; "off" never calls it."""
+    import megatron.core.fusions.fused_bias_swiglu as fused
+    import megatron.core.transformer.mlp as mlp
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused_impl(*args, **kwargs)
+
+    fused_impl = fused.bias_swiglu_impl
+    monkeypatch.setattr(fused, "bias_swiglu_impl", counted)  # the experts' import
+    monkeypatch.setattr(mlp, "bias_swiglu_impl", counted)  # megatron's MLP's
+    from megatron.core.transformer.spec_utils import build_module
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.moe import mlp_spec
+
+    x = torch.randn(S, B, H)
+    dy = torch.randn(S, B, H)
+    results, first = [], None
+    for fusion in ("off", "on"):
+        model = _model(layer_type, num_shared_experts=1) if layer_type != "dense" \
+            else _model("dense")
+        model.swiglu_fusion = fusion
+        tc = to_transformer_config(model, ParallelConfig(), torch.float32,
+                                   megatron_device_kwargs(one_rank))
+        layer = build_module(mlp_spec(model), config=tc)
+        if layer_type != "dense":
+            layer.set_layer_number(1)
+        if first is None:
+            first = layer
+        layer.load_state_dict(first.state_dict())
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results.append([out, *torch.autograd.grad(out, [xi, *params], dy)])
+        # dense: the MLP; MoE: the routed experts and the shared expert (megatron's MLP)
+        assert len(calls) == {"off": 0, "on": 1 if layer_type == "dense" else 2}[fusion]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bigmac_and_fine_grained_experts_have_equal_size(one_rank):
     from plt_train.models.moe.flops import moe_layer_parameters
 

@@ -26,11 +26,19 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
     stdout, records = _bench_small(tmp_path)
     assert (tmp_path / "bench_kernels.png").stat().st_size > 1000
     checks = [r for r in records if r["variant"].startswith("check")]
-    assert sorted(r["section"] for r in checks) == ["dcca", "decode", "gswa", "gswa"]
+    assert sorted(r["variant"] for r in checks) == [
+        "check", "check", "check_sdpa", "check_sdpa_split", "check_swiglu_fusion",
+        "check_triton"]
     assert all(r["ok"] and r["max_rel_err"] <= r["tol"] for r in checks)
     timed = {(r["section"], r["variant"]) for r in records if "ms" in r}
     assert {("gswa", "sdpa_causal"), ("gswa", "gswa_naive"), ("gswa", "gswa_kernel"),
-            ("gswa", "gswa_one_kernel")} <= timed
+            ("gswa", "gswa_kernel_split_bwd"), ("gswa", "gswa_one_kernel")} <= timed
+    # the MoE layers: each variant against the bare grouped GEMMs and their FLOPs at peak
+    layers = {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
+              for x in ("torch", "triton", "triton_swiglu")}
+    assert {("dcca", v) for v in layers | {"expert_gemms", "experts_unfused", "experts_fused",
+                                            "experts_at_peak"}} <= timed
+    assert all(r["vs_peak"] > 0 for r in records if r["variant"] in layers)
     assert all(r["ms"] > 0 and r["vs_baseline"] > 0 for r in records if "ms" in r)
     lines = stdout.splitlines()  # the table comes last: its header, then one row each
     header = max(i for i, line in enumerate(lines) if line.startswith("section "))
@@ -52,12 +60,12 @@ def test_gswa_tile_sweep_checks_every_tiling_against_the_default(tmp_path):
 
 def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
     """``--only profile``: G-SWA's default path and each MoE layer (BigMac / fine-grained x
-    torch / triton), each with its largest ops and their shares of the profiled time; our
+    torch / triton / triton with the fused SwiGLU), each with its largest ops and their shares of the profiled time; our
     kernels appear in the paths that use them and only there."""
     _, records = _bench_small(tmp_path, "--only", "profile")
     steps = {r["variant"] for r in records}
     assert steps == {"gswa_kernel"} | {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
-                                       for x in ("torch", "triton")}
+                                       for x in ("torch", "triton", "triton_swiglu")}
     for step in steps:
         rows = [r for r in records if r["variant"] == step]
         assert 0 < len(rows) <= 12 and all(0 < r["share"] <= 1 for r in rows)
@@ -66,7 +74,7 @@ def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
         assert all(r["step_ms"] > 0 and r["kernels_ms"] > 0 for r in rows)
     ours = ("_Combine", "_gather_sum_kernel")  # the op on CPU, the kernel on CUDA
     for r in records:
-        assert any(name in r["op"] for name in ours) <= r["variant"].endswith("triton"), r
+        assert any(name in r["op"] for name in ours) <= ("triton" in r["variant"]), r
     assert any(any(name in r["op"] for name in ours) for r in records
                if r["variant"] == "bigmac_layer_triton")
     assert any(name in r["op"] for r in records if r["variant"] == "gswa_kernel"
