@@ -17,9 +17,11 @@ Either way no [s, s] score matrix or mask is materialised, and the forward write
 dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
 
 Backward: one kernel computes the per-row terms (``delta`` of each branch, the gate gradient
-``<dy, diff>``; with ``sdpa`` also ``g dy``, the gradient SDPA's backward takes), then a dK/dV
-kernel per branch (for K1/V1 only with ``triton`` and when they are not detached, as they are
-in the released recipe) and one dQ kernel over the branches it ran.
+``<dy, diff>``; with ``sdpa`` also ``g dy``, the gradient SDPA's backward takes).  With
+``sdpa``, SDPA's backward runs next, and then one kernel computes the window branch's dQ
+(added into SDPA's dQ in place), dK and dV (``window_backward="fused"``; ``"split"``: a dQ
+kernel, then a dK/dV kernel).  With ``triton``: a dK/dV kernel per branch (for K1/V1 only
+when they are not detached, as they are in the released recipe) and one dQ kernel over both.
 
 Layout: megatron's [s, b, heads, d] with any strides (q/k/v are views of the fused QKV
 projection); grouped K/V heads (GQA) are read in place.  The reference is
@@ -472,8 +474,10 @@ class _GSWA(torch.autograd.Function):
         S, B, HQ, D = q.shape
         HK = k.shape[2]
         fused_global = mode == "triton"
-        if HQ % HK or k1.shape[2] != HK:
+        if HQ % HK:
             raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
+        if k1.shape[2] != HK:
+            raise ValueError(f"loop 1's K/V have {k1.shape[2]} heads, the loop's own {HK}")
         ctx.sdpa = None
         if not fused_global:
             from plt_train.models.plt import ops

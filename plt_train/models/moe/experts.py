@@ -104,9 +104,10 @@ class GroupedExperts(MegatronModule):
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU fused like megatron's dense MLP under ``config.bias_activation_fusion``
-        (``model.swiglu_fusion``): one read of ``h`` and one write of the result each way,
-        where eager chunk / silu / mul and their autograd make about twice the passes over
-        ``h`` [routed rows, 2 * hidden] (BigMac's widest tensor: hidden = h, not r*h)."""
+        (``model.swiglu_fusion``): one kernel each way, each reading its inputs once and
+        writing its output once, where eager chunk / silu / mul and their autograd run six
+        kernels and move 2.25x the bytes of ``h`` [routed rows, 2 * hidden] (BigMac's
+        widest tensor: hidden = h, not r*h; docs/benchmarks.md)."""
         if self.activation == "swiglu":
             if self.config.bias_activation_fusion and h.numel():  # (no compile for 0 rows)
                 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
