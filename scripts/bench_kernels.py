@@ -515,7 +515,7 @@ def section_gswa_tiles(args, device, dtype) -> list:
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     run = lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy)  # noqa: E731
     y0, grads0 = run()
-    default = gswa._blocks(ins[0])
+    default = gswa._blocks(ins[0], window_only=gswa.GLOBAL_BRANCH == "sdpa")
     records = []
     sweeps = (("fwd", SMALL_FWD_TILES if args.small else gswa.SWEEP_FWD_TILES),
               ("bwd", SMALL_BWD_TILES if args.small else gswa.SWEEP_BWD_TILES))

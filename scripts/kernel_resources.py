@@ -114,11 +114,11 @@ def collect(gswa_tiles: bool) -> list:
 
     launches = [("gswa", None, launch_gswa), ("dcca", None, launch_dcca),
                 ("decode", None, launch_decode)]
-    if gswa_tiles:
+    if gswa_tiles:  # every tiling on both paths (a default's compilations appear once)
         launches += [("gswa_tiles", f"fwd {t}", lambda t=t: launch_gswa({"fwd": t}))
-                     for t in gswa.SWEEP_FWD_TILES[1:]]
+                     for t in gswa.SWEEP_FWD_TILES]
         launches += [("gswa_tiles", f"bwd {t}", lambda t=t: launch_gswa({"bwd": t}))
-                     for t in gswa.SWEEP_BWD_TILES[1:]]
+                     for t in gswa.SWEEP_BWD_TILES]
     rows, seen = [], set()
     for i, (family, tiling, launch) in enumerate(launches, 1):
         t0 = time.time()
