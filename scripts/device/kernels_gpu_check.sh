@@ -8,7 +8,7 @@
 # Logs and JSON go to /tmp/kernels_gpu, packed into $OUT/results.tgz after every stage, so a
 # call cut short still returns what finished.  The summary prints last.  About 9 minutes in
 # run 1; since 2026-11-27's second session the training pairs take 30 steps and compile the
-# fused SwiGLU, so the last stage (bench_decode) may be skipped by the budget: say so if it is.
+# fused SwiGLU, so the budget may skip the last stage (bench_decode); the summary says so.
 #  bench_kernels: bench_kernels.py at the issue's shapes, bf16: full-size checks, then G-SWA
 #     vs SDPA/Flex, DCCA vs megatron's permute/unpermute, the BigMac and fine-grained layers vs
 #     the expert GEMMs, the decode attention launch vs the reference; the driver's
