@@ -448,9 +448,10 @@ def _blocks(q: torch.Tensor, window_only: bool = False) -> dict:
     on GPU the Triton flash-attention tutorial's Hopper choices for head dim <= 128, except
     the forward of the window branch alone (``sdpa``, the default path): 64 x 64 with 4 warps.
     Why: with w = 64 a 128-query block scores 192 keys per query where a 64-query block scores
-    128, the tile fits 2 blocks per SM where 128 x 64 fits 1 (kernel_resources_sm90_gswa_tiles
-    .json), and on the H200 (run 1, both branches) it was the fastest forward of the sweep's
-    eight, 0.851 ms against the default's 0.963.  The next sweep times it on this path."""
+    128; the tile fits 2 blocks per SM where 128 x 64 fits 1 (docs/results/
+    kernel_resources_sm90_gswa_tiles.json); and on the H200 (run 1, both branches) it was the
+    fastest forward of the sweep's eight, 0.851 ms against the default's 0.963.  The next
+    sweep times it on this path."""
     d = triton.next_power_of_2(max(q.shape[-1], 16))
     if not gpu_tiles(q):
         tiles = dict(fwd=(16, 16, 1, 1), bwd=(16, 1, 1))

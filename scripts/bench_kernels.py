@@ -11,8 +11,9 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   (the target: at most 1.15x): ``gswa_kernel`` (the default: loop 1's branch by SDPA, the
   window branch and the gate in Triton, the window's backward in one kernel),
   ``gswa_kernel_split_bwd`` (that backward as a dQ and a dK/dV kernel) and
-  ``gswa_one_kernel`` (both branches in one Triton kernel); FlexAttention causal and window-64 (GPU only), and the naive G-SWA (``ops.gswa``:
-  two SDPA calls, one with a [S, S] band mask, and the gate mix); and forward only
+  ``gswa_one_kernel`` (both branches in one Triton kernel); FlexAttention causal and
+  window-64 (GPU only), and the naive G-SWA (``ops.gswa``: two SDPA calls, one with a
+  [S, S] band mask, and the gate mix); and forward only
   (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, the
@@ -321,6 +322,15 @@ def _build_moe_layers(device, dtype, T, h, E, K, r):
     return layers, g, layer_step
 
 
+def matmul_peak(args, device, dtype) -> float:
+    """FLOP/s of one square matmul (8192 on GPU: 1.1e12 FLOPs, long enough that launch and
+    timing overheads vanish; 256 with ``--small``), timed like everything else here."""
+    n = 256 if args.small else 8192
+    g = torch.Generator(device=device).manual_seed(2)
+    a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
+    return 2 * n ** 3 / (timeit(lambda: a @ b, args.warmup, args.iters, device) / 1e3)
+
+
 def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     """Each whole layer forward+backward at EP=1 (dropless) for each of ``MOE_VARIANTS``,
     against BigMac's expert GEMMs on the same number of (balanced) routed rows: the issue's
@@ -331,7 +341,6 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     same FLOPs (h -> r*h -> h instead of r*h -> h -> r*h), so its rows read against the same
     baselines."""
     from kernels import max_rel_err
-    from plt_train.training.metrics import _measured_peak
 
     layers, g, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
     records = []
@@ -368,7 +377,7 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
         torch.autograd.grad(fc2, [act, w2], d_tok)
 
     flops = 18 * rows * rh * h  # SwiGLU experts, forward + backward (3 x 2 x 3 r h^2 per row)
-    peak = _measured_peak(device, dtype, torch.get_num_threads())
+    peak = matmul_peak(args, device, dtype)
     base = {"experts_at_peak": flops / peak * 1e3}
     log(f"dcca matmul peak {peak / 1e12:.1f} TFLOP/s measured: the experts' {flops:.3g} FLOPs "
         f"take {base['experts_at_peak']:.3f} ms there")

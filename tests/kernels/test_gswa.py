@@ -125,7 +125,6 @@ def test_sdpa_branch_records_a_graph_only_for_a_backward(mode, monkeypatch):
     monkeypatch.undo()
     want = ops.gswa(*inputs, D ** -0.5, w)
     torch.testing.assert_close(y.detach(), want.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, ops.gswa(*inputs, D ** -0.5, w).detach(), rtol=1e-5, atol=1e-5)
 
 
 @BRANCHES

@@ -125,6 +125,10 @@ def test_swiglu_fusion_is_used_and_changes_nothing(one_rank, layer_type, monkeyp
     eager path's output and gradients; "off" never calls it."""
     import megatron.core.fusions.fused_bias_swiglu as fused
     import megatron.core.transformer.mlp as mlp
+    from megatron.core.transformer.spec_utils import build_module
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.moe import mlp_spec
 
     calls = []
 
@@ -135,11 +139,6 @@ def test_swiglu_fusion_is_used_and_changes_nothing(one_rank, layer_type, monkeyp
     fused_impl = fused.bias_swiglu_impl
     monkeypatch.setattr(fused, "bias_swiglu_impl", counted)  # the experts' import
     monkeypatch.setattr(mlp, "bias_swiglu_impl", counted)  # megatron's MLP's
-    from megatron.core.transformer.spec_utils import build_module
-
-    from plt_train.config.megatron import to_transformer_config
-    from plt_train.models.moe import mlp_spec
-
     x = torch.randn(S, B, H)
     dy = torch.randn(S, B, H)
     results, first = [], None

@@ -60,8 +60,9 @@ def test_gswa_tile_sweep_checks_every_tiling_against_the_default(tmp_path):
 
 def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
     """``--only profile``: G-SWA's default path and each MoE layer (BigMac / fine-grained x
-    torch / triton / triton with the fused SwiGLU), each with its largest ops and their shares of the profiled time; our
-    kernels appear in the paths that use them and only there."""
+    torch / triton / triton with the fused SwiGLU), each with its largest ops and their
+    shares of the profiled time; our kernels appear in the paths that use them and only
+    there."""
     _, records = _bench_small(tmp_path, "--only", "profile")
     steps = {r["variant"] for r in records}
     assert steps == {"gswa_kernel"} | {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
