@@ -341,6 +341,7 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     same FLOPs (h -> r*h -> h instead of r*h -> h -> r*h), so its rows read against the same
     baselines."""
     from kernels import max_rel_err
+    from plt_train.models.moe.experts import _offsets
 
     layers, g, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
     records = []
@@ -365,7 +366,7 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     log(f"dcca check_swiglu_fusion: max rel err {err:.2e} (tol {tol:g})")
 
     w1, w2 = experts["off"].linear_fc1.weight, experts["off"].linear_fc2.weight
-    offs = torch.cumsum(per_expert, 0).to(torch.int32)
+    offs = _offsets(per_expert, device)  # the expert module's own grouped-GEMM offsets
     act = torch.randn(rows, w2.shape[1], generator=g, device=device).to(dtype)
     act.requires_grad_(True)
     d_fc1 = torch.randn(rows, w1.shape[2], generator=g, device=device).to(dtype)
