@@ -16,8 +16,9 @@ Either way no [s, s] score matrix or mask is materialised, and the forward write
 ``diff = y_global - y_local``, from which the backward recovers both branch outputs without
 dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
 
-Backward: one kernel computes the per-row terms (``delta`` of each branch, the gate gradient
-``<dy, diff>``; with ``sdpa`` also ``g dy``, the gradient SDPA's backward takes).  With
+Backward: one kernel computes the per-row terms (the gate gradient ``<dy, diff>`` and the
+``delta`` of each branch run here; with ``sdpa`` also ``g dy``, the gradient SDPA's backward
+takes).  With
 ``sdpa``, SDPA's backward runs next, and then one kernel computes the window branch's dQ
 (added into SDPA's dQ in place), dK and dV (``window_backward="fused"``; ``"split"``: a dQ
 kernel, then a dK/dV kernel).  With ``triton``: a dK/dV kernel per branch (for K1/V1 only
@@ -198,7 +199,8 @@ def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, D,
     """Per (position, batch, head) row: ``dgate = <dy, diff>``, and each branch's ``delta =
     <dO_branch, y_branch>`` with ``dO_global = g dy``, ``y_global = y + (1 - g) diff``,
     ``dO_local = (1 - g) dy``, ``y_local = y - g diff``.  One read of dy, y and diff.
-    WRITE_DYG: also ``dO_global`` itself, for SDPA's backward when it ran loop 1's branch."""
+    WRITE_DYG (SDPA ran loop 1's branch): ``dO_global`` itself, for SDPA's backward, and no
+    ``delta`` of the global branch, which SDPA's backward computes for itself."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < ROWS) & (cols[None, :] < D)
@@ -209,7 +211,8 @@ def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, D,
     g = tl.load(G + rows, mask=rows < ROWS, other=0.0)
     if WRITE_DYG:
         tl.store(DYG + at, (dy * g[:, None]).to(DYG.dtype.element_ty), mask=mask)
-    tl.store(DELTA_G + rows, g * (dy_y + (1.0 - g) * dgate), mask=rows < ROWS)
+    else:
+        tl.store(DELTA_G + rows, g * (dy_y + (1.0 - g) * dgate), mask=rows < ROWS)
     tl.store(DELTA_L + rows, (1.0 - g) * (dy_y - g * dgate), mask=rows < ROWS)
     tl.store(DGATE + rows, dgate, mask=rows < ROWS)
 
@@ -529,7 +532,8 @@ class _GSWA(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy = dy.contiguous()
         cfg = _blocks(q, window_only=not fused_global)
-        delta_g, delta_l, dgate = (torch.empty_like(g) for _ in range(3))
+        delta_l, dgate = torch.empty_like(g), torch.empty_like(g)
+        delta_g = torch.empty_like(g) if fused_global else delta_l  # a placeholder with SDPA
         dy_global = dy if fused_global else torch.empty_like(dy)
         rows = g.numel()
         block_r = 32 if gpu_tiles(q) else 16

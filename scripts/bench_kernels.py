@@ -34,8 +34,9 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
 Correctness first: each section compares the kernel (input dtype, bf16 on GPU) with its
 pure-torch reference in fp32 at a checking size and records ``max_rel_err`` (NaN counts as a
 failure); ``--strict`` exits 1 if any check fails.  Times are medians of ``--iters`` runs
-after ``--warmup`` (CUDA events on GPU).  Prints a table last, writes ``bench_kernels.json``
-and ``bench_kernels.png`` under ``--out``.
+after ``--warmup`` (CUDA events on GPU), beside ``host_ms``, the time until the call returns
+on the host: where the two are close, launches and Python set the pace.  Prints a table
+last, writes ``bench_kernels.json`` and ``bench_kernels.png`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -68,16 +69,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, Triton interpreter)"
 
 
-def timeit(fn, warmup: int, iters: int, device) -> float:
-    """Median milliseconds of ``fn()``."""
+def timeit_host(fn, warmup: int, iters: int, device) -> tuple:
+    """(median milliseconds of ``fn()``, median milliseconds until ``fn()`` RETURNS on the
+    host).  On CUDA each run starts from an idle GPU (synchronized), so the first is about
+    max(GPU time, host time): a host time close to it says the host's launches and Python,
+    not the kernels, set the pace, and no kernel tuning shortens that row."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             start.record()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -85,7 +92,13 @@ def timeit(fn, warmup: int, iters: int, device) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            host.append(times[-1])
+    return statistics.median(times), statistics.median(host)
+
+
+def timeit(fn, warmup: int, iters: int, device) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU)."""
+    return timeit_host(fn, warmup, iters, device)[0]
 
 
 def fwd_bwd(fn, inputs, dy):
@@ -159,12 +172,13 @@ def section_gswa(args, device, dtype) -> list:
                                                                   global_branch="triton")
     for name, fn in variants.items():
         try:
-            ms = timeit(fn, args.warmup, args.iters, device)
+            ms, host_ms = timeit_host(fn, args.warmup, args.iters, device)
         except Exception as exc:  # a baseline that does not run here is reported, not fatal
             log(f"gswa {name}: failed ({type(exc).__name__}: {str(exc)[:200]})")
             continue
-        records.append(dict(section="gswa", variant=name, ms=ms, B=B, H=H, S=S, D=D, window=w))
-        log(f"gswa {name}: {ms:.3f} ms")
+        records.append(dict(section="gswa", variant=name, ms=ms, host_ms=host_ms, B=B, H=H,
+                            S=S, D=D, window=w))
+        log(f"gswa {name}: {ms:.3f} ms (host {host_ms:.3f})")
     base = {r["variant"]: r["ms"] for r in records if r["variant"].startswith("sdpa_causal")}
     for r in records:
         key = "sdpa_causal_fwd" if r["variant"].endswith("_fwd") else "sdpa_causal"
@@ -260,9 +274,9 @@ def section_dcca(args, device, dtype) -> list:
              ("gather_ascend_torch", combine_torch), ("gather_ascend_fused", combine_fused),
              ("unpermute_torch", unpermute_torch), ("unpermute_fused", unpermute_fused)]
     for name, fn in parts:
-        ms = timeit(fn, args.warmup, args.iters, device)
-        records.append(dict(section="dcca", variant=name, ms=ms, **shape))
-        log(f"dcca {name}: {ms:.3f} ms")
+        ms, host_ms = timeit_host(fn, args.warmup, args.iters, device)
+        records.append(dict(section="dcca", variant=name, ms=ms, host_ms=host_ms, **shape))
+        log(f"dcca {name}: {ms:.3f} ms (host {host_ms:.3f})")
     base = {rec["variant"].split("_")[0]: rec["ms"] for rec in records[1:]
             if rec["variant"].endswith("_torch")}
     for rec in records[1:]:
@@ -393,12 +407,13 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
                             vs_peak=ms / base["experts_at_peak"], flops=flops,
                             peak_tflops=peak / 1e12, **shape))
     for (kind, suffix), layer in layers.items():
-        ms = timeit(lambda: layer_step(layer), args.warmup, args.iters, device)
+        ms, host_ms = timeit_host(lambda: layer_step(layer), args.warmup, args.iters, device)
         assert layer.fused_kernels == suffix.startswith("triton")
         records.append(dict(section="dcca", variant=f"{kind}_layer_{suffix}", ms=ms,
-                            vs_baseline=ms / gemm_ms, vs_peak=ms / base["experts_at_peak"],
-                            **shape))
-        log(f"dcca {kind}_layer_{suffix}: {ms:.3f} ms ({ms / gemm_ms:.2f}x the expert GEMMs, "
+                            host_ms=host_ms, vs_baseline=ms / gemm_ms,
+                            vs_peak=ms / base["experts_at_peak"], **shape))
+        log(f"dcca {kind}_layer_{suffix}: {ms:.3f} ms, host {host_ms:.3f} "
+            f"({ms / gemm_ms:.2f}x the expert GEMMs, "
             f"{ms / base['experts_at_peak']:.2f}x their FLOPs at peak)")
     return records
 
@@ -595,10 +610,11 @@ def compiled_resources() -> list:
 def print_table(records: list) -> None:
     rows = [r for r in records if "ms" in r or "max_rel_err" in r]
     width = max([22] + [len(r["variant"]) for r in rows])
-    print(f"{'section':10} {'variant':{width}} {'ms':>9} {'x baseline':>10} "
+    print(f"{'section':10} {'variant':{width}} {'ms':>9} {'host ms':>9} {'x baseline':>10} "
           f"{'max rel err':>12}  ok")
     for r in rows:
         ms = f"{r['ms']:9.3f}" if "ms" in r else " " * 9
+        ms += f" {r['host_ms']:9.3f}" if "host_ms" in r else " " * 10
         ratio = f"{r['vs_baseline']:10.2f}" if "vs_baseline" in r else " " * 10
         err = f"{r['max_rel_err']:12.2e}" if "max_rel_err" in r else " " * 12
         ok = ("yes" if r["ok"] else "NO") if "ok" in r else ""

@@ -40,6 +40,9 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
                                             "experts_at_peak"}} <= timed
     assert all(r["vs_peak"] > 0 for r in records if r["variant"] in layers)
     assert all(r["ms"] > 0 and r["vs_baseline"] > 0 for r in records if "ms" in r)
+    # every layer and G-SWA row says how long the host took to launch it (on CPU: all of it)
+    hosted = [r for r in records if r["variant"] in layers or r["section"] == "gswa" and "ms" in r]
+    assert hosted and all(r["host_ms"] == r["ms"] for r in hosted)
     lines = stdout.splitlines()  # the table comes last: its header, then one row each
     header = max(i for i, line in enumerate(lines) if line.startswith("section "))
     assert len(lines) - header - 1 == sum("ms" in r or "max_rel_err" in r for r in records)
