@@ -194,13 +194,15 @@ def _gswa_fwd(Q, K1, V1, K, V, G, YG, Y, DIFF, LSE_G, LSE_L,
 
 
 @triton.jit
-def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, D,
+def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, B, HQ, D,
+                  sdgs, sdgb, sdgh, sdgd,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DYG: tl.constexpr):
     """Per (position, batch, head) row: ``dgate = <dy, diff>``, and each branch's ``delta =
     <dO_branch, y_branch>`` with ``dO_global = g dy``, ``y_global = y + (1 - g) diff``,
     ``dO_local = (1 - g) dy``, ``y_local = y - g diff``.  One read of dy, y and diff.
-    WRITE_DYG (SDPA ran loop 1's branch): ``dO_global`` itself, for SDPA's backward, and no
-    ``delta`` of the global branch, which SDPA's backward computes for itself."""
+    WRITE_DYG (SDPA ran loop 1's branch): ``dO_global`` itself, for SDPA's backward, at
+    strides ``sdg*`` of [s, b, h, d] (SDPA's output's layout), and no ``delta`` of the global
+    branch, which SDPA's backward computes for itself."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < ROWS) & (cols[None, :] < D)
@@ -210,7 +212,9 @@ def _gswa_bwd_pre(DY, Y, DIFF, G, DELTA_G, DELTA_L, DGATE, DYG, ROWS, D,
     dgate = tl.sum(dy * tl.load(DIFF + at, mask=mask, other=0.0).to(tl.float32), 1)
     g = tl.load(G + rows, mask=rows < ROWS, other=0.0)
     if WRITE_DYG:
-        tl.store(DYG + at, (dy * g[:, None]).to(DYG.dtype.element_ty), mask=mask)
+        pos, b, h = rows // (B * HQ), (rows // HQ) % B, rows % HQ
+        dyg = DYG + (pos * sdgs + b * sdgb + h * sdgh)[:, None] + cols[None, :] * sdgd
+        tl.store(dyg, (dy * g[:, None]).to(DYG.dtype.element_ty), mask=mask)
     else:
         tl.store(DELTA_G + rows, g * (dy_y + (1.0 - g) * dgate), mask=rows < ROWS)
     tl.store(DELTA_L + rows, (1.0 - g) * (dy_y - g * dgate), mask=rows < ROWS)
@@ -534,12 +538,18 @@ class _GSWA(torch.autograd.Function):
         cfg = _blocks(q, window_only=not fused_global)
         delta_l, dgate = torch.empty_like(g), torch.empty_like(g)
         delta_g = torch.empty_like(g) if fused_global else delta_l  # a placeholder with SDPA
-        dy_global = dy if fused_global else torch.empty_like(dy)
+        if fused_global:
+            dy_global = dy  # a placeholder: the kernel does not write it
+        else:  # in the layout of SDPA's output, whose backward would copy another one
+            out = ctx.sdpa[0] if ctx.sdpa is not None else dy
+            dy_global = torch.empty_strided(out.shape, out.stride(), dtype=dy.dtype,
+                                            device=dy.device)
         rows = g.numel()
         block_r = 32 if gpu_tiles(q) else 16
         _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
-            dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, D, BLOCK_R=block_r,
-            BLOCK_D=cfg["BLOCK_D"], WRITE_DYG=not fused_global)
+            dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, B, HQ, D,
+            *_strides(dy_global), BLOCK_R=block_r, BLOCK_D=cfg["BLOCK_D"],
+            WRITE_DYG=not fused_global)
 
         dq = dk1 = dv1 = None
         if ctx.sdpa is not None:  # SDPA's backward of loop 1's branch, from g * dy

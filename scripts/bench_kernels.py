@@ -21,7 +21,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   whole BigMac layer forward+backward vs its expert GEMMs alone (target: at most 1.5x) and vs
   their FLOPs at the measured matmul peak, with the fine-grained layer beside it (same expert
   FLOPs); each layer unfused, with the DCCA kernels, and with those plus the fused SwiGLU
-  (``model.swiglu_fusion``), which is also checked against the eager SwiGLU.
+  (``model.swiglu_fusion``), which is also checked against the eager SwiGLU; and that last
+  one with megatron's identity sort by local expert at EP = 1 put back (``*_sorted``).
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
   issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
@@ -285,11 +286,14 @@ def section_dcca(args, device, dtype) -> list:
     return records
 
 
-# The MoE layer variants timed: (dcca_kernel, model.swiglu_fusion) -> the record's suffix.
-# torch/off is run 1's unfused baseline, triton/off run 1's fused DCCA, triton/on the default
-# on CUDA since 2026-11-27 (megatron's fused SwiGLU in the experts too).
-MOE_VARIANTS = {("torch", "off"): "torch", ("triton", "off"): "triton",
-                ("triton", "on"): "triton_swiglu"}
+# The MoE layer variants timed: suffix -> (dcca_kernel, model.swiglu_fusion, megatron's
+# identity sort at EP = 1 kept).  torch is run 1's unfused baseline (less the identity sort,
+# skipped since 2026-11-27's third session), triton run 1's fused DCCA, triton_swiglu the
+# default on CUDA (megatron's fused SwiGLU in the experts too), and triton_swiglu_sorted that
+# default with megatron's split + cat sort by local expert put back: the skip's saving.
+MOE_VARIANTS = {"torch": ("torch", "off", False), "triton": ("triton", "off", False),
+                "triton_swiglu": ("triton", "on", False),
+                "triton_swiglu_sorted": ("triton", "on", True)}
 
 
 def _build_moe_layers(device, dtype, T, h, E, K, r):
@@ -312,7 +316,7 @@ def _build_moe_layers(device, dtype, T, h, E, K, r):
     layers = {}
     for kind in ("bigmac", "fine_grained"):
         first = None
-        for (kernel, fusion), suffix in MOE_VARIANTS.items():
+        for suffix, (kernel, fusion, sorted_) in MOE_VARIANTS.items():
             model = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=heads,
                                 seq_length=T // 4, swiglu_fusion=fusion,
                                 moe=MoEConfig(layer=kind, num_experts=E, top_k=K, ratio=r,
@@ -321,6 +325,8 @@ def _build_moe_layers(device, dtype, T, h, E, K, r):
                                        megatron_device_kwargs(dev))
             layer = build_module(mlp_spec(model), config=tc).to(device)
             layer.set_layer_number(1)
+            if sorted_:  # megatron's permutation 2 and its inverse, as 0.16.1 runs them
+                layer.token_dispatcher.sorts_in_place = lambda: False
             if first is None:
                 first = layer
             layer.load_state_dict(first.state_dict())
@@ -369,8 +375,8 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
         out, _ = experts(tokens, per_expert)
         return out, torch.autograd.grad(out, [tokens, *experts.parameters()], d_tok)
 
-    experts = {fusion: layers["bigmac", MOE_VARIANTS["triton", fusion]].experts
-               for fusion in ("off", "on")}
+    experts = {fusion: layers["bigmac", suffix].experts
+               for fusion, suffix in (("off", "triton"), ("on", "triton_swiglu"))}
     # The fused SwiGLU against the eager one, through the whole expert module, gradients too.
     got, want = (expert_step(experts[f]) for f in ("on", "off"))
     err = max_rel_err([got[0], *got[1]], [want[0], *want[1]])
@@ -467,6 +473,8 @@ def section_profile(args, device, dtype) -> list:
     T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
     layers, _, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
     for (kind, suffix), layer in layers.items():
+        if MOE_VARIANTS[suffix][2]:  # the identity sort's cost is the timed variants' diff
+            continue
         records += _top_ops(f"{kind}_layer_{suffix}", lambda: layer_step(layer), args, device,
                             dict(T=T, h=h, experts=E, top_k=K, ratio=r))
     return records

@@ -127,6 +127,31 @@ def test_sdpa_branch_records_a_graph_only_for_a_backward(mode, monkeypatch):
     torch.testing.assert_close(y.detach(), want.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backward", ["fused", "split"])
+def test_sdpa_gets_its_gradient_in_its_outputs_layout(backward, monkeypatch):
+    """SDPA's output may come in another memory layout than the [s, b, h, d] input (a GPU
+    backend's [b, h, s, d], say), and its backward copies a gradient of another layout first:
+    the per-row kernel writes ``g dy`` straight into the output's layout, and the gradients
+    still equal the reference's."""
+    S, B, HQ, HK, D, w = 19, 2, 4, 2, 16, 5
+    inputs, dy = _inputs(S, B, HQ, HK, D, torch.float32, seed=5)
+    sdpa, seen = ops.causal_attention, []
+
+    def heads_first(*a):  # SDPA's result, stored [b, h, s, d]
+        out = sdpa(*a).permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+        out.register_hook(lambda grad: seen.append(grad.stride()))
+        seen.append(out.stride())
+        return out
+
+    monkeypatch.setattr(ops, "causal_attention", heads_first)
+    got = _run(_kernel(f"sdpa/{backward}"), inputs, dy, D ** -0.5, w)
+    assert seen[0] != torch.empty(S, B, HQ, D).stride() and seen == [seen[0]] * 2
+    monkeypatch.undo()
+    want = _run(ops.gswa, inputs, dy, D ** -0.5, w)
+    for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @BRANCHES
 def test_the_window_and_the_gate_matter(branch):
     """Guards the oracle: a wrong window or an ignored gate would be caught above."""

@@ -164,6 +164,46 @@ def test_swiglu_fusion_is_used_and_changes_nothing(one_rank, layer_type, monkeyp
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer_type", ["fine_grained", "bigmac"])
+def test_single_rank_skips_the_identity_sort_by_local_expert(one_rank, layer_type, monkeypatch):
+    """At TP x EP = 1 megatron's permutation 2 and its inverse (split + cat) put every chunk
+    back where it was: the dispatcher skips both (no call, the routed tokens reach the experts
+    and come back without a copy), with megatron's output and gradients."""
+    import megatron.core.transformer.moe.token_dispatcher as td
+
+    from plt_train.models.moe.layer import AccountedAlltoAllDispatcher
+
+    sorts = []
+
+    def counted(*args, **kwargs):
+        sorts.append(args[0].shape)
+        return sort_impl(*args, **kwargs)
+
+    sort_impl = td.sort_chunks_by_idxs
+    monkeypatch.setattr(td, "sort_chunks_by_idxs", counted)
+    layer = _layer(one_rank, _model(layer_type, num_shared_experts=1))
+    x, dy = torch.randn(S, B, H), torch.randn(S, B, H)
+    def run():
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return [out, *torch.autograd.grad(out, [xi, *params], dy)]
+
+    got = run()
+    assert sorts == [] and layer.token_dispatcher.sorts_in_place()
+    dispatcher = layer.token_dispatcher
+    permuted = dispatcher.dispatch_preprocess(
+        layer.linear_descend(x) if layer_type == "bigmac" else x, *reversed(
+            layer.router(x.view(-1, H))))[0]
+    assert dispatcher.dispatch_postprocess(permuted, None)[0] is permuted
+    assert dispatcher.combine_preprocess(permuted) is permuted
+    monkeypatch.setattr(AccountedAlltoAllDispatcher, "sorts_in_place", lambda self: False)
+    want = run()
+    assert len(sorts) == 2  # megatron's own path: the sort and its inverse, once each
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bigmac_and_fine_grained_experts_have_equal_size(one_rank):
     from plt_train.models.moe.flops import moe_layer_parameters
 

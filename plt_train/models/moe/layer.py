@@ -15,6 +15,10 @@ sorting by local expert).  We replace only:
   source and apply them in the final un-permutation (the gate-weighted sum of the paper's
   DCCA, computed where the token lives), so only hidden states cross the wire and the bytes of
   DCCA are exactly r times those of CDAC.  ``y = sum_k p_k E_k(x)`` either way;
+* at TP x EP = 1, megatron's sort of the received chunks by local expert and its inverse
+  (``sort_chunks_by_idxs``: a split and a ``cat``), which there put every chunk back where it
+  was: four copies of the routed tokens per forward+backward for nothing
+  (``AccountedAlltoAllDispatcher.sorts_in_place``);
 * the router's aux/z-loss token scaling, which in 0.16.1 shrinks those losses' gradients by
   1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
 * optionally, the number format on the wire (``model.moe.wire_format``: bf16, or fp8 dispatch
@@ -23,7 +27,8 @@ sorting by local expert).  We replace only:
   un-permutation, a gate-weighted gather-sum kernel instead of megatron's scaled copy +
   ``scatter_add``; for BigMac also fused with the ascend projection, and the permutation
   fused with the descend projection.  The dispatcher's metadata (splits, tokens per expert,
-  the sort by local expert after the all-to-all) stays megatron's.
+  the sort by local expert after the all-to-all where it is not the identity) stays
+  megatron's.
 
 Capacity factor: megatron-core drops per SOURCE rank, before dispatch (capacity from the
 rank's own tokens), so the expert-parallel size does not change which tokens drop (checked in
@@ -186,6 +191,40 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     def token_combine(self, hidden_states, *_args, **_kwargs):
         return counted_all_to_all(self.ep_group, hidden_states, self.input_splits,
                                   self.output_splits, "combine", self.wire_format)
+
+    # -- permutation 2 (the sort by local expert after the all-to-all) ----------------------
+    def sorts_in_place(self) -> bool:
+        """Whether megatron's permutation 2 is the identity here: at TP x EP = 1 the one
+        source rank's chunks already arrive in local-expert order, yet 0.16.1 still splits
+        them and ``cat``s them back (one copy of the routed tokens forward, one more in the
+        combine's inverse, and both again in the backward: at the issue's BigMac shape,
+        4 x 134 MB read and written per layer; the fine-grained layer's combine side is at
+        full width, 4x that).  With padding to capacity megatron's own reshape is already
+        free; with TE's fused permute there is no split/cat."""
+        return (self.tp_size * self.ep_size == 1 and not self.drop_and_pad
+                and not self.config.moe_permute_fusion)
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        """megatron's ``dispatch_postprocess`` at TP x EP = 1 minus the identity sort: the
+        shared experts' hook and the same host syncs (tokens per expert on the host), then
+        the tokens as they came."""
+        if not self.sorts_in_place():
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_permutation_2", self.tokens_per_expert)
+        tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_finish", self.tokens_per_expert)
+        self.tokens_per_expert = None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states):
+        """The inverse sort, skipped where ``sorts_in_place`` (no TP reduce-scatter either:
+        TP = 1 there)."""
+        if self.sorts_in_place():
+            return hidden_states
+        return super().combine_preprocess(hidden_states)
 
     def combine_postprocess(self, permuted_tokens):
         """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``,
