@@ -69,7 +69,7 @@ def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
     _, records = _bench_small(tmp_path, "--only", "profile")
     steps = {r["variant"] for r in records}
     assert steps == {"gswa_kernel"} | {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
-                                       for x in ("torch", "triton", "triton_swiglu", "triton_swiglu_sorted")}
+                                       for x in ("torch", "triton", "triton_swiglu")}
     for step in steps:
         rows = [r for r in records if r["variant"] == step]
         assert 0 < len(rows) <= 12 and all(0 < r["share"] <= 1 for r in rows)
