@@ -18,11 +18,11 @@ dividing by g (``y_global = y + (1 - g) diff``, ``y_local = y - g diff``).
 
 Backward: one kernel computes the per-row terms (the gate gradient ``<dy, diff>`` and the
 ``delta`` of each branch run here; with ``sdpa`` also ``g dy``, the gradient SDPA's backward
-takes).  With
-``sdpa``, SDPA's backward runs next, and then one kernel computes the window branch's dQ
-(added into SDPA's dQ in place), dK and dV (``window_backward="fused"``; ``"split"``: a dQ
-kernel, then a dK/dV kernel).  With ``triton``: a dK/dV kernel per branch (for K1/V1 only
-when they are not detached, as they are in the released recipe) and one dQ kernel over both.
+takes, in the layout of SDPA's output).  With ``sdpa``, SDPA's backward runs next, and then
+one kernel computes the window branch's dQ (added into SDPA's dQ in place), dK and dV
+(``window_backward="fused"``; ``"split"``: a dQ kernel, then a dK/dV kernel).  With
+``triton``: a dK/dV kernel per branch (for K1/V1 only when they are not detached, as they are
+in the released recipe) and one dQ kernel over both.
 
 Layout: megatron's [s, b, heads, d] with any strides (q/k/v are views of the fused QKV
 projection); grouped K/V heads (GQA) are read in place.  The reference is

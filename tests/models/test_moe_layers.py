@@ -183,6 +183,7 @@ def test_single_rank_skips_the_identity_sort_by_local_expert(one_rank, layer_typ
     monkeypatch.setattr(td, "sort_chunks_by_idxs", counted)
     layer = _layer(one_rank, _model(layer_type, num_shared_experts=1))
     x, dy = torch.randn(S, B, H), torch.randn(S, B, H)
+
     def run():
         xi = x.clone().requires_grad_(True)
         out, _ = layer(xi)
@@ -192,11 +193,12 @@ def test_single_rank_skips_the_identity_sort_by_local_expert(one_rank, layer_typ
     got = run()
     assert sorts == [] and layer.token_dispatcher.sorts_in_place()
     dispatcher = layer.token_dispatcher
-    permuted = dispatcher.dispatch_preprocess(
-        layer.linear_descend(x) if layer_type == "bigmac" else x, *reversed(
-            layer.router(x.view(-1, H))))[0]
-    assert dispatcher.dispatch_postprocess(permuted, None)[0] is permuted
-    assert dispatcher.combine_preprocess(permuted) is permuted
+    with torch.no_grad():
+        probs, routing_map = layer.router(x.view(-1, H))
+        permuted = dispatcher.dispatch_preprocess(
+            layer.linear_descend(x) if layer_type == "bigmac" else x, routing_map, probs)[0]
+        assert dispatcher.dispatch_postprocess(permuted, None)[0] is permuted
+        assert dispatcher.combine_preprocess(permuted) is permuted
     monkeypatch.setattr(AccountedAlltoAllDispatcher, "sorts_in_place", lambda self: False)
     want = run()
     assert len(sorts) == 2  # megatron's own path: the sort and its inverse, once each
