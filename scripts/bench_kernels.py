@@ -14,7 +14,8 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   ``gswa_one_kernel`` (both branches in one Triton kernel); FlexAttention causal and
   window-64 (GPU only), and the naive G-SWA (``ops.gswa``: two SDPA calls, one with a
   [S, S] band mask, and the gate mix); and forward only
-  (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd.
+  (``*_fwd``, vs SDPA's forward), to see whether a gap sits in fwd or bwd; and SDPA on the
+  [s, b, h, d] views G-SWA hands it (``sdpa_causal_sbhd``), to see what the layout costs.
   Issue shape: B=4, H=16, S=4096, D=128, w=64.
 * ``dcca``: BigMac's fused descend+permute and gather-sum+ascend vs the torch path, the
   fine-grained layer's full-width gather-sum combine vs megatron's ``unpermute``, and the
@@ -152,6 +153,10 @@ def section_gswa(args, device, dtype) -> list:
     variants = {
         "sdpa_causal": lambda: fwd_bwd(lambda q, k, v: sdpa(q, k, v, is_causal=True, scale=scale),
                                        [qt, kt, vt], dyt),
+        # the same SDPA on megatron's [s, b, h, d] layout, as G-SWA's loop-1 branch calls it:
+        # what the layout alone costs SDPA (the baseline above gets [b, h, s, d] contiguous)
+        "sdpa_causal_sbhd": lambda: fwd_bwd(
+            lambda q, k, v: ops.causal_attention(q, k, v, scale), ins[:3], dy),
         "gswa_naive": lambda: fwd_bwd(lambda *a: ops.gswa(*a, scale, w), ins, dy),
         # the default: loop 1's branch by SDPA, the window branch + gate in Triton
         "gswa_kernel": lambda: fwd_bwd(lambda *a: gswa.gswa_attention(*a, scale, w), ins, dy),

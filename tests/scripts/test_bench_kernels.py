@@ -31,8 +31,9 @@ def test_bench_kernels_small_checks_every_kernel_and_writes_records(tmp_path):
         "check_triton"]
     assert all(r["ok"] and r["max_rel_err"] <= r["tol"] for r in checks)
     timed = {(r["section"], r["variant"]) for r in records if "ms" in r}
-    assert {("gswa", "sdpa_causal"), ("gswa", "gswa_naive"), ("gswa", "gswa_kernel"),
-            ("gswa", "gswa_kernel_split_bwd"), ("gswa", "gswa_one_kernel")} <= timed
+    assert {("gswa", "sdpa_causal"), ("gswa", "sdpa_causal_sbhd"), ("gswa", "gswa_naive"),
+            ("gswa", "gswa_kernel"), ("gswa", "gswa_kernel_split_bwd"),
+            ("gswa", "gswa_one_kernel")} <= timed
     # the MoE layers: each variant against the bare grouped GEMMs and their FLOPs at peak
     layers = {f"{k}_layer_{x}" for k in ("bigmac", "fine_grained")
               for x in ("torch", "triton", "triton_swiglu", "triton_swiglu_sorted")}
