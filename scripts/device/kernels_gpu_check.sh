@@ -96,7 +96,7 @@ want bench_decode && stage bench_decode 150 python3 scripts/bench_decode.py --la
 echo; echo "===== summary ($(head -2 "$W/gpu.txt" | tail -1))"
 cat "$W/summary.txt"
 echo "----- bench_kernels"; grep -E "failed|Error|^section|^gswa |^dcca |^decode " \
-    "$W/bench_kernels.log" 2>/dev/null | tail -45
+    "$W/bench_kernels.log" 2>/dev/null | tail -70
 echo "----- bench_decode"; sed -n '/^device:/,$p' "$W/bench_decode.log" 2>/dev/null
 grep -E "Error|error" "$W/bench_decode.log" 2>/dev/null | tail -3
 echo "----- tests"; grep -E "FAILED|ERROR|passed|failed" "$W/tests.log" 2>/dev/null | tail -12
