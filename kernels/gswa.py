@@ -537,10 +537,10 @@ class _GSWA(torch.autograd.Function):
         dy = dy.contiguous()
         cfg = _blocks(q, window_only=not fused_global)
         delta_l, dgate = torch.empty_like(g), torch.empty_like(g)
-        delta_g = torch.empty_like(g) if fused_global else delta_l  # a placeholder with SDPA
         if fused_global:
-            dy_global = dy  # a placeholder: the kernel does not write it
-        else:  # in the layout of SDPA's output, whose backward would copy another one
+            delta_g, dy_global = torch.empty_like(g), dy  # dy: a placeholder, not written
+        else:  # SDPA takes g dy, in its output's layout (its backward would copy another)
+            delta_g = delta_l  # a placeholder: SDPA computes loop 1's delta itself
             out = ctx.sdpa[0] if ctx.sdpa is not None else dy
             dy_global = torch.empty_strided(out.shape, out.stride(), dtype=dy.dtype,
                                             device=dy.device)
