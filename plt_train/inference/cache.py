@@ -67,6 +67,13 @@ class KVCache:
         self.win_valid[:, slots] = self.valid[:, positions]
 
     # -- decode: one position per sequence, [1, rows, heads, dim]; device indices only -------
+    def check_room(self) -> None:
+        """Refuse a decode step past ``max_len`` before it writes anything: its writes would
+        index out of range (a device-side assert inside a CUDA graph).  ``length`` is the
+        host's copy of ``cursor``, so no sync."""
+        if self.length >= self.max_len:
+            raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+
     def begin_step(self) -> None:
         """Mark the position being decoded (``cursor``) as a real token of every sequence,
         in the full mask and in its window slot."""

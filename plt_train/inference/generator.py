@@ -18,8 +18,9 @@ lengths are left-padded and masked, with RoPE positions counted from each prompt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -49,6 +50,12 @@ class Generator:
     token routing syncs with the host (per-expert token counts) and so cannot be captured;
     off on CPU.  ``static`` runs the graph's buffers and copies without capturing (what the
     CPU tests compare with the eager step).
+
+    MoE layers route dropless here, whatever ``model.moe.capacity_factor`` says: megatron-core
+    applies the capacity in eval mode too, over all the tokens of a call, so a prompt's logits
+    would depend on the other prompts of the batch, on padding, and (in PLT's one pass) on
+    the other loops' rows.  Capacity is a training device for balance and speed; at
+    inference each token gets its top-k experts (as in DeepSeek's and Mixtral's serving).
     """
 
     def __init__(self, model, cuda_graph: str = "auto"):
@@ -65,11 +72,27 @@ class Generator:
         self.cuda_graph = cuda_graph
         self.step_mode = step_mode(cuda_graph, model, self.device)  # eager | static | graph
         self._static = None  # the StaticDecodeStep of the current cache
+        self._moe_configs = list({id(c): c for c in (getattr(mod, "config", None)
+                                                     for mod in model.modules())
+                                  if getattr(c, "moe_expert_capacity_factor", None)
+                                  is not None}.values())
+
+    @contextmanager
+    def _dropless(self):
+        """Capacity off for the duration of a call (the model may go on training after)."""
+        saved = [c.moe_expert_capacity_factor for c in self._moe_configs]
+        for c in self._moe_configs:
+            c.moe_expert_capacity_factor = None
+        try:
+            yield
+        finally:
+            for c, factor in zip(self._moe_configs, saved):
+                c.moe_expert_capacity_factor = factor
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         attn = self.model.decoder.layers[0].self_attention
-        if self.one_pass:
-            full, windows = [0], list(range(1, self.loops))
+        if self.one_pass:  # later loops keep a window only with G-SWA (else: loop 1's KV)
+            full, windows = [0], list(range(1, self.loops)) if self.model.opts.gswa else []
         else:
             full, windows = list(range(self.loops)), []
         window = self.model.opts.window if windows else 0
@@ -86,7 +109,9 @@ class Generator:
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         cache.valid[:, :tokens.shape[1]] = valid
         rope = m.rope_at(positions, cache.max_len)
-        hidden, fed = m.run_loops(m.embed(tokens, positions), rope, key_valid=valid, cache=cache)
+        with self._dropless():
+            hidden, fed = m.run_loops(m.embed(tokens, positions), rope, key_valid=valid,
+                                      cache=cache)
         m.loop_state.begin()
         cache.advance(tokens.shape[1])
         return m.head(hidden), [f[-1:] for f in fed]
@@ -94,6 +119,11 @@ class Generator:
     @torch.no_grad()
     def decode(self, token: torch.Tensor, position: torch.Tensor, fed: list, cache: KVCache):
         """One new token per sequence (token/position [B]) -> (logits [B, V], fed)."""
+        cache.check_room()  # here, not in the step: a CUDA graph's replay skips Python
+        with self._dropless():
+            return self._decode(token, position, fed, cache)
+
+    def _decode(self, token, position, fed, cache: KVCache):
         if self.step_mode == "eager":
             logits, fed = self.decode_step(token, position, fed, cache)
         else:
@@ -112,7 +142,7 @@ class Generator:
                     warnings.warn(f"decode step not capturable ({type(exc).__name__}: "
                                   f"{str(exc)[:200]}); decoding eagerly")
                     self.step_mode = "eager"
-                    return self.decode(token, position, fed, cache)
+                    return self._decode(token, position, fed, cache)
             logits, fed = static(token, position, fed)
             logits = logits.clone()  # the graph's output buffer is rewritten by each replay
         cache.advance()

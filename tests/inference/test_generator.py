@@ -18,12 +18,13 @@ from plt_train.runtime.device import megatron_device_kwargs
 VOCAB, WINDOW, NEW = 100, 4, 12
 
 
-def build(dev, name, loops=1, **loop_kw):
+def build(dev, name, loops=1, moe=None, **loop_kw):
     from plt_train.models import build_model
 
     m = ModelConfig(name=name, num_layers=2, hidden_size=64, num_attention_heads=4,
                     num_query_groups=2, seq_length=64, loops=loops, init_method_std=0.1,
-                    loop=LoopConfig(**{"window": WINDOW, **loop_kw}))
+                    loop=LoopConfig(**{"window": WINDOW, **loop_kw}),
+                    **({"moe": moe} if moe else {}))
     chunks, _, _ = build_model(m, ParallelConfig(), VOCAB, torch.float32,
                                megatron_device_kwargs(dev), 11, dev.device)
     return chunks[0].eval()
@@ -156,6 +157,32 @@ def test_cuda_graph_decode_equals_eager(one_rank, kernel):
     assert_reproduces_full_forward(model, prompts(), graphed, NEW, tol=1e-3)
 
 
+@pytest.mark.parametrize("name,loops", [("vanilla", 1), ("plt", 2)])
+def test_moe_generation_is_dropless_so_no_prompt_depends_on_its_batch(one_rank, name, loops):
+    """megatron-core drops over-capacity tokens in eval mode too, over all the tokens of a
+    call: with capacity 1.2 a prompt's logits changed with the other prompts of its batch and
+    the decode left the full forward (by 0.03 here).  Generation routes dropless: every
+    prompt's logits equal those it gets alone, and a dropless full forward's."""
+    from plt_train.config.schema import MoEConfig
+    from plt_train.inference import Generator
+
+    moe = dict(layer="bigmac", num_experts=4, top_k=2, ratio=0.25, dcca_kernel="torch",
+               expert_gemm="loop")
+    model = build(one_rank, name, loops, moe=MoEConfig(capacity_factor=1.2, **moe))
+    ps = prompts((5, 9, 1))
+    together = Generator(model, cuda_graph="off").generate(ps, 6)
+    for b, p in enumerate(ps):
+        alone = Generator(model, cuda_graph="off").generate([p], 6)
+        torch.testing.assert_close(together.prompt_logits[b, together.pad[b]:],
+                                   alone.prompt_logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.step_logits[b], alone.step_logits[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert model.config.moe_expert_capacity_factor == 1.2  # restored for training
+    dropless = build(one_rank, name, loops, moe=MoEConfig(capacity_factor=None, **moe))
+    dropless.load_state_dict(model.state_dict())
+    assert_reproduces_full_forward(dropless, ps, together, 6)
+
+
 def test_kv_bytes_plt_is_loop_one_plus_windows_looped_is_r_times(one_rank):
     from plt_train.inference import Generator
 
@@ -168,6 +195,24 @@ def test_kv_bytes_plt_is_loop_one_plus_windows_looped_is_r_times(one_rank):
     for r in (2, 3):
         assert kv[("looped", r)] == r * base
         assert kv[("plt", r)] / base == pytest.approx(1 + (r - 1) * WINDOW / S, rel=0, abs=1e-12)
+    # Without G-SWA the later loops read loop 1's KV only: no windows are kept.
+    assert Generator(build(one_rank, "plt", 3, gswa=False)).generate(ps, NEW).kv_bytes == base
+
+
+def test_a_decode_step_past_the_cache_is_refused_before_it_writes(one_rank):
+    from plt_train.inference import Generator
+
+    gen = Generator(build(one_rank, "plt", 2), cuda_graph="off")
+    cache = gen.new_cache(1, 4)
+    tokens = torch.tensor([[1, 2, 3]])
+    logits, fed = gen.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), cache)
+    token = logits[:, -1].argmax(-1)
+    gen.decode(token, torch.tensor([3]), fed, cache)  # the 4th and last position
+    before = [t.clone() for t in (cache.valid, *cache.full[(0, 1)], *cache.win[1])]
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        gen.decode(token, torch.tensor([4]), fed, cache)
+    after = (cache.valid, *cache.full[(0, 1)], *cache.win[1])
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and cache.length == 4
 
 
 def test_plt_decodes_all_loops_in_one_pass_looped_needs_r(one_rank, monkeypatch):

@@ -76,7 +76,7 @@ class LoopAttention(SelfAttention):
                 cache.store_full(loop, self.layer_number, k, v)
             return ops.causal_attention(q, k, v, self.scale, valid)
         k_shared, v_shared = self._shared_kv(loop)
-        if cache is not None:
+        if cache is not None and self.opts.gswa:
             cache.store_window(loop, self.layer_number, k, v)
         if not self.opts.gswa:
             return ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
