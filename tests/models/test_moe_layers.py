@@ -336,3 +336,35 @@ def test_logged_aux_loss_is_the_mean_per_layer_call(one_rank):
         assert thrice[name] == pytest.approx(once[name], rel=1e-6)
     assert 0.9 < once["load_balancing_loss"] < 2.0
     assert all(v == 0 for v in aux_loss_step_metrics().values())  # read once, then cleared
+
+
+# --- specs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", ["dense", "fine_grained", "bigmac"])
+def test_te_backend_keeps_the_moe_layer(one_rank, monkeypatch, layer):
+    """On the TE backend the MoE spec replaces TE's fused dense MLP, behind a TENorm (the
+    layout of megatron's TE spec for MoE); before, the TE layer spec dropped it and every
+    layer was silently dense.  A dense model keeps TE's own fused MLP.  (No TE here: a
+    stand-in for TE's layer spec, whose pre-MLP norm is fused away.)"""
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.gpt import specs
+    from plt_train.models.moe import moe_spec
+
+    fused = specs.with_mlp(specs.local_layer_spec(), specs.local_mlp_spec(), IdentityOp)
+    monkeypatch.setattr(specs, "te_layer_spec", lambda: fused)
+    model = _model(layer)
+    tc = to_transformer_config(model, ParallelConfig(), torch.float32,
+                               megatron_device_kwargs(one_rank))
+    block = specs.decoder_block_spec(tc, "te", mlp=moe_spec(model))
+    assert len(block.layer_specs) == model.num_layers and block.layer_norm is TENorm
+    sub = block.layer_specs[0].submodules
+    if layer == "dense":
+        assert block.layer_specs[0] is fused
+    else:
+        assert sub.mlp.module.__name__ == {"fine_grained": "FineGrainedMoE",
+                                           "bigmac": "BigMacMoE"}[layer]
+        assert sub.pre_mlp_layernorm is TENorm
+        assert sub.self_attention is fused.submodules.self_attention

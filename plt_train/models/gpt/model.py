@@ -9,13 +9,13 @@ from megatron.core.models.gpt import GPTModel
 
 from plt_train.config.schema import ModelConfig
 from plt_train.models.gpt.specs import decoder_block_spec
-from plt_train.models.moe import mlp_spec
+from plt_train.models.moe import moe_spec
 
 
 def build_gpt(model: ModelConfig, tconfig, vocab_size: int, backend: str) -> GPTModel:
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(tconfig, backend, mlp=mlp_spec(model)),
+        transformer_layer_spec=decoder_block_spec(tconfig, backend, mlp=moe_spec(model)),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=ps.is_pipeline_first_stage(),

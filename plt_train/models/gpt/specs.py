@@ -6,6 +6,8 @@ parallelism.  The TE spec is megatron-core's own.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -65,17 +67,28 @@ def te_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
+def with_mlp(layer: ModuleSpec, mlp: ModuleSpec, norm) -> ModuleSpec:
+    """``layer`` with its MLP replaced by ``mlp`` (an MoE layer) behind its own pre-MLP norm:
+    TE's dense layer has none (the norm is fused into the first linear), and megatron's TE
+    spec for MoE puts ``TENorm`` there the same way."""
+    sub = dataclasses.replace(layer.submodules, pre_mlp_layernorm=norm, mlp=mlp)
+    return dataclasses.replace(layer, submodules=sub)
+
+
 def decoder_block_spec(config, backend: str, mlp: ModuleSpec | None = None,
                        self_attention: ModuleSpec | None = None) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds plus the final norm.
 
-    ``mlp`` / ``self_attention`` replace the local defaults (MoE layers, looped attention).
-    Passing a bare layer spec to ``GPTModel`` would make megatron-core pick its own final norm
-    (``WrappedTorchNorm`` on the local backend, which refuses sequence parallelism).
+    ``mlp`` / ``self_attention`` replace the local defaults (MoE layers, looped attention);
+    on TE, ``mlp`` replaces TE's fused dense MLP.  Passing a bare layer spec to ``GPTModel``
+    would make megatron-core pick its own final norm (``WrappedTorchNorm`` on the local
+    backend, which refuses sequence parallelism).
     """
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
         layer, norm = te_layer_spec(), TENorm
+        if mlp is not None:
+            layer = with_mlp(layer, mlp, TENorm)
     else:
         layer, norm = local_layer_spec(self_attention=self_attention, mlp=mlp), RMSNorm
     n = get_num_layers_to_build(config)

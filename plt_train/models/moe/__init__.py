@@ -34,12 +34,19 @@ def experts_spec(model: ModelConfig) -> ModuleSpec:
 
 
 def mlp_spec(model: ModelConfig) -> ModuleSpec:
-    """The MLP ``ModuleSpec`` of every decoder layer for ``model.moe.layer``."""
+    """The MLP ``ModuleSpec`` of every decoder layer for ``model.moe.layer`` (the local dense
+    MLP for ``dense``)."""
     from plt_train.models.gpt.specs import local_mlp_spec
 
+    return moe_spec(model) or local_mlp_spec()
+
+
+def moe_spec(model: ModelConfig) -> ModuleSpec | None:
+    """The MoE layer's ``ModuleSpec``, or None for a dense model, whose MLP is then the
+    backend's own (TE fuses its norm into the first linear)."""
     layer = model.moe.layer
     if layer == "dense":
-        return local_mlp_spec()
+        return None
     if layer not in ("fine_grained", "bigmac"):
         raise ValueError(f"unknown model.moe.layer {layer!r}: dense, fine_grained or bigmac")
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -63,4 +70,4 @@ def mlp_spec(model: ModelConfig) -> ModuleSpec:
                       params={"latent_size": expert_width(model), **params})
 
 
-__all__ = ["experts_spec", "mlp_spec"]
+__all__ = ["experts_spec", "mlp_spec", "moe_spec"]
