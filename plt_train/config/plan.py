@@ -5,13 +5,17 @@ Used by ``plt_train.dryrun`` so a cluster-sized config (say 1024 GPUs) can be ch
 laptop.  The memory figures are an estimate for planning, not a measurement:
 
 * weights: parameters of the most loaded stage (the first or last, which also hold the
-  embedding / LM head) in the training dtype;
+  embedding / LM head) in the training dtype.  Attention, dense MLPs, G-SWA gates and shared
+  experts are split by TP; norms, routers and BigMac's projections are replicated; each
+  expert-parallel rank holds ``num_experts / EP`` whole experts (expert TP is 1);
 * gradients: fp32 ``main_grad`` buffers (megatron DDP with ``grad_reduce_in_fp32``);
 * optimizer: Adam's two fp32 moments, plus fp32 master weights when training in bf16; divided
   by the data-parallel size with the distributed optimizer;
 * activations (no recomputation; SDPA/flash attention, so no s^2 score matrix): Korthikanti et
   al. 2022's ``s*b*h*(10 + 24/t)`` bytes per layer for 16-bit activations (``34*s*b*h/t`` with
-  sequence parallelism), times the micro-batches a 1F1B first stage keeps in flight.
+  sequence parallelism), times the micro-batches a 1F1B first stage keeps in flight.  That
+  is the dense layer's count: MoE layers keep their routed rows too (top-k of them per
+  token), so for them it is a lower bound.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from plt_train.config.megatron import ffn_size, padded_vocab_size
 from plt_train.config.schema import RunConfig
 from plt_train.config.validate import derived_data_parallel, validate
+from plt_train.models.moe.config import expert_width
 
 GiB = 1024**3
 
@@ -47,13 +52,25 @@ class RankPlan:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
 
 
-def _layer_params(cfg: RunConfig) -> int:
-    m = cfg.model
-    d = m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    attention = m.hidden_size * d * (m.num_attention_heads + 2 * groups) + \
-        m.num_attention_heads * d * m.hidden_size
-    return attention + 3 * m.hidden_size * ffn_size(m) + 2 * m.hidden_size  # + two norms
+def _layer_params(cfg: RunConfig, tp: int = 1, ep: int = 1) -> int:
+    """Parameters of one decoder layer held by one rank of a TP x EP layout (1, 1: all)."""
+    from plt_train.models.moe.flops import moe_layer_parameters
+
+    m, h = cfg.model, cfg.model.hidden_size
+    heads = m.num_attention_heads
+    d = h // heads
+    groups = m.num_query_groups or heads
+    split = h * d * (heads + 2 * groups) + heads * d * h  # QKV and output projections
+    if m.name == "plt" and m.loops > 1 and m.loop.gswa:  # G-SWA's gate (models/plt/gate.py)
+        split += (h if m.loop.gate == "input" else d) * heads + heads
+    whole = 2 * h  # the two norms
+    if m.moe.layer == "dense":
+        return (split + 3 * h * ffn_size(m)) // tp + whole
+    moe = moe_layer_parameters(m)
+    experts = m.moe.num_experts * moe["per_expert"]
+    shared = 3 * h * m.moe.num_shared_experts * expert_width(m)
+    whole += moe["total"] - experts - shared  # router, BigMac's descend and ascend
+    return (split + shared) // tp + whole + experts // ep
 
 
 def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> RankPlan:
@@ -68,7 +85,7 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
     total = m.num_layers * _layer_params(cfg) + heads + m.hidden_size
     # Most loaded stage: with one stage it holds both ends; else the first/last holds one end.
     ends = heads if p.pipeline == 1 else embed
-    per_rank = (layers * _layer_params(cfg) + ends + m.hidden_size) // p.tensor
+    per_rank = layers * _layer_params(cfg, p.tensor, p.expert) + ends // p.tensor + m.hidden_size
     weight_bytes = 2 if bf16 else 4
     optimizer_bytes = (8 + (4 if bf16 else 0)) * per_rank
     if p.use_distributed_optimizer:
@@ -80,7 +97,8 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
     in_flight = min(p.pipeline, micro_batches)
     return RankPlan(
         world=world_size, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, dp=dp,
-        layers_per_stage=layers, micro_batches=micro_batches, experts_per_rank=None,
+        layers_per_stage=layers, micro_batches=micro_batches,
+        experts_per_rank=None if m.moe.layer == "dense" else m.moe.num_experts // p.expert,
         total_params=total, params_per_rank=per_rank,
         weights_gib=per_rank * weight_bytes / GiB, grads_gib=per_rank * 4 / GiB,
         optimizer_gib=optimizer_bytes / GiB,

@@ -26,13 +26,21 @@ def test_1024_gpu_plan():
     assert dist.weights_gib == r.weights_gib
 
 
-def test_parameter_count_matches_the_built_model():
+@pytest.mark.parametrize("overrides", [
+    ["moe=dense"],
+    ["moe=bigmac", "model.moe.num_experts=8"],
+    ["moe=fine_grained", "model.moe.num_experts=8", "model.moe.num_shared_experts=1"],
+    ["moe=dense", "model.name=plt", "model.loops=2"],
+    ["moe=bigmac", "model.moe.num_experts=8", "model.name=plt", "model.loops=3",
+     "model.loop.gate=input"],
+], ids=["dense", "bigmac", "fine_grained_shared", "plt2", "plt3_input_gate_bigmac"])
+def test_parameter_count_matches_the_built_model(overrides):
     from plt_train.config.schema import ParallelConfig
     from plt_train.models import build_model
     from plt_train.runtime import destroy_distributed, detect_device, init_distributed
     from plt_train.runtime.device import megatron_device_kwargs
 
-    cfg = compose_run(["model=debug", "moe=dense", "parallel=data"])
+    cfg = compose_run(["model=debug", "parallel=data", "parallel.expert=1"] + overrides)
     dev = detect_device()
     init_distributed(dev)
     try:
@@ -43,6 +51,22 @@ def test_parameter_count_matches_the_built_model():
         destroy_distributed()
     r = plan(cfg, world_size=1, vocab_size=1000, bf16=False)
     assert r.total_params == built == r.params_per_rank
+
+
+def test_moe_plan_splits_experts_over_expert_parallel_ranks():
+    """The default flagship (BigMac, 64 experts) at EP=2 and EP=8: each rank holds its share
+    of the experts whole, and everything else in full (TP=1)."""
+    from plt_train.models.moe.flops import moe_layer_parameters
+
+    cfg = compose_run([])
+    batch = "train.global_batch_size=64"
+    one = plan(compose_run(["parallel.expert=1", batch]), world_size=8, vocab_size=8192)
+    per_expert = moe_layer_parameters(cfg.model)["per_expert"]
+    for ep in (2, 8):
+        r = plan(compose_run([f"parallel.expert={ep}", batch]), world_size=8, vocab_size=8192)
+        assert r.experts_per_rank == 64 // ep and r.total_params == one.total_params
+        assert one.params_per_rank - r.params_per_rank == \
+            cfg.model.num_layers * (64 - 64 // ep) * per_expert
 
 
 def test_cli_rejects_an_impossible_cluster_config():
