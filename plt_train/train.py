@@ -29,7 +29,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
     from plt_train.training.checkpoint import (
-        TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
+        TrainState, load_checkpoint, resume_source, save_checkpoint,
     )
     from plt_train.training.loggers import MetricLoggers
     from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
@@ -69,7 +69,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     # 4. Resume (model, optimizer, schedule, data position, RNG).
     ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
     state = TrainState()
-    resume_from = cfg.checkpoint.load or (cfg.checkpoint.resume and latest_checkpoint(ckpt_dir))
+    resume_from = resume_source(cfg.checkpoint, ckpt_dir)
     if resume_from:
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
 
@@ -104,41 +104,45 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         print(f"[plt_train] unigram entropy of the corpus: {unigram_entropy(prepared.prefix):.4f}"
               " nats/token (the loss of a model that ignores context)", flush=True)
 
-    # 7. The loop.
+    # 7. The loop.  The signal handlers and the loggers are released also when it fails
+    # (Hydra's multirun goes on to its next job in this process).
     preemption = PreemptionHandler()
     fault = FaultInjector.from_env()
     tokens_per_step = t.global_batch_size * seq
     last = {}
-    while state.step < t.steps:
-        start = time.perf_counter()
-        out = train_step(chunks, optimizer, scheduler, train_iter, num_microbatches, seq,
-                         t.micro_batch_size, device.device, stages)
-        state.step += 1
-        state.consumed_samples += t.global_batch_size
-        loss = broadcast_from_last_rank(out["loss"])
-        elapsed = time.perf_counter() - start
-        last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
-                **meter.update(state.step, tokens_per_step,
-                               flops.training * t.global_batch_size, elapsed),
-                **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)
-        if state.step % t.log_interval == 0 or state.step == t.steps:
-            loggers.log(state.step, last)
-        if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
-            last["val_loss"] = validation_loss()
-            loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
-        fault.after_step(state.step, dims.rank)
-        stop = preemption.should_stop(device.device if device.is_cuda else torch.device("cpu"))
-        interval = cfg.checkpoint.save_interval
-        if stop or (interval and state.step % interval == 0) or (
-                state.step == t.steps and cfg.checkpoint.save_at_end):
-            save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state,
-                            before_commit=lambda _: fault.before_commit(state.step, dims.rank))
-        if stop:
-            if logging_rank:
-                print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
-                      flush=True)
-            break
-    preemption.restore()
+    try:
+        while state.step < t.steps:
+            start = time.perf_counter()
+            out = train_step(chunks, optimizer, scheduler, train_iter, num_microbatches, seq,
+                             t.micro_batch_size, device.device, stages)
+            state.step += 1
+            state.consumed_samples += t.global_batch_size
+            loss = broadcast_from_last_rank(out["loss"])
+            elapsed = time.perf_counter() - start
+            last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                    **meter.update(state.step, tokens_per_step,
+                                   flops.training * t.global_batch_size, elapsed),
+                    **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)
+            if state.step % t.log_interval == 0 or state.step == t.steps:
+                loggers.log(state.step, last)
+            if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
+                last["val_loss"] = validation_loss()
+                loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
+            fault.after_step(state.step, dims.rank)
+            stop = preemption.should_stop(device.device if device.is_cuda else torch.device("cpu"))
+            interval = cfg.checkpoint.save_interval
+            if stop or (interval and state.step % interval == 0) or (
+                    state.step == t.steps and cfg.checkpoint.save_at_end):
+                save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state,
+                                before_commit=lambda _: fault.before_commit(state.step, dims.rank))
+            if stop:
+                if logging_rank:
+                    print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
+                          flush=True)
+                break
+    finally:
+        preemption.restore()
+        loggers.close()
     if cfg.sample.prompt and state.step >= t.steps:
         from plt_train.inference import sample_after_training
         text = sample_after_training(chunks, prepared.tokenizer, cfg.sample)
@@ -147,7 +151,6 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                   else "[plt_train] sample: needs a looped model at TP=PP=1 (use plt-generate)",
                   flush=True)
         last["sample"] = text
-    loggers.close()
     return {"step": state.step, **last}
 
 

@@ -48,3 +48,20 @@ def test_device_defaults_follow_the_hardware():
     assert resolve_dtype("auto", gpu) == torch.bfloat16
     assert megatron_device_kwargs(cpu)["use_cpu_initialization"] is True
     assert megatron_device_kwargs(gpu)["use_cpu_initialization"] is False
+
+
+def test_gpu_is_the_local_rank_modulo_the_visible_ones(monkeypatch):
+    """torchrun: 8 visible GPUs, LOCAL_RANK picks one.  srun --gpus-per-task=1: each task sees
+    only its own GPU (cuda:0) while LOCAL_RANK = SLURM_LOCALID still counts the node's tasks."""
+    from plt_train.runtime import device as dev
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
+    for visible, local_rank, want in ((8, 5, 5), (1, 3, 0), (4, 6, 2)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda v=visible: v)
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        info = dev.detect_device()
+        assert (info.device, info.name, chosen[-1]) == (torch.device("cuda", want), f"gpu{want}",
+                                                        want)

@@ -27,7 +27,15 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
     Unlike Megatron-LM we do not multiply the multiple by the TP size: the model (and so a
     checkpoint) stays the same whatever the parallel layout.  Validation checks that the padded
     size divides by TP instead.
+
+    ``model.vocab_size``, when set, replaces the tokenizer's ``vocab_size`` before padding
+    (room for tokens added later); it may not be smaller.
     """
+    if model.vocab_size is not None:
+        if model.vocab_size < vocab_size:
+            raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the "
+                             f"tokenizer's vocabulary ({vocab_size}): raise it or use null")
+        vocab_size = model.vocab_size
     m = model.make_vocab_size_divisible_by
     return m * math.ceil(vocab_size / m)
 

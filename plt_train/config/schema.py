@@ -101,7 +101,9 @@ class ModelConfig:
     num_query_groups: Optional[int] = None  # grouped-query attention; None = one group per head
     ffn_hidden_size: Optional[int] = None  # None: 8/3 * hidden_size rounded up to 64
     seq_length: int = 256
-    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary (padded, see below)
+    # Embedding rows before padding: None takes the tokenizer's vocabulary; a larger value
+    # leaves room for tokens added later (config/megatron.py:padded_vocab_size).
+    vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128  # Megatron-LM's padding rule (times TP size)
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
@@ -163,6 +165,10 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_style: str = "cosine"  # cosine | linear | constant (megatron OptimizerParamScheduler)
     decay_steps: Optional[int] = None  # None: train.steps
+    # On resume megatron takes the lr schedule (lr, min_lr, warmup, decay steps and style)
+    # from the checkpoint, and we print what differs from the config. True makes the config's
+    # win instead (Megatron-LM's --override-opt_param-scheduler), e.g. to extend a run.
+    override_schedule_on_resume: bool = False
 
 
 @dataclass
@@ -183,7 +189,9 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
     save_at_end: bool = True
     resume: bool = True  # continue from the latest checkpoint in dir when one exists
-    load: Optional[str] = None  # explicit checkpoint directory to start from
+    # Checkpoint to start from when dir holds none yet (torchtitan's initial_load_path): a
+    # requeued or restarted run continues from its own latest save, never back from here.
+    load: Optional[str] = None
 
 
 @dataclass

@@ -82,11 +82,32 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if m.backend == "te" and not have_transformer_engine():
         raise ConfigError("model.backend", "te requested but Transformer Engine is not "
                           "installed", "install the [gpu] extra or use model.backend=local")
-    if p.context > 1 and not (m.backend == "te" or (m.backend == "auto" and torch.cuda.is_available()
-                                                   and have_transformer_engine())):
-        raise ConfigError("parallel.context", "context parallelism needs the TE backend",
-                          "set parallel.context=1 or use model.backend=te on a GPU")
-    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
+    if p.context > 1:
+        # Megatron's process groups and TE attention support it, but the training step does
+        # not yet cut each batch into this rank's sequence slices (megatron's
+        # get_batch_on_this_cp_rank) nor reduce the loss over data x context ranks: every
+        # rank would read the whole sequence as if it were its slice of a longer one.
+        raise ConfigError("parallel.context", "context parallelism is not wired into the "
+                          "training step yet (batches are not split across context ranks)",
+                          "set parallel.context=1")
+    if m.ffn_hidden_size is not None and (m.ffn_hidden_size < 1
+                                          or m.ffn_hidden_size % p.tensor):
+        raise ConfigError("model.ffn_hidden_size", f"{m.ffn_hidden_size} is not a positive "
+                          f"multiple of parallel.tensor={p.tensor}",
+                          "use a multiple of the TP size, or null for the default")
+    if m.seq_length < 1:
+        raise ConfigError("model.seq_length", f"must be >= 1, got {m.seq_length}",
+                          "set model.seq_length")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        raise ConfigError("model.vocab_size", f"must be >= 1, got {m.vocab_size}",
+                          "null uses the tokenizer's vocabulary")
+    if m.vocab_size is not None and cfg.data.prefix is None and cfg.data.tokenizer is None \
+            and m.vocab_size < cfg.data.vocab_size:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the embedded "
+                          f"corpus' BPE vocabulary (data.vocab_size={cfg.data.vocab_size})",
+                          "raise it, or null for the tokenizer's vocabulary")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1 \
+            or t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple "
                           f"of micro_batch_size({t.micro_batch_size}) x data parallel({dp})",
                           f"use a multiple of {t.micro_batch_size * dp}")
@@ -94,17 +115,40 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("train.steps", f"must be >= 1, got {t.steps}", "set train.steps")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError("train.precision", f"unknown {t.precision!r}", "auto, fp32 or bf16")
+    if t.log_interval < 1:
+        raise ConfigError("train.log_interval", f"must be >= 1, got {t.log_interval}",
+                          "1 logs every step")
+    if t.eval_interval < 0:
+        raise ConfigError("train.eval_interval", "must be >= 0", "0 disables validation")
     if t.eval_interval > 0 and t.eval_iters < 1:
         raise ConfigError("train.eval_iters", "must be >= 1 when eval_interval > 0",
                           "set train.eval_iters or train.eval_interval=0")
+    split = _split_weights(cfg.data.split)
+    if split[0] == 0:
+        raise ConfigError("data.split", f"{cfg.data.split!r} gives the train split no "
+                          "documents", "give the first weight a share (e.g. 98,2,0)")
+    if t.eval_interval > 0 and split[1] == 0:
+        raise ConfigError("data.split", f"{cfg.data.split!r} gives the validation split no "
+                          "documents, but train.eval_interval > 0 asks for validation",
+                          "give the second weight a share (e.g. 98,2,0) or train.eval_interval=0")
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError("optim.min_lr", f"{o.min_lr} must be in [0, lr={o.lr}]", "lower it")
     if o.decay_style not in ("cosine", "linear", "constant", "inverse-square-root"):
         raise ConfigError("optim.decay_style", f"unknown {o.decay_style!r}",
                           "cosine, linear, constant or inverse-square-root")
-    if o.warmup_steps > (o.decay_steps or t.steps):
-        raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} exceeds the decay steps",
-                          "lower warmup_steps")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", "must be >= 0", "0 starts at the full lr")
+    if o.decay_steps is not None and o.decay_steps < 1:
+        raise ConfigError("optim.decay_steps", f"must be >= 1, got {o.decay_steps}",
+                          "null decays over train.steps")
+    decay = o.decay_steps or t.steps
+    if o.warmup_steps >= decay:  # megatron's scheduler asserts warmup < decay
+        raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} is not below the decay "
+                          f"steps ({decay}: optim.decay_steps, else train.steps)",
+                          f"use at most {decay - 1} warmup steps")
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}",
+                          "use e.g. 0.1, or 0 for none")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise ConfigError("logging.wandb_mode", f"unknown {cfg.logging.wandb_mode!r}",
                           "offline, online or disabled")
@@ -112,6 +156,19 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if cfg.checkpoint.save_interval < 0:
         raise ConfigError("checkpoint.save_interval", "must be >= 0", "0 disables periodic saves")
     _validate_moe(cfg, world_size)
+
+
+def _split_weights(split: str) -> list[float]:
+    """Megatron's ``"train,valid,test"`` weights (missing ones are 0)."""
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError("data.split", f"{split!r} is not comma-separated numbers",
+                          "use e.g. 98,2,0") from None
+    if len(weights) > 3 or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ConfigError("data.split", f"{split!r} is not up to 3 non-negative weights with "
+                          "a positive sum", "use e.g. 98,2,0")
+    return weights + [0.0] * (3 - len(weights))
 
 
 def _validate_loops(cfg: RunConfig, data_parallel: int) -> None:
@@ -143,6 +200,9 @@ def _validate_loops(cfg: RunConfig, data_parallel: int) -> None:
                               f"a multiple of parallel.pipeline={p.pipeline} (looped models run "
                               "megatron's interleaved schedule, one virtual chunk per loop)",
                               "use a global batch giving a multiple of pipeline micro-batches")
+    if m.attention_dropout > 0:
+        raise ConfigError("model.attention_dropout", "looped models' attention (SDPA, G-SWA "
+                          "and their kernels) has no dropout", "set model.attention_dropout=0")
     if m.backend == "te":
         raise ConfigError("model.backend", "looped models use their own attention (local "
                           "backend only)", "set model.backend=auto or local")

@@ -390,5 +390,9 @@ def build_data_iterator(
     sampler = PretrainingBatchSampler(
         len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    # A private generator: starting an iterator draws its workers' base seed, and from torch's
+    # global RNG that draw would shift dropout after a resume (the RNG state is restored
+    # before the iterators are built, and each evaluation builds one).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(0))
     return iter(loader)

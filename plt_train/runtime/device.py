@@ -23,12 +23,15 @@ class DeviceInfo:
 
 
 def detect_device(local_rank: int | None = None) -> DeviceInfo:
+    """The local rank's GPU, modulo the GPUs this process sees (as Megatron-LM does): under
+    ``srun --gpus-per-task=1`` or ``--gpu-bind`` each task sees only its own GPU as cuda:0
+    while its LOCAL_RANK (SLURM_LOCALID) still counts the node's tasks."""
     if torch.cuda.is_available():
         if local_rank is None:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return DeviceInfo(torch.device("cuda", local_rank), "nccl",
-                          torch.cuda.get_device_name(local_rank))
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return DeviceInfo(torch.device("cuda", index), "nccl", torch.cuda.get_device_name(index))
     return DeviceInfo(torch.device("cpu"), "gloo", "cpu")
 
 

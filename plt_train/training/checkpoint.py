@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,31 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_source(checkpoint, ckpt_dir: str | os.PathLike) -> Path | str | None:
+    """Where a run starts from: its own latest checkpoint in ``ckpt_dir`` when
+    ``checkpoint.resume`` is on and one exists, else ``checkpoint.load`` (or nothing).
+
+    The run's own saves win over ``load`` so that a preempted job requeued with the same
+    arguments (Slurm's ``--requeue`` reruns the same command line) continues where it
+    stopped instead of going back to its starting checkpoint every time; torchtitan treats
+    its ``initial_load_path`` the same way.
+    """
+    own = latest_checkpoint(ckpt_dir) if checkpoint.resume else None
+    return own or checkpoint.load or None
+
+
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+def schedule_changes(scheduler, saved: dict) -> list[str]:
+    """``"key: config X vs checkpoint Y"`` for each lr-schedule value changed since the
+    checkpoint.  Megatron applies one side silently (it logs at INFO), so a run extended by
+    raising ``train.steps`` would otherwise sit at ``min_lr`` without a word."""
+    now = scheduler.state_dict()
+    return [f"{k}: config {now[k]} vs checkpoint {saved[k]}" for k in SCHEDULE_KEYS
+            if k in saved and now[k] != saved[k]]
+
+
 def _allocate_distributed_optimizer_state(optimizer) -> None:
     """Without apex/TE, megatron-core 0.16.1's DistributedOptimizer reads Adam's ``step`` from
     the inner torch optimizer's state, which is empty until the first step (``state_dict``
@@ -216,6 +242,12 @@ def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> Tr
     with torch.no_grad():  # fp32 DistributedOptimizer: main params are views of leaf params
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer, loaded["optimizer"])
+    changed = schedule_changes(scheduler, loaded["scheduler"])
+    if changed and dist.get_rank() == 0:
+        winner = "the config's" if scheduler.override_opt_param_scheduler else \
+            "the checkpoint's (optim.override_schedule_on_resume=true takes the config's)"
+        print(f"[plt_train] resume: the lr schedule differs from the checkpoint's "
+              f"({'; '.join(changed)}); using {winner}", file=sys.stderr, flush=True)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])

@@ -57,4 +57,6 @@ def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
         end_wd=optim.weight_decay,
         wd_incr_steps=train_steps,
         wd_incr_style="constant",
+        override_opt_param_scheduler=optim.override_schedule_on_resume,
+        use_checkpoint_opt_param_scheduler=not optim.override_schedule_on_resume,
     )

@@ -37,8 +37,24 @@ def test_default_config_is_valid_for_two_processes():
     (["parallel.expert=4"], 2, "parallel.expert", "not divisible"),
     (["train.global_batch_size=12"], 2, "train.global_batch_size", "multiple of 16"),
     (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel", "tensor parallel"),
-    (["parallel.context=2"], 2, "parallel.context", "TE backend"),
-    (["optim.warmup_steps=1000"], 2, "optim.warmup_steps", "exceeds"),
+    (["parallel.context=2"], 2, "parallel.context", "not wired"),
+    (["optim.warmup_steps=1000"], 2, "optim.warmup_steps", "not below the decay steps"),
+    # megatron's scheduler asserts warmup < decay (here train.steps) after the model is built
+    (["train.steps=20", "optim.warmup_steps=20"], 2, "optim.warmup_steps", "not below"),
+    (["optim.decay_steps=5", "optim.warmup_steps=5"], 2, "optim.warmup_steps", "not below"),
+    (["optim.weight_decay=-0.1"], 2, "optim.weight_decay", ">= 0"),
+    (["train.log_interval=0"], 2, "train.log_interval", ">= 1"),
+    (["train.global_batch_size=0"], 2, "train.global_batch_size", "multiple of"),
+    (["model.seq_length=0"], 2, "model.seq_length", ">= 1"),
+    (["model.ffn_hidden_size=1001", "parallel.tensor=2"], 2, "model.ffn_hidden_size",
+     "multiple of parallel.tensor"),
+    (["model.vocab_size=100"], 2, "model.vocab_size", "smaller than"),
+    # a validation split of weight 0 builds no dataset; the first evaluation would crash
+    (["data.split='100,0,0'"], 2, "data.split", "validation split no documents"),
+    (["data.split='0,100,0'"], 2, "data.split", "train split no documents"),
+    (["data.split='98,x'"], 2, "data.split", "not comma-separated"),
+    (["model.name=plt", "model.loops=2", "model.attention_dropout=0.1"], 2,
+     "model.attention_dropout", "no dropout"),
     (["optim.min_lr=1.0"], 2, "optim.min_lr", "must be in"),
     (["model.name=nope"], 2, "model.name", "unknown model"),
     (["model.loops=2"], 2, "model.loops", "need a looped model"),
@@ -59,6 +75,26 @@ def test_invalid_configs_name_the_field(overrides, world, field, words):
         validate(cfg, world)
     assert err.value.field == field
     assert words in str(err.value) and "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.split='100,0,0'", "train.eval_interval=0"],  # no validation split, none asked for
+    ["data.split='98/2'"],  # megatron's other separator, test weight left out
+    ["train.steps=21", "optim.warmup_steps=20"],
+    ["model.vocab_size=8192"],
+])
+def test_edge_configs_that_are_valid(overrides):
+    validate(compose_run(DENSE_BASELINE + overrides), world_size=2)
+
+
+def test_model_vocab_size_sets_the_embedding_rows():
+    from plt_train.config.megatron import padded_vocab_size
+    from plt_train.config.schema import ModelConfig
+
+    assert padded_vocab_size(8000, ModelConfig()) == 8064  # the tokenizer's, padded to 128
+    assert padded_vocab_size(8000, ModelConfig(vocab_size=9000)) == 9088
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        padded_vocab_size(8000, ModelConfig(vocab_size=7999))
 
 
 @pytest.mark.parametrize("choice, cpu, cuda", [("auto", False, True), ("on", True, True),

@@ -297,9 +297,11 @@ def _free_port() -> int:
 
 
 def test_embedded_build_once_across_two_gloo_ranks(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The one real embedded-corpus build (small vocab), raced by two ranks."""
+    # The session's shared cache (the data_cache fixture sets it) would override cache_dir.
+    monkeypatch.delenv("PLT_TRAIN_CACHE", raising=False)
     cache, port = tmp_path / "cache", str(_free_port())
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("PLT_TRAIN_CACHE", None)
@@ -339,3 +341,24 @@ def test_embedded_build_once_across_two_gloo_ranks(
               f"{max(r['t_prepare'] for r in res):.1f} s, {marker['tokens']} tokens in "
               f"{marker['documents']} docs; whole 2-rank run {wall:.1f} s; cache hit "
               f"{t_hit * 1000:.0f} ms")
+
+
+def test_unigram_entropy_exact_then_sampled_in_chunks(small: PreparedData, monkeypatch) -> None:
+    """Exact on a corpus up to ``max_tokens``; above it, counted over evenly spaced chunks
+    (memory-mapped), never the whole file at once."""
+    from plt_train.data import stats
+    from plt_train.data.datasets import read_index
+
+    tokens = np.fromfile(f"{small.prefix}.bin", dtype=read_index(small.prefix).dtype)
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / tokens.size
+    exact = float(-(p * np.log(p)).sum())
+    monkeypatch.setattr(stats, "CHUNK", 64)
+    assert stats.unigram_entropy(small.prefix, max_tokens=tokens.size) == pytest.approx(exact,
+                                                                                        rel=1e-12)
+    reads = []
+    real_bincount = np.bincount
+    monkeypatch.setattr(stats.np, "bincount", lambda a: reads.append(a.size) or real_bincount(a))
+    sampled = stats.unigram_entropy(small.prefix, max_tokens=tokens.size // 4)
+    assert sum(reads) <= tokens.size // 4 + 64 and max(reads) <= 64
+    assert sampled != exact and sampled == pytest.approx(exact, rel=0.1)

@@ -1,6 +1,8 @@
 """Checkpoints resume exactly, and a crash or kill never corrupts the latest one.
 
 All on CPU with 2 processes (data parallel), so the sharded save/load paths really run.
+With dropout on, so "exactly" includes the RNG streams: nothing between restoring them and
+the first resumed step may draw from them (a data loader's seed, a timing matmul's inputs).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics, run_train
 
 STEPS = 8
 ARGS = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",
-                     "train.micro_batch_size=2", "optim.warmup_steps=2"]
+                     "train.micro_batch_size=2", "optim.warmup_steps=2",
+                     "model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
 
 
 def _uninterrupted(tmp_path, extra=()):
