@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from plt_train.config.megatron import ffn_size, padded_vocab_size
 from plt_train.config.schema import RunConfig
-from plt_train.config.validate import derived_data_parallel, validate
+from plt_train.config.validate import ConfigError, derived_data_parallel, validate
 from plt_train.models.moe.config import expert_width
 
 GiB = 1024**3
@@ -78,7 +78,10 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
     validate(cfg, world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = derived_data_parallel(cfg, world_size)
-    vocab = padded_vocab_size(vocab_size, m)
+    try:
+        vocab = padded_vocab_size(vocab_size, m)
+    except ValueError as err:  # model.vocab_size below the tokenizer's
+        raise ConfigError("model.vocab_size", str(err), "raise it, or null") from None
     layers = m.num_layers // p.pipeline
     embed = vocab * m.hidden_size
     heads = (1 if m.tie_embeddings else 2) * embed

@@ -90,8 +90,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("parallel.context", "context parallelism is not wired into the "
                           "training step yet (batches are not split across context ranks)",
                           "set parallel.context=1")
-    if m.ffn_hidden_size is not None and (m.ffn_hidden_size < 1
-                                          or m.ffn_hidden_size % p.tensor):
+    if m.ffn_hidden_size is not None and m.moe.layer == "dense" and (
+            m.ffn_hidden_size < 1 or m.ffn_hidden_size % p.tensor):  # the dense MLP's width
         raise ConfigError("model.ffn_hidden_size", f"{m.ffn_hidden_size} is not a positive "
                           f"multiple of parallel.tensor={p.tensor}",
                           "use a multiple of the TP size, or null for the default")
@@ -106,8 +106,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the embedded "
                           f"corpus' BPE vocabulary (data.vocab_size={cfg.data.vocab_size})",
                           "raise it, or null for the tokenizer's vocabulary")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1 \
-            or t.global_batch_size % (t.micro_batch_size * dp):
+    for name in ("micro_batch_size", "global_batch_size"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(t, name)}",
+                              f"set train.{name}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple "
                           f"of micro_batch_size({t.micro_batch_size}) x data parallel({dp})",
                           f"use a multiple of {t.micro_batch_size * dp}")
@@ -159,9 +162,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
 
 
 def _split_weights(split: str) -> list[float]:
-    """Megatron's ``"train,valid,test"`` weights (missing ones are 0)."""
+    """``"train,valid,test"`` weights (missing ones are 0), read the way the data build
+    reads them (``_check_split`` in data/datasets.py), so both accept the same strings."""
     try:
-        weights = [float(w) for w in split.replace("/", ",").split(",")]
+        weights = [float(w) for w in split.split(",")]  # as data/datasets.py reads it
     except ValueError:
         raise ConfigError("data.split", f"{split!r} is not comma-separated numbers",
                           "use e.g. 98,2,0") from None

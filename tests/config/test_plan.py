@@ -76,6 +76,13 @@ def test_cli_rejects_an_impossible_cluster_config():
     assert "config error: parallel: world size 1000 is not divisible by" in proc.stderr
 
 
+def test_cli_rejects_a_vocab_below_the_tokenizers():
+    proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1024",
+                           "--vocab-size", "32000", "model.vocab_size=30000", *BIG], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config error: model.vocab_size" in proc.stderr
+
+
 def test_cli_prints_the_plan():
     proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1024",
                            *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)

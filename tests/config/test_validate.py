@@ -44,7 +44,7 @@ def test_default_config_is_valid_for_two_processes():
     (["optim.decay_steps=5", "optim.warmup_steps=5"], 2, "optim.warmup_steps", "not below"),
     (["optim.weight_decay=-0.1"], 2, "optim.weight_decay", ">= 0"),
     (["train.log_interval=0"], 2, "train.log_interval", ">= 1"),
-    (["train.global_batch_size=0"], 2, "train.global_batch_size", "multiple of"),
+    (["train.global_batch_size=0"], 2, "train.global_batch_size", "must be >= 1"),
     (["model.seq_length=0"], 2, "model.seq_length", ">= 1"),
     (["model.ffn_hidden_size=1001", "parallel.tensor=2"], 2, "model.ffn_hidden_size",
      "multiple of parallel.tensor"),
@@ -79,7 +79,9 @@ def test_invalid_configs_name_the_field(overrides, world, field, words):
 
 @pytest.mark.parametrize("overrides", [
     ["data.split='100,0,0'", "train.eval_interval=0"],  # no validation split, none asked for
-    ["data.split='98/2'"],  # megatron's other separator, test weight left out
+    ["data.split='98,2'"],  # the test weight left out
+    ["moe=bigmac", "model.ffn_hidden_size=1001", "parallel.tensor=2",
+     "parallel.sequence_parallel=true"],  # every MLP is MoE: the dense width is unused
     ["train.steps=21", "optim.warmup_steps=20"],
     ["model.vocab_size=8192"],
 ])

@@ -45,7 +45,9 @@ def test_killed_run_resumes_bit_exact(tmp_path, data_cache, optimizer):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_cache):
-    ref = _uninterrupted(tmp_path)
+    # The reference run also saves step 2, for checkpoint.load below (saving changes nothing).
+    ref_ckpt = tmp_path / "ref_ckpt"
+    ref = _uninterrupted(tmp_path, [f"checkpoint.dir={ref_ckpt}", "checkpoint.save_interval=2"])
     run_dir, ckpt = tmp_path / "preempted", tmp_path / "ckpt"
     args = ARGS + [f"checkpoint.dir={ckpt}"]  # no periodic saves: only the signal saves
     # Only rank 0 receives SIGTERM; rank 1 must learn of it and save the same step.
@@ -54,7 +56,10 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_cache):
     assert (ckpt / "latest.txt").read_text().strip() == "step_0000004"
     assert max(r["step"] for r in read_metrics(run_dir)) == 4
 
-    run_train(run_dir, args, nproc=2)
+    # Requeued with checkpoint.load added: the run's own step 4 wins over the older step 2
+    # (Slurm reruns the same arguments, so `load` must only start a run that has none).
+    run_train(run_dir, args + [f"checkpoint.load={ref_ckpt / 'step_0000002'}"], nproc=2)
+    assert [r["step"] for r in read_metrics(run_dir)][4] == 5, "must resume from its step 4"
     assert losses_by_step(run_dir) == ref
 
 

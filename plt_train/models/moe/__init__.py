@@ -1,7 +1,8 @@
 """Mixture-of-experts MLPs: the fine-grained (CDAC) baseline and BigMac (DCCA).
 
-Every decoder builder asks ``mlp_spec`` for its MLP, so any model (GPT, looped, PLT) gets MoE
-layers from ``model.moe`` without knowing about them.
+Every decoder builder asks ``mlp_spec`` (or ``moe_spec``, None for dense, where the backend's
+own MLP is kept) for its MLP, so any model (GPT, looped, PLT) gets MoE layers from
+``model.moe`` without knowing about them.
 
     accounting.py  all-to-all bytes / time counters (measured at the call)
     config.py      model.moe -> TransformerConfig fields
