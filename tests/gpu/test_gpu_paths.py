@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plt_train.models.common.backends import have_transformer_engine
-from tests.conftest import DEBUG_ARGS, losses_by_step, run_train
+from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics, run_train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -42,3 +42,14 @@ def test_te_backend_matches_local_backend(tmp_path, data_cache):
     run_train(tmp_path / "te", ARGS + ["train.precision=fp32", "model.backend=te"])
     a, b = losses_by_step(tmp_path / "local"), losses_by_step(tmp_path / "te")
     assert b[1] == pytest.approx(a[1], rel=1e-3)
+
+
+@needs_cuda
+@needs_te
+def test_te_backend_keeps_moe_layers(tmp_path, data_cache):
+    """The MoE spec goes into TE's layer (it used to be dropped, every layer dense): the
+    router's load-balancing loss is logged only by MoE layers."""
+    run_train(tmp_path, ARGS + ["model.backend=te", "moe=bigmac", "model.moe.num_experts=8",
+                                "model.moe.top_k=2"])
+    last = read_metrics(tmp_path)[-1]
+    assert last["load_balancing_loss"] > 0
