@@ -2,7 +2,8 @@
 # Start plt_train with torchrun on this node; extra arguments are Hydra overrides.
 #
 #   launch/torchrun.sh train.steps=100                       # one node, all GPUs (or 2 CPU procs)
-#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh model=1b   # on every node
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh model=1b moe=dense parallel=data \
+#       train.global_batch_size=256   # on every node (NODE_RANK 0..3)
 #
 # Environment (all optional):
 #   NPROC_PER_NODE  processes per node (default: number of GPUs, else 2 on CPU)

@@ -144,3 +144,30 @@ def test_ranks_share_one_run_dir_and_only_rank0_writes_hydra_files():
     assert hydra_argv_for_rank(["hydra.run.dir=/d", "hydra.sweep.dir=/s"], env0) == [
         "hydra.run.dir=/d", "hydra.sweep.dir=/s"]
     assert "hydra.sweep.dir=multirun/x/abc" in argv1  # a sweep also shares one folder
+
+
+def _readme_launches() -> list[tuple[int, list[str]]]:
+    """(world size, overrides) of every ``make train ARGS=...`` (2 processes) and ``sbatch
+    --nodes=N --gpus-per-node=G ...`` example in the README, continuation lines joined."""
+    import re
+    import shlex
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    found = [(2, shlex.split(a)) for a in re.findall(r'make train ARGS="([^"]*)"', text)]
+    for nodes, gpus, rest in re.findall(
+            r"sbatch --nodes=(\d+) --gpus-per-node=(\d+) launch/slurm/train\.sbatch ([^\n#]*)",
+            text):
+        found.append((int(nodes) * int(gpus), shlex.split(rest)))
+    return found
+
+
+def test_readme_launch_examples_are_valid():
+    """The README's launch lines pass validation at their world size (two had drifted: a
+    1b run whose default batch did not divide, and a looped PP=2 run under the flagship's
+    EP=2)."""
+    launches = _readme_launches()
+    assert len(launches) >= 6 and any(world == 32 for world, _ in launches)
+    for world, overrides in launches:
+        validate(compose_run(overrides), world_size=world)
