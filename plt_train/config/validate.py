@@ -126,7 +126,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if t.eval_interval > 0 and t.eval_iters < 1:
         raise ConfigError("train.eval_iters", "must be >= 1 when eval_interval > 0",
                           "set train.eval_iters or train.eval_interval=0")
-    split = _split_weights(cfg.data.split)
+    split = split_weights(cfg.data.split)
     if split[0] == 0:
         raise ConfigError("data.split", f"{cfg.data.split!r} gives the train split no "
                           "documents", "give the first weight a share (e.g. 98,2,0)")
@@ -161,11 +161,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     _validate_moe(cfg, world_size)
 
 
-def _split_weights(split: str) -> list[float]:
-    """``"train,valid,test"`` weights (missing ones are 0), read the way the data build
-    reads them (``_check_split`` in data/datasets.py), so both accept the same strings."""
+def split_weights(split: str) -> list[float]:
+    """``"train,valid,test"`` weights (missing ones are 0).  The data build reads the split
+    through this too (``_check_split`` in data/datasets.py), so both accept the same strings."""
     try:
-        weights = [float(w) for w in split.split(",")]  # as data/datasets.py reads it
+        weights = [float(w) for w in split.split(",")]
     except ValueError:
         raise ConfigError("data.split", f"{split!r} is not comma-separated numbers",
                           "use e.g. 98,2,0") from None

@@ -32,6 +32,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 
 from plt_train.config.schema import DataConfig
+from plt_train.config.validate import ConfigError, split_weights
 from plt_train.data.corpus import ensure_corpus, read_jsonl_texts
 from plt_train.data.preprocess import preprocess
 from plt_train.data.tokenizer import Tokenizer, train_bpe
@@ -282,12 +283,10 @@ def _check_split(prefix: str, split: str) -> None:
     until it reaches the requested count), so this is a hang turned into an error.
     """
     try:
-        weights = [float(w) for w in split.split(",")]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise DataError(f"data.split={split!r}: expected up to 3 non-negative weights like 98,2,0")
-    weights += [0.0] * (3 - len(weights))
+        weights = split_weights(split)
+    except ConfigError:
+        raise DataError(f"data.split={split!r}: expected up to 3 non-negative weights like "
+                        "98,2,0") from None
     matrix = convert_split_vector_to_split_matrix([w / sum(weights) for w in weights])
     lengths = read_index(prefix).sequence_lengths
     n = len(lengths)
