@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from plt_train.config.megatron import ffn_size, padded_vocab_size
 from plt_train.config.schema import RunConfig
 from plt_train.config.validate import ConfigError, derived_data_parallel, validate
-from plt_train.models.moe.config import expert_width
 
 GiB = 1024**3
 
@@ -68,9 +67,8 @@ def _layer_params(cfg: RunConfig, tp: int = 1, ep: int = 1) -> int:
         return (split + 3 * h * ffn_size(m)) // tp + whole
     moe = moe_layer_parameters(m)
     experts = m.moe.num_experts * moe["per_expert"]
-    shared = 3 * h * m.moe.num_shared_experts * expert_width(m)
-    whole += moe["total"] - experts - shared  # router, BigMac's descend and ascend
-    return (split + shared) // tp + whole + experts // ep
+    whole += moe["total"] - experts - moe["shared"]  # router, BigMac's descend and ascend
+    return (split + moe["shared"]) // tp + whole + experts // ep
 
 
 def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> RankPlan:

@@ -51,7 +51,7 @@ def moe_layer_parameters(model: ModelConfig) -> dict:
     shared = 3 * h * moe.num_shared_experts * w
     return {"total": router + moe.num_experts * per_expert + proj + shared,
             "active": router + moe.top_k * per_expert + proj + shared,
-            "per_expert": per_expert, "projections": proj}
+            "per_expert": per_expert, "projections": proj, "shared": shared}
 
 
 @dataclass(frozen=True)
