@@ -230,6 +230,8 @@ def load_model_weights(path: str | os.PathLike, chunks) -> None:
 def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 
+    from plt_train.runtime import is_logging_rank
+
     path = str(path)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_world = common["train_state"]["world_size"]
@@ -243,7 +245,7 @@ def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> Tr
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer, loaded["optimizer"])
     changed = schedule_changes(scheduler, loaded["scheduler"])
-    if changed and dist.get_rank() == 0:
+    if changed and is_logging_rank():
         winner = "the config's" if scheduler.override_opt_param_scheduler else \
             "the checkpoint's (optim.override_schedule_on_resume=true takes the config's)"
         print(f"[plt_train] resume: the lr schedule differs from the checkpoint's "
