@@ -1,6 +1,7 @@
 # Two commands for a fresh machine:
 #   make train   set up, then pretrain the default model on the embedded corpus (2 processes)
-#   make test    set up, then run the whole test suite
+#   make test    set up, then run the whole test suite (CI)
+#   make test-unit   the unit tests alone (no torchrun, Slurm or benchmark runs): a few minutes
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -8,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-unit clean
 
 setup: $(STAMP)
 
@@ -25,6 +26,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not distributed and not slurm and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -6,7 +6,11 @@ setup(
     description="Distributed pretraining for Parallel Loop Transformers and BigMac MoE "
                 "on megatron-core",
     python_requires=">=3.11",
-    packages=find_packages(include=["plt_train", "plt_train.*", "kernels", "kernels.*"]),
+    # The Hydra presets stay in the top-level configs/ of the repository and ship inside the
+    # package as plt_train/configs (plt_train.config.store.config_dir finds either).
+    packages=find_packages(include=["plt_train", "plt_train.*"]) + ["plt_train.configs"],
+    package_dir={"plt_train.configs": "configs"},
+    package_data={"plt_train.configs": ["*.yaml", "*/*.yaml"]},
     # Install torch first, pinned (a bare `torch` requirement pulls a multi-GB CUDA build on
     # CPU machines): `pip install torch==2.13.0` then `pip install -e .`.
     install_requires=[

@@ -5,20 +5,15 @@
 
 Validates the config for that many ranks (the same checks ``plt_train.train`` runs before
 starting process groups) and prints the per-rank plan: sizes, layers per stage, parameters and
-a memory estimate (see ``plt_train.config.plan``).  Exit status 2 on an invalid config.
+a memory estimate (see ``plt_train.models.plan``).  Exit status 2 on an invalid config.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from plt_train.config import ConfigError
-from plt_train.config.plan import format_plan, plan
-from plt_train.config.store import register_configs
-from plt_train.train import CONFIG_DIR
+from plt_train.config.store import compose_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", action="store_true", help="size for fp32 instead of bf16")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for plt_train.train")
     args = parser.parse_args(argv)
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=args.overrides))
+    from plt_train.runtime.quiet import quiet_start
+
+    quiet_start()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
+        cfg = compose_config(args.overrides)
+        from plt_train.models.plan import format_plan, plan
         result = plan(cfg, args.world_size, args.vocab_size, bf16=not args.fp32)
-    except ConfigError as err:
-        print(f"plt-dryrun: {err}", file=sys.stderr)
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        # Hydra / omegaconf: an unknown key, a wrong type or an unknown choice (the cause
+        # names the key and the allowed values).
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        print(f"plt-dryrun: {err}{cause}".replace("\n", " "), file=sys.stderr)
         return 2
     print(format_plan(result))
     return 0

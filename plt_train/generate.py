@@ -56,6 +56,8 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
 
 
 def main(argv=None) -> None:
+    from plt_train.config.schema import KernelChoice, Switch
+
     ap = argparse.ArgumentParser(prog="plt-generate", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--prompt", action="append", required=True)
@@ -64,12 +66,15 @@ def main(argv=None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default=None, help="a step directory (default: latest)")
-    ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--cuda-graph", default="auto", choices=[c.value for c in Switch],
                     help="replay each decode step from a CUDA graph (auto: on for CUDA "
                          "unless the model has MoE layers, whose routing syncs with the host)")
-    ap.add_argument("--kernel", default=None, choices=["auto", "triton", "torch"],
+    ap.add_argument("--kernel", default=None, choices=[c.value for c in KernelChoice],
                     help="model.loop.kernel (default: the run's)")
     args = ap.parse_args(argv)
+    from plt_train.runtime.quiet import quiet_start
+
+    quiet_start()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")

@@ -2,11 +2,11 @@
 
 Reads top to bottom: configure -> validate -> start processes -> data -> model -> optimizer
 -> resume -> loop (train step, log, validate, checkpoint) -> final checkpoint.  Everything
-architecture-specific lives behind ``build_model`` (model registry + megatron-core specs).
+architecture-specific lives behind the model family (``plt_train.models``: its checks and
+``prepare_for_training``, which hands back a ``TrainingModel``).
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -15,25 +15,23 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from plt_train.config import ConfigError, RunConfig, derived_data_parallel, validate
-from plt_train.config.store import hydra_argv_for_rank, register_configs
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+from plt_train.config import ConfigError, RunConfig, derived_data_parallel
+from plt_train.config.store import CONFIG_DIR, hydra_argv_for_rank, register_configs
 
 
 def run(cfg: RunConfig, run_dir: str) -> dict:
     """Train according to ``cfg``; returns the final metrics (on every rank)."""
     from plt_train.data import build_data_iterator, build_datasets, check_data, prepare_data
     from plt_train.data.stats import unigram_entropy
-    from plt_train.models import build_model, get_family
+    from plt_train.models import get_family, validate
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
-    from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
+    from plt_train.runtime.device import resolve_dtype
     from plt_train.training.checkpoint import (
         TrainState, load_checkpoint, resume_source, save_checkpoint,
     )
     from plt_train.training.loggers import MetricLoggers
     from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
-    from plt_train.training.optim import build_optimizer, build_scheduler, wrap_data_parallel
+    from plt_train.training.optim import build_optimizer, build_scheduler
     from plt_train.training.signals import FaultInjector, PreemptionHandler
     from plt_train.training.step import broadcast_from_last_rank, evaluate, train_step
 
@@ -52,19 +50,13 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     prepared = prepare_data(cfg.data)
     dtype = resolve_dtype(t.precision, device)
 
-    # 3. Model, optimizer, schedule.
-    chunks, tconfig, vocab = build_model(cfg.model, p, prepared.tokenizer.vocab_size, dtype,
-                                         megatron_device_kwargs(device), t.seed, device.device)
-    chunks = wrap_data_parallel(chunks, tconfig, p)
+    # 3. Model (DDP-wrapped chunks, the schedule's stages, FLOPs, metric sources), optimizer,
+    # schedule.
+    model = get_family(cfg.model.name).prepare_for_training(
+        cfg, prepared.tokenizer.vocab_size, dtype, device)
+    chunks = model.chunks
     optimizer = build_optimizer(chunks, cfg.optim, p, dtype)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    from megatron.core.distributed import finalize_model_grads
-    # Gradients are finalised over the modules themselves, also when the schedule runs several
-    # virtual chunks that share them (looped models under pipeline parallelism).
-    tconfig.finalize_model_grads_func = lambda _stages, *a, **kw: finalize_model_grads(
-        chunks, *a, **kw)
-    tconfig.no_sync_func = chunks[0].no_sync
-    stages = get_family(cfg.model.name).schedule_chunks(chunks)
 
     # 4. Resume (model, optimizer, schedule, data position, RNG).
     ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
@@ -85,18 +77,20 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
 
     def validation_loss() -> float:
         it = build_data_iterator(valid_ds, 0, t.micro_batch_size, dims.dp_rank, dp, 0)
-        loss = evaluate(chunks, it, t.eval_iters, num_microbatches, seq, t.micro_batch_size,
-                        device.device, stages)
+        loss = evaluate(model, it, t.eval_iters, num_microbatches, seq, t.micro_batch_size,
+                        device.device)
         return broadcast_from_last_rank(loss)
 
     # 6. Metrics.
-    flops = get_family(cfg.model.name).flops_per_sequence(cfg.model, vocab)
     peak, peak_source = peak_flops_per_second(device.device, dtype, cfg.logging.peak_tflops)
     meter = ThroughputMeter(t.steps, peak, num_devices=dims.world)
     logging_rank = is_logging_rank()
     loggers = MetricLoggers.create(cfg.logging, run_dir, OmegaConf.to_container(
         OmegaConf.structured(cfg)), t.steps, enabled=logging_rank, name=cfg.name)
     if logging_rank:
+        from plt_train.runtime.quiet import accelerators_line
+
+        print(f"[plt_train] {accelerators_line()}", flush=True)
         n_params = sum(p_.numel() for c in chunks for p_ in c.parameters())
         print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
               f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
@@ -113,15 +107,15 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     try:
         while state.step < t.steps:
             start = time.perf_counter()
-            out = train_step(chunks, optimizer, scheduler, train_iter, num_microbatches, seq,
-                             t.micro_batch_size, device.device, stages)
+            out = train_step(model, optimizer, scheduler, train_iter, num_microbatches, seq,
+                             t.micro_batch_size, device.device)
             state.step += 1
             state.consumed_samples += t.global_batch_size
             loss = broadcast_from_last_rank(out["loss"])
             elapsed = time.perf_counter() - start
             last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
                     **meter.update(state.step, tokens_per_step,
-                                   flops.training * t.global_batch_size, elapsed),
+                                   model.flops.training * t.global_batch_size, elapsed),
                     **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)
             if state.step % t.log_interval == 0 or state.step == t.steps:
                 loggers.log(state.step, last)
@@ -145,7 +139,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         loggers.close()
     if cfg.sample.prompt and state.step >= t.steps:
         from plt_train.inference import sample_after_training
-        text = sample_after_training(chunks, prepared.tokenizer, cfg.sample)
+        text = sample_after_training(model.modules, prepared.tokenizer, cfg.sample)
         if logging_rank:
             print(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None
                   else "[plt_train] sample: needs a looped model at TP=PP=1 (use plt-generate)",
@@ -155,6 +149,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
 
 
 def _main(hydra_cfg) -> dict | None:
+    from plt_train.runtime.quiet import quiet_start
+
+    quiet_start()  # before megatron-core is imported: one line instead of its warnings
     from hydra.core.hydra_config import HydraConfig
 
     from plt_train.data import DataError
@@ -162,8 +159,6 @@ def _main(hydra_cfg) -> dict | None:
     from plt_train.runtime.launch_env import set_torch_env_from_slurm
 
     set_torch_env_from_slurm()  # started by srun / submitit rather than torchrun
-
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # Hydra sets the root to INFO
     cfg: RunConfig = OmegaConf.to_object(hydra_cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     try:

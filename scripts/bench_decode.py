@@ -46,6 +46,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from plt_train.config.schema import KernelChoice, Switch  # noqa: E402
+
 MODELS = [("vanilla", 1), ("looped", 2), ("looped", 3), ("plt", 2), ("plt", 3)]
 
 
@@ -215,10 +217,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--real-prefill", action="store_true")
-    ap.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+    ap.add_argument("--cuda-graph", nargs="+", default=["auto"],
+                    choices=[c.value for c in Switch],
                     help="decode step eager (off) or replayed from a CUDA graph (on); "
                          "several values: each is timed")
-    ap.add_argument("--kernel", nargs="+", default=["auto"], choices=["auto", "triton", "torch"],
+    ap.add_argument("--kernel", nargs="+", default=["auto"],
+                    choices=[c.value for c in KernelChoice],
                     help="model.loop.kernel of the PLT models (decode attention); several "
                          "values: each is timed")
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")

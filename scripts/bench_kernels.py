@@ -26,7 +26,7 @@ Sections (each a function below; records carry ``section``, ``variant``, ``ms``,
   one with megatron's identity sort by local expert at EP = 1 put back (``*_sorted``).
   Issue shape: 16384 tokens, d=2048, 64 experts, top-8, r=0.25.
 * ``gswa_tiles`` (only with ``--only``): G-SWA forward and backward tile sizes swept at the
-  issue's shape against the default tiles (``kernels/gswa.py``'s ``TILE_OVERRIDE``).
+  issue's shape against the default tiles (``plt_train/kernels/gswa.py``'s ``TILE_OVERRIDE``).
 * ``profile`` (only with ``--only``): the largest kernels (torch.profiler) of G-SWA's default
   path and of each whole MoE layer, forward+backward: where the time over the baselines goes.
 * ``decode``: one PLT decode step's attention for all R loop-rows in one launch vs the
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # before any kernel module is imported (kernels/__init__)
+if not torch.cuda.is_available():  # before any kernel module is imported (plt_train/kernels)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def gswa_inputs(B: int, H: int, S: int, D: int, dtype, device):
 
 
 def section_gswa(args, device, dtype) -> list:
-    from kernels import gswa, max_rel_err
+    from plt_train.kernels import gswa, max_rel_err
     from plt_train.models.plt import ops
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
@@ -217,7 +217,7 @@ def section_dcca(args, device, dtype) -> list:
     import torch.nn.functional as F
     from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
-    from kernels import dcca
+    from plt_train.kernels import dcca
 
     T, h, E, K, r = (64, 32, 8, 2, 0.5) if args.small else (16384, 2048, 64, 8, 0.25)
     rh = int(r * h)
@@ -308,7 +308,7 @@ def _build_moe_layers(device, dtype, T, h, E, K, r):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.spec_utils import build_module
 
-    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.transformer_config import to_transformer_config
     from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
     from plt_train.models.moe import mlp_spec
     from plt_train.runtime import detect_device, init_distributed
@@ -365,7 +365,7 @@ def _moe_layers(args, device, dtype, T, h, E, K, r, shape) -> list:
     measured matmul peak, the issue's own yardstick.  The fine-grained layer's experts do the
     same FLOPs (h -> r*h -> h instead of r*h -> h -> r*h), so its rows read against the same
     baselines."""
-    from kernels import max_rel_err
+    from plt_train.kernels import max_rel_err
     from plt_train.models.moe.experts import _offsets
 
     layers, g, layer_step = _build_moe_layers(device, dtype, T, h, E, K, r)
@@ -467,7 +467,7 @@ def section_profile(args, device, dtype) -> list:
     """Where the time over the targets' baselines goes: the largest kernels of G-SWA's default
     path (forward+backward) and of each whole MoE layer's forward+backward, for the next
     round of tuning.  Not in the default sections: ``--only profile``."""
-    from kernels import gswa
+    from plt_train.kernels import gswa
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
     ins, dy = gswa_inputs(B, H, S, D, dtype, device)
@@ -490,7 +490,7 @@ def section_decode(args, device, dtype) -> list:
     """One PLT layer's decode attention (all R loop-rows) at a full cache: the reference path
     (SDPA with rows folded into heads + one SDPA per later loop's window + the gate) vs the
     one-launch kernel."""
-    from kernels import max_rel_err, plt_decode
+    from plt_train.kernels import max_rel_err, plt_decode
     from plt_train.models.plt import ops
 
     kv_heads, group, d, S, w = (1, 2, 16, 40, 8) if args.small else (4, 4, 128, 2048, 64)
@@ -544,7 +544,7 @@ def section_gswa_tiles(args, device, dtype) -> list:
     forward.  Outputs and gradients are checked against the default tiles' (same kernel, another
     tiling: bf16 rounding apart, equal).  The baseline is the default; the best gets
     ``best``.  Not in the default sections: ``--only gswa_tiles``."""
-    from kernels import gswa, max_rel_err
+    from plt_train.kernels import gswa, max_rel_err
 
     B, H, S, D, w = (1, 2, 48, 16, 8) if args.small else (4, 16, 4096, 128, 64)
     scale = D ** -0.5
@@ -603,7 +603,7 @@ def compiled_resources() -> list:
     try:
         from triton.runtime.jit import JITFunction
 
-        from kernels import dcca, gswa, plt_decode
+        from plt_train.kernels import dcca, gswa, plt_decode
         for module in (gswa, dcca, plt_decode):
             for fn in vars(module).values():
                 if not isinstance(fn, JITFunction):

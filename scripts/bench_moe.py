@@ -99,11 +99,10 @@ def worker(args) -> None:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.spec_utils import build_module
 
-    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.transformer_config import to_transformer_config
     from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
     from plt_train.models.init import init_weights
     from plt_train.models.moe import mlp_spec
-    from plt_train.models.moe.accounting import COUNTER
     from plt_train.runtime import detect_device, init_distributed, set_seed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
 
@@ -149,13 +148,13 @@ def worker(args) -> None:
                 xi = x.detach().requires_grad_(True)
                 dist.barrier()
                 sync()
-                COUNTER.reset()
+                layer.a2a.reset()
                 t0 = time.perf_counter()
                 out, _ = layer(xi)
                 out.backward(g)
                 sync()
                 elapsed = time.perf_counter() - t0
-                snap = COUNTER.snapshot()
+                snap = layer.a2a.snapshot()
                 if it >= args.warmup:
                     layer_ms.append(1e3 * elapsed)
                     a2a_ms.append(snap["a2a_ms"])

@@ -44,8 +44,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from plain_gpt import PlainGPT, count_parameters  # noqa: E402
-from plt_train.config.megatron import ffn_size, padded_vocab_size  # noqa: E402
-from plt_train.config.schema import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from plt_train.config.schema import (  # noqa: E402
+    ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig,
+)
 
 VARIANTS = ("ours", "plain_eager", "plain_compiled")
 TINY = dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=128)
@@ -184,23 +185,19 @@ def run_steps(name: str, step_fn, warmup: int, steps: int, device: torch.device)
 # ---------------------------------------------------------------------------------------------
 
 def build_ours(cfg: ModelConfig, vocab: int, dtype, dev, optim: OptimConfig, total_steps, seed):
-    from megatron.core.distributed import finalize_model_grads
-
-    from plt_train.models import build_model
+    """The main job's model (``prepare_for_training``: DDP, gradient hooks, metric sources),
+    optimizer and schedule, on one process."""
+    from plt_train.models import get_family
     from plt_train.runtime import set_seed
-    from plt_train.runtime.device import megatron_device_kwargs
-    from plt_train.training.optim import build_optimizer, build_scheduler, wrap_data_parallel
+    from plt_train.training.optim import build_optimizer, build_scheduler
 
-    parallel = ParallelConfig()
+    run = RunConfig(model=cfg, parallel=ParallelConfig(), optim=optim,
+                    train=TrainConfig(seed=seed))
     set_seed(seed)
-    chunks, tconfig, _ = build_model(cfg, parallel, vocab, dtype, megatron_device_kwargs(dev),
-                                     seed, dev.device)
-    chunks = wrap_data_parallel(chunks, tconfig, parallel)
-    optimizer = build_optimizer(chunks, optim, parallel, dtype)
+    model = get_family(cfg.name).prepare_for_training(run, vocab, dtype, dev)
+    optimizer = build_optimizer(model.chunks, optim, run.parallel, dtype)
     scheduler = build_scheduler(optimizer, optim, total_steps)
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    tconfig.no_sync_func = chunks[0].no_sync
-    return chunks, tconfig, optimizer, scheduler
+    return model, optimizer, scheduler
 
 
 def describe_optimizer(opt) -> str:
@@ -225,10 +222,10 @@ def run_ours(ctx: dict) -> dict:
     from plt_train.training.step import train_step
 
     cfg, dev, dtype, mb = ctx["cfg"], ctx["dev"], ctx["dtype"], ctx["mb"]
-    chunks, tconfig, optimizer, scheduler = build_ours(
+    model, optimizer, scheduler = build_ours(
         cfg, ctx["vocab"], dtype, dev, ctx["optim"], ctx["warmup"] + ctx["steps"], ctx["seed"])
     info = {
-        "params": sum(p.numel() for c in chunks for p in c.parameters()),
+        "params": sum(p.numel() for c in model.chunks for p in c.parameters()),
         "precision": "bf16+fp32-master" if dtype == torch.bfloat16 else "fp32",
         "optimizer": describe_optimizer(optimizer),
         "backend": resolve_backend(cfg.backend),
@@ -236,16 +233,16 @@ def run_ours(ctx: dict) -> dict:
     data = cycle(make_batches(ctx["vocab"], mb, cfg.seq_length, dev.device, ctx["seed"]))
 
     def step():
-        out = train_step(chunks, optimizer, scheduler, data, 1, cfg.seq_length, mb, dev.device)
+        out = train_step(model, optimizer, scheduler, data, 1, cfg.seq_length, mb, dev.device)
         return out["loss"]
 
     try:
         return {**info, **run_steps("ours", step, ctx["warmup"], ctx["steps"], dev.device)}
     finally:
         # Break the reference cycle config -> no_sync -> DDP module before freeing.
-        tconfig.finalize_model_grads_func = None
-        tconfig.no_sync_func = None
-        del chunks, optimizer, scheduler, data
+        model.config.finalize_model_grads_func = None
+        model.config.no_sync_func = None
+        del model, optimizer, scheduler, data
 
 
 def param_groups(model, weight_decay: float):
@@ -264,9 +261,9 @@ def run_plain(ctx: dict, compiled: bool) -> dict:
     torch.manual_seed(ctx["seed"])
     with torch.device(dev.device):  # initialise on the device: ~1B CPU normal_ draws are slow
         model = PlainGPT(
-            vocab_size=padded_vocab_size(ctx["vocab"], cfg), hidden_size=cfg.hidden_size,
+            vocab_size=cfg.padded_vocab_size(ctx["vocab"]), hidden_size=cfg.hidden_size,
             num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-            ffn_hidden_size=ffn_size(cfg), seq_length=cfg.seq_length,
+            ffn_hidden_size=cfg.ffn_size, seq_length=cfg.seq_length,
             norm_epsilon=cfg.norm_epsilon, rotary_base=cfg.rotary_base,
             init_method_std=cfg.init_method_std,
         ).to(dtype=weight_dtype)
@@ -453,7 +450,7 @@ def main(argv=None) -> int:
     if dev.is_cuda:  # fp32 runs use TF32 matmuls (the peak MFU is measured against)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    padded = padded_vocab_size(vocab, cfg)
+    padded = cfg.padded_vocab_size(vocab)
     flops = get_family(cfg.name).flops_per_sequence(cfg, padded)  # loops and MoE included
     optim = OptimConfig(lr=args.lr, min_lr=0.0, clip_grad=args.clip_grad, warmup_steps=0,
                         decay_style="constant")
@@ -461,7 +458,7 @@ def main(argv=None) -> int:
     peak_fp32 = peak_amp if dtype == torch.float32 else peak_flops_per_second(
         dev.device, torch.float32, args.peak_tflops)
     shape = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-             "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": ffn_size(cfg),
+             "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_size,
              "seq_length": cfg.seq_length, "micro_batch_size": mb, "vocab_size": vocab,
              "padded_vocab_size": padded}
     arch = cfg.name + (f"-{cfg.loops} kernel={cfg.loop.kernel}" if cfg.name in ("looped", "plt")
@@ -470,7 +467,7 @@ def main(argv=None) -> int:
         arch += (f" {cfg.moe.layer} E{cfg.moe.num_experts} top{cfg.moe.top_k} "
                  f"dcca_kernel={cfg.moe.dcca_kernel}")
     title = (f"{dev.name}: {arch} {cfg.num_layers}L d={cfg.hidden_size} "
-             f"h={cfg.num_attention_heads} ffn={ffn_size(cfg)} seq={cfg.seq_length} mb={mb} "
+             f"h={cfg.num_attention_heads} ffn={cfg.ffn_size} seq={cfg.seq_length} mb={mb} "
              f"V={padded}, "
              f"{args.steps} timed steps (median), torch {torch.__version__}")
     ctx = dict(cfg=cfg, dev=dev, dtype=dtype, mb=mb, vocab=vocab, optim=optim, seed=args.seed,

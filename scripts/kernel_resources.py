@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every Triton kernel as a Hopper GPU would compile it,
-found on a machine without one (kernels/offline.py: real launches, the JIT's specialisation,
-``ptxas -v`` for sm_90a).
+found on a machine without one (plt_train/kernels/offline.py: real launches, the JIT's
+specialisation, ``ptxas -v`` for sm_90a).
 
     python scripts/kernel_resources.py                 # the launches bench_kernels times
     python scripts/kernel_resources.py --gswa-tiles    # + every tiling the G-SWA sweep tries
@@ -43,7 +43,7 @@ BF16 = torch.bfloat16
 def launch_gswa(tiles: dict | None = None) -> None:
     from unittest import mock
 
-    from kernels import gswa
+    from plt_train.kernels import gswa
     from plt_train.models.plt import ops
 
     B, H, S, D, w = 4, 16, 4096, 128, 64
@@ -67,7 +67,7 @@ def launch_gswa(tiles: dict | None = None) -> None:
 
 
 def launch_dcca() -> None:
-    from kernels import dcca
+    from plt_train.kernels import dcca
 
     T, h, K, r = 1024, 2048, 8, 0.25  # the expert count enters only through dest
     rh = int(r * h)
@@ -88,7 +88,7 @@ def launch_dcca() -> None:
 
 
 def launch_decode() -> None:
-    from kernels import plt_decode
+    from plt_train.kernels import plt_decode
 
     kv, group, d, S, w = 4, 4, 128, 2048, 64
     for B, splits in ((1, 16), (32, 2), (32, 1)):  # 32 x 4 programs fill <= 128 SMs
@@ -109,8 +109,8 @@ def collect(gswa_tiles: bool) -> list:
     """One record per distinct compilation: ``Build.row()`` plus the family, whether it uses
     tensor-core ``mma`` and the acquire-release atomic (the split decode merge), and for the
     sweep the tiling it came from."""
-    from kernels import gswa
-    from kernels.offline import compiling_for_hopper
+    from plt_train.kernels import gswa
+    from plt_train.kernels.offline import compiling_for_hopper
 
     launches = [("gswa", None, launch_gswa), ("dcca", None, launch_dcca),
                 ("decode", None, launch_decode)]

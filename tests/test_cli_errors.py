@@ -1,7 +1,7 @@
 """The command line fails cleanly: non-zero exit, one readable message, no deep traceback."""
 from __future__ import annotations
 
-from tests.conftest import DEBUG_ARGS, run_train
+from tests.helpers import DEBUG_ARGS, run_train
 
 
 def traceback_frames(text: str) -> list[str]:

@@ -4,16 +4,18 @@ PLT-2 with BigMac MoE layers, experts over 2 expert-parallel ranks).
 Acceptance: it finishes in under 10 minutes and its validation loss falls clearly below the
 unigram entropy of the corpus (what a model that ignores context would score).  Also checks
 what a user relies on: checkpoints, the JSONL metrics, the offline wandb run, the Hydra run
-directory written once.
+directory written once, and a quiet start (no Python warnings, one line about the optional
+accelerators).
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 
 from tests._wandb_offline import wait_for_history
-from tests.conftest import read_metrics, run_process_group
+from tests.helpers import read_metrics, run_process_group
 
 LIMIT_S = 600
 CLEAR_MARGIN_NATS = 1.0
@@ -57,3 +59,10 @@ def test_make_train_default_run(tmp_path, data_cache):
     # The flagship: PLT-2 with BigMac layers at EP=2, ending with a one-pass-decoded sample.
     assert {"a2a_MB", "load_balancing_loss"} <= set(train[-1])
     assert "[plt_train] sample: 'def main(' -> '" in proc.stdout
+    # A quiet start: megatron-core's and torch's warnings are filtered (by module and
+    # message), and the logging rank says once what runs instead of TE and apex.
+    output = proc.stdout + proc.stderr
+    warned = [line for line in output.splitlines() if re.search(r"\b[A-Z]\w*Warning\b", line)]
+    assert not warned, warned[:5]
+    assert "Megatron-FSDP" not in output
+    assert output.count("not installed: running megatron-core's PyTorch paths") == 1

@@ -1,13 +1,14 @@
-"""Typed configuration (the source of truth), its validation, and the one translation to
-megatron-core's TransformerConfig. Knows nothing of torch.distributed."""
+"""Typed configuration (the source of truth), the checks that need no model, and the Hydra
+store.  A leaf: it imports nothing from the rest of plt_train, nor torch or megatron."""
+from plt_train.config.errors import ConfigError
 from plt_train.config.schema import (
-    CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig,
-    RunConfig, TrainConfig,
+    CheckpointConfig, DataConfig, LoggingConfig, LoopConfig, ModelConfig, MoEConfig,
+    OptimConfig, ParallelConfig, RunConfig, SampleConfig, TrainConfig,
 )
-from plt_train.config.validate import ConfigError, derived_data_parallel, validate
+from plt_train.config.validate import derived_data_parallel, validate
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "TrainConfig", "derived_data_parallel",
-    "validate",
+    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "LoopConfig",
+    "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig", "SampleConfig",
+    "TrainConfig", "derived_data_parallel", "validate",
 ]

@@ -1,43 +1,219 @@
 """Typed run configuration: the single source of truth for every knob.
 
 Each group mirrors a Hydra config group under ``configs/`` (model, parallel, data, optim,
-train, checkpoint, logging).  YAML files only override these defaults; an unknown key is a
-Hydra error because the schema below is registered in the ConfigStore (see ``store.py``).
+train, checkpoint, logging, sample).  YAML files only override these defaults; an unknown key
+or a wrong type is a Hydra error because the schema is registered in the ConfigStore
+(``store.py``).  Each field's docstring (the string under it) says what it does.
+
+Every choice is an ``enum.StrEnum`` defined here and nowhere else: omegaconf checks a YAML or
+command-line value against it (``Invalid value 'x', expected one of [...]``, naming the key),
+a dataclass built in Python gets its strings converted in ``__post_init__`` (an unknown one
+raises ``ConfigError`` naming the field and the choices), and a member still compares equal
+to its string (``moe.layer == "bigmac"``).  YAML reads a bare ``on`` / ``off`` as a boolean:
+quote them (``swiglu_fusion: "on"``); on the command line ``model.swiglu_fusion=on`` works.
 
 Choices where the issues were silent follow Megatron-LM conventions: ``global_batch_size``
 is in sequences, learning-rate steps are optimizer steps, ``ffn_hidden_size`` defaults to the
 Llama rule (8/3 * hidden, rounded up to a multiple of 64) for SwiGLU.
+
+This package is a leaf: it imports nothing from the rest of plt_train (nor torch or
+megatron), so validating or sizing a config (``plt-dryrun``) is cheap.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
+
+from plt_train.config.errors import ConfigError
 
 
+# -- the choices ---------------------------------------------------------------------------
+class ModelName(enum.StrEnum):
+    """The decoder family (``plt_train.models.FAMILIES``)."""
+
+    gpt = "gpt"  # megatron-core's GPTModel with our layer specs
+    vanilla = "vanilla"  # our looped decoder run once: the same function as gpt
+    looped = "looped"  # loop r feeds loop r+1 at the same position
+    plt = "plt"  # Parallel Loop Transformer: shifted cross-loop input, shared KV + G-SWA
+
+
+class GateInput(enum.StrEnum):
+    """What G-SWA's per-head gate reads (``models/plt/gate.py``)."""
+
+    query = "query"  # the post-RoPE query of the head: sigmoid(q_h . w_h + b_h)
+    input = "input"  # the normed layer input: sigmoid(Linear(RMSNorm(x)))
+
+
+class KernelChoice(enum.StrEnum):
+    """Fused Triton kernel or pure-torch reference (``plt_train/kernels/__init__.py``)."""
+
+    auto = "auto"  # Triton on CUDA once the kernel passed its first-use check, else torch
+    triton = "triton"  # required (on CPU only under TRITON_INTERPRET=1, for tests)
+    torch = "torch"  # never Triton
+
+
+class MLPLayer(enum.StrEnum):
+    """The MLP of every decoder layer (``plt_train/models/moe``)."""
+
+    dense = "dense"  # the SwiGLU MLP
+    fine_grained = "fine_grained"  # CDAC: top-k of small experts h -> r*h -> h
+    bigmac = "bigmac"  # DCCA: descend to r*h, experts r*h -> h -> r*h, ascend after
+
+
+class ExpertActivation(enum.StrEnum):
+    swiglu = "swiglu"  # 3 matrices per expert, like the rest of the model
+    relu = "relu"  # the BigMac paper's ReLU-like MLP: 2 matrices
+
+
+class ExpertGemm(enum.StrEnum):
+    """How the routed experts multiply (``models/moe/experts.py``)."""
+
+    auto = "auto"  # te with the TE backend, else grouped where it runs, else loop
+    grouped = "grouped"  # torch._grouped_mm
+    loop = "loop"  # one matmul per expert: the reference
+    te = "te"  # Transformer Engine's grouped GEMM
+
+
+class RouterScore(enum.StrEnum):
+    """megatron-core ``TopKRouter``'s score function."""
+
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class WireFormat(enum.StrEnum):
+    """Number format of the expert-parallel all-to-all (``models/moe/wire.py``)."""
+
+    native = "native"  # the activations' dtype
+    bf16 = "bf16"  # all four all-to-alls in bfloat16
+    fp8 = "fp8"  # DeepSeek-V3: dispatch forward in float8 e4m3 (1x128 tile scales), rest bf16
+
+
+class Backend(enum.StrEnum):
+    """Layer-spec provider (``models/common/backends.py``)."""
+
+    auto = "auto"  # te when Transformer Engine imports and CUDA is present, else local
+    local = "local"  # pure torch + megatron-core, SDPA attention
+    te = "te"  # Transformer Engine
+
+
+class Switch(enum.StrEnum):
+    """An optional speed-up: the device's default, or forced."""
+
+    auto = "auto"  # on with CUDA, off on CPU
+    on = "on"
+    off = "off"
+
+
+class Precision(enum.StrEnum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class DecayStyle(enum.StrEnum):
+    """megatron-core ``OptimizerParamScheduler``'s lr decay after warmup (the member's value
+    is megatron's spelling; configs write the name)."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    inverse_square_root = "inverse-square-root"
+
+
+class WandbMode(enum.StrEnum):
+    offline = "offline"  # files under the run directory, no network
+    online = "online"
+    disabled = "disabled"
+
+
+# -- choice checking ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _choice_fields(cls) -> dict:
+    """{field name: StrEnum type} of a config dataclass (Optional[...] unwrapped)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], enum.StrEnum):
+            out[name] = args[0]
+    return out
+
+
+def as_choice(kind: type, value, key: str):
+    """``value`` as a member of the StrEnum ``kind`` (None stays None), or ConfigError."""
+    if value is None or isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        try:
+            return kind[value]  # the member's name, as omegaconf accepts it
+        except KeyError:
+            allowed = ", ".join(m.name for m in kind)
+            raise ConfigError(key, f"unknown value {value!r}", f"use one of {allowed}") from None
+
+
+class _Section:
+    """Base of the config groups: choice fields given as strings become their StrEnum."""
+
+    group_path: ClassVar[str] = ""  # where the group lives in RunConfig, for error messages
+
+    def __post_init__(self) -> None:
+        for name, kind in _choice_fields(type(self)).items():
+            value = as_choice(kind, getattr(self, name), f"{self.group_path}.{name}")
+            setattr(self, name, value)
+
+
+def check_choices(section, path: str = "") -> None:
+    """Raise ConfigError for any choice field of ``section`` (and the groups inside it)
+    holding a value outside its StrEnum: a field assigned after construction skips
+    ``__post_init__``."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{path}.{f.name}" if path else f.name
+        kind = _choice_fields(type(section)).get(f.name)
+        if kind is not None:
+            as_choice(kind, value, key)
+        elif dataclasses.is_dataclass(value):
+            check_choices(value, key)
+
+
+# -- the groups ------------------------------------------------------------------------------
 @dataclass
-class LoopConfig:
-    """Looped decoders (``model.name`` looped or plt): one shared block run ``model.loops`` times.
+class LoopConfig(_Section):
+    """Looped decoders (``model.name`` looped or plt): one shared block run ``model.loops``
+    times.  The window, the gate and feeding the normed output of a non-final loop follow the
+    released PLT code (docs/design/architectures.md)."""
 
-    Defaults follow the released PLT recipe (PAPERS.md section 1): window 64, loop 1's K/V
-    detached for later loops, non-final loop outputs through the shared final norm.
-    """
+    group_path: ClassVar[str] = "model.loop"
 
-    window: int = 64  # G-SWA: each later loop attends to its own last ``window`` tokens
-    gate: str = "query"  # per-head G-SWA gate from the post-RoPE query ("query") or "input"
-    gswa: bool = True  # False: later loops attend to loop 1's K/V only
-    detach_kv: bool = True  # later loops see loop 1's K/V as constants (no gradient into it)
-    emb_scale: float = 1.0  # loop r >= 2 input: emb_scale * Embed(x) + hidden_scale * shift(h)
+    window: int = 64
+    """G-SWA: each later loop attends to its own last ``window`` tokens (the current one
+    included)."""
+    gate: GateInput = GateInput.query
+    """What the per-head G-SWA gate reads."""
+    gswa: bool = True
+    """False: later loops attend to loop 1's K/V only (no window branch, no gate)."""
+    detach_kv: bool = True
+    """Later loops see loop 1's K/V as constants (no gradient into them).  No public training
+    code shows which the paper did: an open choice (the flagship preset turns it off)."""
+    emb_scale: float = 1.0
+    """Loop r >= 2 input: ``emb_scale * Embed(x) + hidden_scale * shift(h^(r-1))``."""
     hidden_scale: float = 1.0
-    norm_between_loops: bool = True  # feed the shared final norm of non-final loop outputs
-    # Attention kernels of the later loops (fused G-SWA in training and prefill, one launch per
-    # layer in decode): "auto" (Triton on CUDA once the kernel passed its first-use check
-    # against the pure-torch reference there, else the reference), "triton" (required; on CPU
-    # only under TRITON_INTERPRET=1, for tests) or "torch".  kernels/__init__.py.
-    kernel: str = "auto"
+    """See ``emb_scale``."""
+    norm_between_loops: bool = True
+    """Feed the shared final norm of a non-final loop's output on, not the raw output."""
+    kernel: KernelChoice = KernelChoice.auto
+    """Attention kernels of the later loops: fused G-SWA in training and prefill, one launch
+    per layer in decode."""
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_Section):
     """Mixture-of-experts MLPs (BigMac, arXiv 2502.16927). ``layer: dense`` keeps the SwiGLU MLP.
 
     * ``fine_grained`` (CDAC, DeepSeekMoE style): top-k over ``num_experts`` small experts
@@ -51,109 +227,173 @@ class MoEConfig:
     Switch-style load-balancing loss, drop by router probability.
     """
 
-    layer: str = "dense"  # dense | fine_grained | bigmac
+    group_path: ClassVar[str] = "model.moe"
+
+    layer: MLPLayer = MLPLayer.dense
+    """The MLP of every layer."""
     num_experts: int = 64
     top_k: int = 8
-    ratio: float = 0.25  # r: each expert's width is r * hidden_size (must be a whole number)
-    # SwiGLU follows the rest of the model (3 matrices of r*h x h per expert); "relu" is the
-    # paper's ReLU-like MLP (2 matrices).  Both layer types use the same expert activation.
-    activation: str = "swiglu"  # swiglu | relu
-    # DeepSeekMoE shared experts: always-on SwiGLU MLP of width num_shared_experts * r * h on
-    # the full-width hidden state, added to the routed output (also allowed for bigmac).
+    """Experts each token is routed to."""
+    ratio: float = 0.25
+    """r: each expert's width (and BigMac's latent width) is r * hidden_size, a whole number."""
+    activation: ExpertActivation = ExpertActivation.swiglu
+    """The experts' MLP, the same for both layer types."""
     num_shared_experts: int = 0
-    aux_loss_coeff: float = 1e-3  # Switch load-balancing loss (megatron's "aux_loss"); 0 = off
-    z_loss_coeff: Optional[float] = None  # router z-loss (ST-MoE); None = off
-    # Expert capacity = ceil(tokens * top_k / num_experts * factor) per rank's tokens, as in
-    # megatron-core; over-capacity assignments with the lowest router probability are dropped.
-    # None = dropless (every assignment is computed).
+    """DeepSeekMoE shared experts: an always-on SwiGLU MLP of width num_shared_experts * r * h
+    on the full-width hidden state, added to the routed output (bigmac too)."""
+    aux_loss_coeff: float = 1e-3
+    """Switch load-balancing loss (megatron's "aux_loss"); 0 turns it off."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss (ST-MoE); None turns it off."""
     capacity_factor: Optional[float] = 1.2
-    router_score_function: str = "softmax"  # softmax | sigmoid (megatron's TopKRouter)
-    router_pre_softmax: bool = False  # softmax over all experts before top-k (else after)
-    # Expert GEMMs: "auto" (Transformer Engine's grouped GEMM when installed and the TE
-    # backend is active, else torch._grouped_mm where it runs, else the loop), "grouped"
-    # (torch._grouped_mm), "loop" (one matmul per expert: the reference), "te".
-    expert_gemm: str = "auto"
-    # The fused (un)permutation kernels of kernels/dcca.py: for bigmac the DCCA dispatch /
-    # combine (descend + permute, gather-sum + ascend), for fine_grained the gate-weighted
-    # gather-sum combine in place of megatron's unpermute.  "auto" (Triton on CUDA once it
-    # passed its first-use check, else torch), "triton" (required) or "torch".
-    dcca_kernel: str = "auto"
-    # Number format of the expert-parallel all-to-all (plt_train/models/moe/wire.py): "native"
-    # (the activations' dtype), "bf16" (all four all-to-alls), "fp8" (DeepSeek-V3: dispatch
-    # forward in float8 e4m3 with a power-of-two scale per 1x128 tile, the rest bf16).
-    wire_format: str = "native"
+    """Expert capacity = ceil(tokens * top_k / num_experts * factor) of each rank's tokens, as
+    in megatron-core; over-capacity assignments with the lowest router probability drop.
+    None: dropless (every assignment is computed)."""
+    router_score_function: RouterScore = RouterScore.softmax
+    router_pre_softmax: bool = False
+    """Softmax over all experts before top-k (else after)."""
+    expert_gemm: ExpertGemm = ExpertGemm.auto
+    """How the routed experts multiply."""
+    dcca_kernel: KernelChoice = KernelChoice.auto
+    """The fused (un)permutation kernels (``plt_train/kernels/dcca.py``): for bigmac the DCCA
+    dispatch / combine (descend + permute, gather-sum + ascend), for fine_grained the
+    gate-weighted gather-sum combine in place of megatron's unpermute."""
+    wire_format: WireFormat = WireFormat.native
+    """Number format of the expert-parallel all-to-all."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """A GPT-style decoder: RMSNorm, RoPE, SwiGLU, no biases."""
 
-    # Key in plt_train.models.MODEL_REGISTRY: gpt (megatron GPTModel), vanilla (our decoder,
-    # one loop), looped (R loops, each feeding the next at the same position), plt (Parallel
-    # Loop Transformer: shift-by-one cross-loop input, shared KV + gated sliding window).
-    name: str = "gpt"
-    loops: int = 1  # R: passes through the shared block (looped and plt)
+    group_path: ClassVar[str] = "model"
+
+    name: ModelName = ModelName.gpt
+    """The decoder family."""
+    loops: int = 1
+    """R: passes through the shared block (looped and plt; 1 for gpt and vanilla)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # grouped-query attention; None = one group per head
-    ffn_hidden_size: Optional[int] = None  # None: 8/3 * hidden_size rounded up to 64
+    num_query_groups: Optional[int] = None
+    """Grouped-query attention; None: one group per head."""
+    ffn_hidden_size: Optional[int] = None
+    """The dense MLP's width; None: 8/3 * hidden_size rounded up to 64 (Llama)."""
     seq_length: int = 256
-    # Embedding rows before padding: None takes the tokenizer's vocabulary; a larger value
-    # leaves room for tokens added later (config/megatron.py:padded_vocab_size).
     vocab_size: Optional[int] = None
-    make_vocab_size_divisible_by: int = 128  # Megatron-LM's padding rule (times TP size)
+    """Embedding rows before padding: None takes the tokenizer's vocabulary; a larger value
+    leaves room for tokens added later."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (not times TP, unlike Megatron-LM)."""
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     tie_embeddings: bool = False
-    # Spec provider: "local" (pure torch + megatron-core, SDPA attention), "te" (Transformer
-    # Engine), or "auto" (TE when it imports and CUDA is present, else local).
-    backend: str = "auto"
+    backend: Backend = Backend.auto
+    """Layer-spec provider."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    # SwiGLU as one fused kernel forward and one backward (megatron-core's
-    # ``bias_swiglu_impl``, i.e. TransformerConfig.bias_activation_fusion: torch.compile'd),
-    # in the dense MLPs and the routed experts, instead of eager chunk / silu / mul and their
-    # autograd.  "auto": on with CUDA (Megatron-LM's default, --bias-swiglu-fusion), off on
-    # CPU, where torch.compile builds C++ for every new shape; "on"; "off".
-    swiglu_fusion: str = "auto"
+    swiglu_fusion: Switch = Switch.auto
+    """SwiGLU as one fused kernel forward and one backward (megatron-core's
+    ``bias_swiglu_impl``, i.e. TransformerConfig.bias_activation_fusion: torch.compile'd) in
+    the dense MLPs and the routed experts.  auto: on with CUDA (Megatron-LM's default), off
+    on CPU, where torch.compile builds C++ for every new shape."""
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The dense MLP's width: ``ffn_hidden_size``, else Llama's rule (2/3 of 4h, equal
+        parameters to a 4h GELU MLP, rounded up to 64)."""
+        return self.ffn_hidden_size or 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    @property
+    def expert_width(self) -> int:
+        """r * h: the fine-grained expert's hidden width and BigMac's latent width."""
+        return int(round(self.moe.ratio * self.hidden_size))
+
+    @property
+    def parallel_loops(self) -> bool:
+        """PLT with R > 1: loops r >= 2 take the shifted input, so a decode step runs every
+        loop in one pass, and they attend to loop 1's K/V instead of keeping their own."""
+        return self.name == ModelName.plt and self.loops > 1
+
+    @property
+    def uses_gswa(self) -> bool:
+        """``parallel_loops`` with the window branch and its gate (``loop.gswa``)."""
+        return self.parallel_loops and self.loop.gswa
+
+    def padded_vocab_size(self, tokenizer_vocab: int) -> int:
+        """Embedding rows: ``vocab_size`` (else the tokenizer's) padded to a multiple of
+        ``make_vocab_size_divisible_by``.  Not times the TP size, as Megatron-LM does: the
+        model, and so a checkpoint, stays the same whatever the layout (validation checks
+        that the multiple divides by TP instead)."""
+        vocab = tokenizer_vocab
+        if self.vocab_size is not None:
+            if self.vocab_size < tokenizer_vocab:
+                raise ConfigError("model.vocab_size", f"{self.vocab_size} is smaller than the "
+                                  f"tokenizer's vocabulary ({tokenizer_vocab})",
+                                  "raise it, or null for the tokenizer's vocabulary")
+            vocab = self.vocab_size
+        m = self.make_vocab_size_divisible_by
+        return m * math.ceil(vocab / m)
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """Megatron-core parallel sizes. Data parallel is derived: world / (tp * pp * cp)."""
+
+    group_path: ClassVar[str] = "parallel"
 
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
+    """Expert-parallel ranks: each holds num_experts / expert of the experts, whole."""
     context: int = 1
+    """Not wired into the training step yet: validation refuses > 1."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
-    data: Optional[int] = None  # optional check: if set, must equal the derived size
+    data: Optional[int] = None
+    """Optional check: if set, must equal the derived data-parallel size."""
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where tokens come from.
 
     ``prefix`` None selects the embedded corpus: the running interpreter's standard-library
     sources, tokenized with a byte-level BPE trained on them, built once into ``cache_dir``.
     """
 
-    prefix: Optional[str] = None  # megatron indexed dataset prefix (<prefix>.bin / .idx)
-    tokenizer: Optional[str] = None  # a HuggingFace tokenizer.json; None with prefix None: trained
-    vocab_size: int = 8192  # BPE vocabulary trained for the embedded corpus
-    split: str = "98,2,0"  # train, valid, test weights (Megatron-LM convention)
-    cache_dir: str = "~/.cache/plt_train"  # PLT_TRAIN_CACHE overrides
+    group_path: ClassVar[str] = "data"
+
+    prefix: Optional[str] = None
+    """Megatron indexed dataset prefix (<prefix>.bin / .idx)."""
+    tokenizer: Optional[str] = None
+    """A HuggingFace tokenizer.json; None with prefix None: trained on the embedded corpus."""
+    vocab_size: int = 8192
+    """BPE vocabulary trained for the embedded corpus."""
+    split: str = "98,2,0"
+    """Train, valid, test weights (Megatron-LM's convention)."""
+    cache_dir: str = "~/.cache/plt_train"
+    """Where the embedded corpus is built (PLT_TRAIN_CACHE overrides)."""
     num_workers: int = 0
 
 
 @dataclass
-class OptimConfig:
-    """AdamW through megatron-core's optimizer; warmup + cosine decay."""
+class OptimConfig(_Section):
+    """AdamW through megatron-core's optimizer; linear warmup from 0, then decay."""
+
+    group_path: ClassVar[str] = "optim"
 
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -161,63 +401,85 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping
+    clip_grad: float = 1.0
+    """Gradient-norm clip; 0 disables clipping."""
     warmup_steps: int = 20
-    decay_style: str = "cosine"  # cosine | linear | constant (megatron OptimizerParamScheduler)
-    decay_steps: Optional[int] = None  # None: train.steps
-    # On resume megatron takes the lr schedule (lr, min_lr, warmup, decay steps and style)
-    # from the checkpoint, and we print what differs from the config. True makes the config's
-    # win instead (Megatron-LM's --override-opt_param-scheduler), e.g. to extend a run.
+    decay_style: DecayStyle = DecayStyle.cosine
+    decay_steps: Optional[int] = None
+    """None: train.steps."""
     override_schedule_on_resume: bool = False
+    """On resume megatron takes the lr schedule (lr, min_lr, warmup, decay steps and style)
+    from the checkpoint, and we print what differs from the config.  True makes the config's
+    win instead (Megatron-LM's --override-opt_param-scheduler), e.g. to extend a run."""
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    group_path: ClassVar[str] = "train"
+
     steps: int = 100
     micro_batch_size: int = 4
-    global_batch_size: int = 8  # sequences per optimizer step; accumulation fills the gap
+    global_batch_size: int = 8
+    """Sequences per optimizer step; gradient accumulation fills the gap."""
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    eval_interval: int = 50  # 0 disables validation
-    eval_iters: int = 4  # global batches per validation
+    precision: Precision = Precision.auto
+    eval_interval: int = 50
+    """0 disables validation."""
+    eval_iters: int = 4
+    """Global batches per validation."""
     log_interval: int = 1
 
 
 @dataclass
-class CheckpointConfig:
-    dir: Optional[str] = None  # None: <run_dir>/checkpoints
-    save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+class CheckpointConfig(_Section):
+    group_path: ClassVar[str] = "checkpoint"
+
+    dir: Optional[str] = None
+    """None: <run_dir>/checkpoints."""
+    save_interval: int = 0
+    """0: only at the end and on SIGTERM/SIGUSR1."""
     save_at_end: bool = True
-    resume: bool = True  # continue from the latest checkpoint in dir when one exists
-    # Checkpoint to start from when dir holds none yet (torchtitan's initial_load_path): a
-    # requeued or restarted run continues from its own latest save, never back from here.
+    resume: bool = True
+    """Continue from the latest checkpoint in dir when one exists."""
     load: Optional[str] = None
+    """Checkpoint to start from when dir holds none yet (torchtitan's initial_load_path): a
+    requeued or restarted run continues from its own latest save, never back from here."""
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
+    group_path: ClassVar[str] = "logging"
+
     wandb: bool = True
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "plt_train"
-    peak_tflops: Optional[float] = None  # None: datasheet for known GPUs, measured on CPU
+    peak_tflops: Optional[float] = None
+    """The MFU denominator; None: the datasheet for known GPUs, else measured."""
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(_Section):
     """A short continuation generated at the end of training (nanochat-style), on every rank
-    in lockstep (so expert-parallel MoE layers can dispatch); looped models with TP = PP = 1."""
+    in lockstep (so expert-parallel MoE layers can dispatch); looped models with TP = PP = 1.
+    Nucleus sampling by default: greedy decoding of a small model repeats itself."""
 
-    prompt: Optional[str] = None  # None: no sample
+    group_path: ClassVar[str] = "sample"
+
+    prompt: Optional[str] = None
+    """None: no sample."""
     max_new_tokens: int = 48
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float = 0.8
+    """0: greedy."""
+    top_p: float = 0.9
     seed: int = 0
+    """The same seed draws the same sample."""
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     name: str = "default"
-    run_dir: Optional[str] = None  # None: Hydra's run directory (shared by all ranks)
+    run_dir: Optional[str] = None
+    """None: Hydra's run directory (shared by all ranks)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

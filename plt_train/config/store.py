@@ -1,4 +1,5 @@
-"""Registers the typed schema with Hydra's ConfigStore and prepares Hydra for torchrun.
+"""Registers the typed schema with Hydra's ConfigStore, finds the YAML presets, and prepares
+Hydra for torchrun.
 
 YAML under ``configs/`` merges into ``base_config`` (a ``RunConfig``), so a misspelt key or a
 wrong type fails at composition time.
@@ -7,14 +8,41 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
 from plt_train.config.schema import RunConfig
 
 
+def config_dir() -> str:
+    """The folder of Hydra presets: ``configs/`` at the top of the repository.  An installed
+    wheel carries it inside the package as ``plt_train/configs`` (setup.py maps it there);
+    a source checkout or an editable install reads it where it is."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"no configs/config.yaml in {package} or beside it: a broken "
+                            "install (reinstall plt_train)")
+
+
+CONFIG_DIR = config_dir()
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def compose_config(overrides: list[str]) -> RunConfig:
+    """The ``RunConfig`` Hydra composes from the presets and ``overrides`` (without running
+    anything): for ``plt-dryrun``, tests and scripts."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
 def _run_id(env) -> str:
@@ -27,7 +55,7 @@ def _run_id(env) -> str:
 def hydra_argv_for_rank(argv: list[str], env=os.environ) -> list[str]:
     """Make every rank agree on one run directory before Hydra parses the command line.
 
-    By default each rank would create its own timestamped folder (STACK-FACTS.md).  All ranks
+    By default each rank would create its own timestamped folder (docs/design/stack.md).  All ranks
     get ``run_dir`` if given, else ``outputs/<name>/<run id>`` (the torchrun or Slurm job id,
     identical on every rank), unless the user chose ``hydra.run.dir``; ranks other than 0 write
     no ``.hydra/`` folder or log.

@@ -32,7 +32,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 
 from plt_train.config.schema import DataConfig
-from plt_train.config.validate import ConfigError, split_weights
+from plt_train.config import ConfigError
+from plt_train.config.validate import split_weights
 from plt_train.data.corpus import ensure_corpus, read_jsonl_texts
 from plt_train.data.preprocess import preprocess
 from plt_train.data.tokenizer import Tokenizer, train_bpe

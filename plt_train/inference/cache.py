@@ -7,7 +7,7 @@
   rolling cache of its last ``w`` positions per layer (G-SWA's local branch).  So
   ``kv_bytes(plt) / kv_bytes(vanilla) = 1 + (R-1) * w / S`` for S cached positions.  The
   windows of all later loops of a layer are one tensor [R-1, batch, kv_heads, w, head_dim],
-  so one kernel launch can read them all (kernels/plt_decode.py).
+  so one kernel launch can read them all (plt_train/kernels/plt_decode.py).
 
 Layout: ``[batch, kv_heads, positions, head_dim]`` (SDPA's).  Batched prompts are left-padded;
 ``valid`` [batch, positions] marks real tokens.  Position ``t = length`` is the one being

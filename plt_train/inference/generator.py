@@ -11,7 +11,7 @@
 - A decode step has fixed shapes and indexes the cache through device tensors only, so on
   CUDA it is captured once per cache in a CUDA graph and replayed per token
   (``cuda_graph``, ``static_step.py``); the attention of a PLT layer's R rows can be one
-  Triton launch (``model.loop.kernel``, kernels/plt_decode.py).
+  Triton launch (``model.loop.kernel``, plt_train/kernels/plt_decode.py).
 
 Greedy (temperature 0) or temperature + top-p (nucleus) sampling; prompts of different
 lengths are left-padded and masked, with RoPE positions counted from each prompt's start.
@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from plt_train.config.schema import Switch
 from plt_train.inference.cache import KVCache
 from plt_train.inference.static_step import StaticDecodeStep
 
@@ -38,7 +39,7 @@ class Generation:
     kv_bytes: int
 
 
-CUDA_GRAPH_CHOICES = ("auto", "on", "off")
+CUDA_GRAPH_CHOICES = tuple(c.value for c in Switch)  # auto | on | off
 
 
 class Generator:
@@ -66,7 +67,7 @@ class Generator:
             raise ValueError("generation runs on one process (TP=1, PP=1)")
         self.model = model.eval()
         self.kind, self.loops = model.kind, model.loops
-        self.one_pass = self.kind == "plt" and self.loops > 1
+        self.one_pass = model.parallel_loops  # PLT: every loop of a step in one batched pass
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.cuda_graph = cuda_graph

@@ -1,7 +1,7 @@
 """The one place where megatron-core 0.16.1 is taught to run on CPU (gloo).
 
-megatron-core assumes CUDA in a handful of places (found by experiment, see
-``shared/design/MCORE-ON-CPU.md``).  Each workaround below names the megatron-core function it
+megatron-core assumes CUDA in a handful of places (found by experiment, listed in
+``docs/design/megatron-on-cpu.md``).  Each workaround below names the megatron-core function it
 works around.  ``install()`` is a no-op when CUDA is available, so GPU runs use megatron-core
 exactly as shipped.
 

@@ -35,15 +35,26 @@ def detect_device(local_rank: int | None = None) -> DeviceInfo:
     return DeviceInfo(torch.device("cpu"), "gloo", "cpu")
 
 
+def have_transformer_engine() -> bool:
+    """TE's bare PyPI package is an empty meta package that raises RuntimeError on import
+    (docs/design/megatron-on-cpu.md), so both errors mean "not installed"."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
 def resolve_dtype(precision: str, device: DeviceInfo) -> torch.dtype:
     """``auto`` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and not our oracle)."""
     if precision == "auto":
         return torch.bfloat16 if device.is_cuda else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[str(precision)]
 
 
 def megatron_device_kwargs(device: DeviceInfo) -> dict:
-    """TransformerConfig switches that depend on the device (MCORE-ON-CPU.md "Config defaults").
+    """TransformerConfig switches that depend on the device (docs/design/megatron-on-cpu.md).
 
     The fused paths need CUDA kernels (apex / TE / custom extensions); on CPU they are off.
     """

@@ -198,7 +198,7 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state: dict) -> None:
     the saved ``param_groups`` but (a) gives every parameter the SAME step tensor, which torch
     then increments once per parameter per step, and (b) copies the not-persisted step of the
     freshly allocated state back over it when loading ``dp_reshardable`` shards.  Either way the
-    bias correction is wrong after a resume (the "next step differs" of MCORE-ON-CPU.md).  Set
+    bias correction is wrong after a resume (docs/design/megatron-on-cpu.md, "Checkpoints").  Set
     each parameter's own step from the saved value.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

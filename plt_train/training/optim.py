@@ -1,24 +1,9 @@
-"""Data-parallel wrapping, optimizer and learning-rate schedule, all megatron-core's own."""
+"""Optimizer and learning-rate schedule, both megatron-core's own."""
 from __future__ import annotations
 
 import torch
 
 from plt_train.config.schema import OptimConfig, ParallelConfig
-
-
-def wrap_data_parallel(chunks, tconfig, parallel: ParallelConfig):
-    """megatron-core DDP: contiguous fp32 grad buffers (``main_grad``), bucketed all-reduce."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=parallel.use_distributed_optimizer,
-    )
-    return [
-        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk)
-        for chunk in chunks
-    ]
 
 
 def build_optimizer(chunks, optim: OptimConfig, parallel: ParallelConfig, dtype: torch.dtype):
@@ -52,7 +37,7 @@ def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps,
         lr_decay_steps=optim.decay_steps or train_steps,
-        lr_decay_style=optim.decay_style,
+        lr_decay_style=str(optim.decay_style),  # megatron's spelling (DecayStyle's value)
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=train_steps,

@@ -9,8 +9,8 @@ Mixture-of-experts auxiliary losses (load balancing, z-loss) follow Megatron-LM:
 attaches each one to its output with ``MoEAuxLossAutoScaler``, so its gradient joins the LM
 loss's in the backward pass (the schedule sets the scale), i.e. the objective optimised is
 ``lm loss + coeff * aux loss``.  The reported ``loss`` stays the LM loss (comparable with dense
-models).  Per-step metrics that model components contribute (``training/extra_metrics.py``)
-land in the step's ``extra`` dict: the MoE layers report their aux losses from megatron's own
+models).  Per-step metrics that model components contribute (``TrainingModel.metrics``) land
+in the step's ``extra`` dict: the MoE layers report their aux losses from megatron's own
 tracker (``load_balancing_loss``, ``z_loss``: mean per layer call, before the coefficient, as
 Megatron-LM logs them) and their all-to-all traffic.
 """
@@ -71,36 +71,37 @@ def _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_bat
     )
 
 
-def train_step(chunks, optimizer, scheduler, data_iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, device, stages=None) -> dict:
-    """``chunks``: this rank's modules; ``stages``: what the schedule runs (default the
-    modules; virtual chunks sharing them for looped models under pipeline parallelism)."""
-    from plt_train.training.extra_metrics import collect_step_metrics, reset_step_metrics
-
-    reset_step_metrics()
-    for chunk in chunks:
+def train_step(model, optimizer, scheduler, data_iterator, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, device) -> dict:
+    """One optimizer step of ``model`` (a ``models.TrainingModel``: its ``chunks`` hold the
+    parameters, its ``stages`` are what the schedule runs, its ``metrics`` report per step)."""
+    for source in model.metrics:
+        source.reset()
+    for chunk in model.chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _run_schedule(stages or chunks, data_iterator, num_microbatches, seq_length,
+    reports = _run_schedule(model.stages, data_iterator, num_microbatches, seq_length,
                             micro_batch_size, device, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    extra = collect_step_metrics()  # e.g. MoE aux losses and all-to-all traffic
+    extra = {}  # e.g. MoE aux losses and all-to-all traffic
+    for source in model.metrics:
+        extra.update(source.collect())
     return {"loss": _reduce_loss(reports), "grad_norm": grad_norm,
             "lr": optimizer.param_groups[0]["lr"], "skipped": not ok, "extra": extra}
 
 
 @torch.no_grad()
-def evaluate(chunks, data_iterator, iters: int, num_microbatches: int, seq_length: int,
-             micro_batch_size: int, device, stages=None) -> float | None:
-    for chunk in chunks:
+def evaluate(model, data_iterator, iters: int, num_microbatches: int, seq_length: int,
+             micro_batch_size: int, device) -> float | None:
+    for chunk in model.chunks:
         chunk.eval()
     reports = []
     for _ in range(iters):
-        reports += _run_schedule(stages or chunks, data_iterator, num_microbatches,
+        reports += _run_schedule(model.stages, data_iterator, num_microbatches,
                                  seq_length, micro_batch_size, device, forward_only=True)
-    for chunk in chunks:
+    for chunk in model.chunks:
         chunk.train()
     return _reduce_loss(reports)
 

@@ -18,7 +18,8 @@
 #  gswa_tiles: the G-SWA tile sweep of the default path (bench_kernels.py --only gswa_tiles).
 #  tests: the kernel tests compiled on CUDA (bf16 cases and the timing-size decode shapes
 #     included), the generator's CUDA-graph capture tests, the MoE wire casts on CUDA.  Not the
-#     sm_90 compile test: kernels/offline.py is a CPU tool written against the Triton CI pins.
+#     sm_90 compile test: plt_train/kernels/offline.py is a CPU tool written against the Triton
+#     CI pins.
 #  train_plt, train_bigmac: the training end-to-end re-run, kernels off vs on, one process
 #     each (bench_train.py --which ours): PLT-2 on 8 layers of the 1b shape
 #     (model.loop.kernel) and BigMac on 4 (64 experts, top-8, r=0.25, capacity 1.2;

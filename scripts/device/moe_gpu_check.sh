@@ -9,7 +9,7 @@ source "$(dirname "$0")/env.sh"
 echo "== 1. experts: grouped GEMM vs loop on CUDA"
 timeout 150 python3 - <<'PY' 2>&1 | grep -v -i warn | tee "$OUT/experts.log"
 import time, torch
-from plt_train.config.megatron import to_transformer_config
+from plt_train.models.transformer_config import to_transformer_config
 from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
 from plt_train.models.moe.experts import GroupedExperts
 from plt_train.runtime import detect_device, init_distributed, set_seed

@@ -2,22 +2,13 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from plt_train.config import ConfigError, RunConfig, validate
-from plt_train.config.store import hydra_argv_for_rank, register_configs
-from plt_train.train import CONFIG_DIR
-
-
-def compose_run(overrides: list[str]) -> RunConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
-
+from plt_train.config import ConfigError
+from plt_train.config.store import hydra_argv_for_rank
+from plt_train.models import validate
+from tests.helpers import DENSE_BASELINE, REPO, compose_run
 
 # Each bad config below is one change to the dense GPT baseline (the default is the flagship).
-DENSE_BASELINE = ["model=small", "moe=dense", "parallel=data"]
 
 
 def test_default_config_is_valid_for_two_processes():
@@ -56,16 +47,14 @@ def test_default_config_is_valid_for_two_processes():
     (["model.name=plt", "model.loops=2", "model.attention_dropout=0.1"], 2,
      "model.attention_dropout", "no dropout"),
     (["optim.min_lr=1.0"], 2, "optim.min_lr", "must be in"),
-    (["model.name=nope"], 2, "model.name", "unknown model"),
     (["model.loops=2"], 2, "model.loops", "need a looped model"),
     (["model.name=vanilla", "model.loops=3"], 2, "model.loops", "runs its block once"),
     (["model.name=plt", "model.loops=0"], 2, "model.loops", "must be >= 1"),
     (["model.name=plt", "model.loops=2", "model.loop.window=0"], 2, "model.loop.window", ">= 1"),
-    (["model.name=plt", "model.loops=2", "model.loop.gate=x"], 2, "model.loop.gate", "unknown"),
     (["model.name=plt", "model.loops=2", "parallel.pipeline=2", "train.global_batch_size=24"],
      2, "train.global_batch_size", "interleaved schedule"),
     (["model.backend=te"], 2, "model.backend", "not installed"),
-    (["model.swiglu_fusion=yes"], 2, "model.swiglu_fusion", "unknown"),
+    (["model.name=plt", "model.loops=2", "model.backend=te"], 2, "model.backend", "local"),
     (["model.make_vocab_size_divisible_by=127", "parallel.tensor=2"], 2,
      "model.make_vocab_size_divisible_by", "multiple"),
 ])
@@ -90,13 +79,12 @@ def test_edge_configs_that_are_valid(overrides):
 
 
 def test_model_vocab_size_sets_the_embedding_rows():
-    from plt_train.config.megatron import padded_vocab_size
     from plt_train.config.schema import ModelConfig
 
-    assert padded_vocab_size(8000, ModelConfig()) == 8064  # the tokenizer's, padded to 128
-    assert padded_vocab_size(8000, ModelConfig(vocab_size=9000)) == 9088
-    with pytest.raises(ValueError, match="smaller than the tokenizer"):
-        padded_vocab_size(8000, ModelConfig(vocab_size=7999))
+    assert ModelConfig().padded_vocab_size(8000) == 8064  # the tokenizer's, padded to 128
+    assert ModelConfig(vocab_size=9000).padded_vocab_size(8000) == 9088
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        ModelConfig(vocab_size=7999).padded_vocab_size(8000)
 
 
 @pytest.mark.parametrize("choice, cpu, cuda", [("auto", False, True), ("on", True, True),
@@ -106,8 +94,8 @@ def test_swiglu_fusion_is_the_device_default_unless_set(choice, cpu, cuda):
     device's default (on with CUDA, as in Megatron-LM), "on" / "off" override it."""
     import torch
 
-    from plt_train.config.megatron import to_transformer_config
     from plt_train.config.schema import ParallelConfig
+    from plt_train.models.transformer_config import to_transformer_config
     from plt_train.runtime.device import DeviceInfo, megatron_device_kwargs
 
     model = compose_run(["experiment=debug", f"model.swiglu_fusion={choice}"]).model
@@ -152,8 +140,6 @@ def _readme_launches() -> list[tuple[int, list[str]]]:
     import re
     import shlex
 
-    from tests.conftest import REPO
-
     text = (REPO / "README.md").read_text().replace("\\\n", " ")
     found = [(2, shlex.split(a)) for a in re.findall(r'make train ARGS="([^"]*)"', text)]
     for nodes, gpus, rest in re.findall(
@@ -171,3 +157,57 @@ def test_readme_launch_examples_are_valid():
     assert len(launches) >= 6 and any(world == 32 for world, _ in launches)
     for world, overrides in launches:
         validate(compose_run(overrides), world_size=world)
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("model.name=nope", "model.name", "gpt, vanilla, looped, plt"),
+    ("model.loop.gate=x", "model.loop.gate", "query, input"),
+    ("model.swiglu_fusion=yes", "model.swiglu_fusion", "auto, on, off"),
+    ("optim.decay_style=step", "optim.decay_style",
+     "cosine, linear, constant, inverse_square_root"),
+    ("train.precision=fp16", "train.precision", "auto, fp32, bf16"),
+    ("logging.wandb_mode=cloud", "logging.wandb_mode", "offline, online, disabled"),
+    ("model.moe.layer=sparse", "model.moe.layer", "dense, fine_grained, bigmac"),
+    ("model.loop.kernel=cuda", "model.loop.kernel", "auto, triton, torch"),
+])
+def test_unknown_choices_fail_naming_the_field_and_the_choices(override, key, allowed):
+    """Every choice is a StrEnum of the schema: Hydra refuses an unknown value naming the key
+    and listing the choices, and so does a dataclass built in Python."""
+    import dataclasses
+
+    from plt_train.config.schema import RunConfig
+
+    with pytest.raises(Exception) as err:
+        compose_run(DENSE_BASELINE + [override])
+    text = f"{err.value} {err.value.__cause__}"
+    assert key in text and f"[{allowed}]" in text, text
+    section_path, field = key.rsplit(".", 1)
+    section = RunConfig()
+    for part in section_path.split("."):
+        section = getattr(section, part)
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(section, **{field: override.split("=")[1]})
+    assert err.value.field == key and allowed in str(err.value)
+
+
+def test_choices_are_enums_equal_to_their_strings():
+    from plt_train.config.schema import DecayStyle, MLPLayer, ModelConfig, MoEConfig
+
+    cfg = compose_run(["moe=bigmac", "optim.decay_style=inverse_square_root"])
+    assert cfg.model.moe.layer is MLPLayer.bigmac and cfg.model.moe.layer == "bigmac"
+    assert cfg.optim.decay_style == "inverse-square-root"  # megatron's spelling
+    # Strings given in Python become members (by value or name), as omegaconf's do.
+    m = ModelConfig(name="plt", loops=2, moe=MoEConfig(layer="fine_grained"))
+    assert m.moe.layer is MLPLayer.fine_grained and m.parallel_loops and m.uses_gswa
+    assert ModelConfig(name="looped", loops=2).parallel_loops is False
+    assert DecayStyle("inverse-square-root") is DecayStyle["inverse_square_root"]
+
+
+def test_a_choice_assigned_after_construction_is_checked_by_validate():
+    from plt_train.config import validate as validate_config
+
+    cfg = compose_run(DENSE_BASELINE)
+    cfg.model.backend = "tpu"
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, 2)
+    assert err.value.field == "model.backend"

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, run_process_group
+from tests.helpers import REPO, run_process_group
 
 
 def torchrun_script(script: str, arg: str, nproc: int,

@@ -48,7 +48,7 @@ def build(model, tp: int, ep: int, dev):
     """The MoE layer alone, weights from init_weights (layout independent)."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.transformer_config import to_transformer_config
     from plt_train.config.schema import ParallelConfig
     from plt_train.models.init import init_weights
     from plt_train.models.moe import mlp_spec
@@ -69,17 +69,16 @@ def tokens(rank: int, what: str) -> torch.Tensor:
 
 def run_layer(layer, x, g):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from plt_train.models.moe.accounting import COUNTER
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    COUNTER.reset()
+    layer.a2a.reset()
     out, _ = layer(x)
     (out * g).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters()
              if p.grad is not None}
-    return out.detach(), grads, x.grad.detach(), COUNTER.snapshot()
+    return out.detach(), grads, x.grad.detach(), layer.a2a.snapshot()
 
 
 def setup(dev, tp: int, ep: int):
@@ -195,8 +194,8 @@ def main(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 4, "run with 4 processes"
     x, g = tokens(rank, "x"), tokens(rank, "g")
-    report: dict = {"layouts": {}, "bytes": {}, "capacity": {}, "aux_tp": {}, "wire": {},
-                    "fused": {}}
+    report: dict = {"layouts": {}, "routing": {}, "bytes": {}, "capacity": {}, "aux_tp": {},
+                    "wire": {}, "fused": {}}
 
     for layer_type in ("fine_grained", "bigmac"):
         for capacity in (None, 1.2):
@@ -204,10 +203,10 @@ def main(out_path: str) -> None:
             setup(dev, 1, 1)
             ref = build(model, 1, 1, dev)
             ref_out, ref_grads, ref_xgrad, _ = run_layer(ref, x, g)
+            with torch.no_grad():
+                _, ref_rmap = ref.router(x)
             if capacity is not None:
-                with torch.no_grad():
-                    probs, rmap = ref.router(x)
-                kept = rmap.sum().item() / (S * B * TOPK)
+                kept = ref_rmap.sum().item() / (S * B * TOPK)
                 report["capacity"].setdefault(layer_type, {})["kept_fraction_rank%d" % rank] = kept
             expert_ref = {n: gather(t) for n, t in ref_grads.items() if ".experts." in f".{n}"}
             for tp, ep in ((1, 2), (1, 4), (2, 2)):
@@ -220,6 +219,11 @@ def main(out_path: str) -> None:
                 key = f"{layer_type}|cap={capacity}|tp{tp}_ep{ep}"
                 report["layouts"].setdefault(key, {})[f"rank{rank}"] = diffs_to(
                     reference, out, grads, xgrad, ep)
+                if tp == 1:  # the same tokens in the same shapes as EP=1: the same routing
+                    with torch.no_grad():
+                        _, rmap = layer.router(x)
+                    report["routing"].setdefault(key, {})[f"rank{rank}"] = bool(
+                        torch.equal(rmap, ref_rmap))
                 if ep == 2:
                     fused = dataclasses.replace(model, moe=dataclasses.replace(
                         model.moe, dcca_kernel="triton"))

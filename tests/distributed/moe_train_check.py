@@ -16,19 +16,14 @@ import sys
 
 
 def main(runs_path: str) -> None:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from plt_train.config.store import register_configs
+    from plt_train.config.store import compose_config
     from plt_train.runtime import destroy_distributed
-    from plt_train.train import CONFIG_DIR, run
+    from plt_train.train import run  # the entry point's loop, as Hydra's multirun calls it
 
-    register_configs()
     with open(runs_path) as f:
         runs = json.load(f)
     for run_dir, overrides in runs.items():
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        cfg = compose_config(overrides)
         try:
             run(cfg, run_dir)
         finally:

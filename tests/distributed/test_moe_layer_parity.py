@@ -33,14 +33,26 @@ def test_layer_outputs_and_grads_match_ep1(layer_report):
     for key, ranks in layouts.items():
         assert len(ranks) == NPROC
         for rank, diffs in ranks.items():
-            # Same tokens, same routing: outputs bit-identical; gradients up to summation
-            # order (expert gradients add the EP group's tokens in another order).
-            assert diffs["out"] == 0.0, (key, rank)
+            # Same tokens, same routing: outputs equal up to the expert GEMMs' blocking (their
+            # row counts differ by layout, and a matmul's blocking may change with the rows:
+            # 2.2e-8 seen on one CPU); gradients up to summation order (expert gradients add
+            # the EP group's tokens in another order).  fp32, outputs of order 0.1-1.
+            assert diffs["out"] < 1e-6, (key, rank, diffs["out"])
             for name, d in diffs.items():
                 assert d < 1e-5, (key, rank, name, d)
             assert any(n.startswith("grad:experts.") for n in diffs), diffs
             if key.startswith("bigmac"):
                 assert {"grad:linear_descend.weight", "grad:linear_ascend.weight"} <= set(diffs)
+
+
+def test_routing_is_exactly_ep1s(layer_report):
+    """What IS guaranteed bit for bit: a rank routes its own tokens with the same router in
+    the same shapes whatever the expert-parallel size, so the routing map (which tokens go to
+    which experts, which drop at capacity) equals EP=1's exactly."""
+    routing = layer_report["routing"]
+    assert set(routing) == {f"{t}|cap={c}|tp1_ep{ep}" for t in ("fine_grained", "bigmac")
+                            for c in ("None", "1.2") for ep in (2, 4)}
+    assert all(len(ranks) == NPROC and all(ranks.values()) for ranks in routing.values())
 
 
 def test_capacity_factor_drops_tokens_per_source_rank(layer_report):
@@ -78,7 +90,8 @@ def test_wire_formats_put_their_bytes_on_the_wire_and_round_only_that_much(layer
     """``model.moe.wire_format`` bf16 / fp8 inside the real all-to-all (EP=2, EP=4, dropless):
     each phase sends exactly the format's bytes for the routed rows; outputs and gradients
     differ from the exact EP=1 run by the format's rounding and no more (bf16 ~2^-9, e4m3
-    ~2^-4 relative); every routed row is rounded once, so EP=2 and EP=4 agree bit for bit."""
+    ~2^-4 relative); every routed row is rounded once, so EP=2 and EP=4 agree to fp32
+    summation order, far below one rounding step."""
     wire = layer_report["wire"]
     assert set(wire) == {f"{t}|{f}|ep{ep}" for t in ("fine_grained", "bigmac")
                          for f in ("bf16", "fp8") for ep in (2, 4)}
@@ -95,8 +108,8 @@ def test_wire_formats_put_their_bytes_on_the_wire_and_round_only_that_much(layer
             if layer == "bigmac":
                 assert {"linear_descend.weight", "linear_ascend.weight"} <= set(
                     rec["projection_grad_rel"])
-            if ep == "ep4":
-                assert rec["out_vs_ep2"] == 0.0, (key, rank)
+            if ep == "ep4":  # the same rounding: differences far below its step (~1e-3)
+                assert rec["out_vs_ep2"] < 1e-6, (key, rank, rec["out_vs_ep2"])
             if fmt == "fp8":  # only the dispatch forward is fp8: 1 + 1/width B vs bf16's 2 B
                 bf16 = wire[f"{layer}|bf16|{ep}"][rank]["phases"]
                 assert rec["phases"]["combine_fwd"] == bf16["combine_fwd"]
@@ -113,7 +126,7 @@ def test_wire_formats_put_their_bytes_on_the_wire_and_round_only_that_much(layer
 
 
 def test_fused_kernels_across_the_all_to_all_match_ep1(layer_report):
-    """``dcca_kernel=triton`` (kernels/dcca.py, Triton's interpreter on CPU) at EP=2 and
+    """``dcca_kernel=triton`` (plt_train/kernels/dcca.py, Triton's interpreter on CPU) at EP=2 and
     TP=2 x EP=2: the fused permutation / combine index the rows megatron's dispatcher sends
     and gets back, so outputs and every gradient match the unfused EP=1 run."""
     fused = layer_report["fused"]

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics
 from tests.distributed._moe_launch import torchrun_script
 
 NPROC = 4

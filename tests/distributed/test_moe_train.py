@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics
 from tests.distributed._moe_launch import torchrun_script
 
 STEPS = 30

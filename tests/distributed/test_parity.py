@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import DEBUG_ARGS, losses_by_step, run_train
+from tests.helpers import DEBUG_ARGS, losses_by_step, run_train
 
 STEPS = 5
 COMMON = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",

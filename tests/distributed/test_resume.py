@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics, run_train
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics, run_train
 
 STEPS = 8
 ARGS = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",

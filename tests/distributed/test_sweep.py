@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import DEBUG_ARGS, TORCHRUN, losses_by_step, run_process_group
+from tests.helpers import DEBUG_ARGS, TORCHRUN, losses_by_step, run_process_group
 
 
 def test_local_sweep_over_depth_and_tensor_parallel(tmp_path, data_cache):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plt_train.models.common.backends import have_transformer_engine
-from tests.conftest import DEBUG_ARGS, losses_by_step, read_metrics, run_train
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics, run_train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from tests.conftest import DEBUG_ARGS, REPO, run_train
+from tests.helpers import DEBUG_ARGS, REPO, run_train
 
 ARGS = DEBUG_ARGS + ["model.name=plt", "model.loops=2", "model.loop.window=8", "train.steps=3",
                      "checkpoint.save_at_end=true"]

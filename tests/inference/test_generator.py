@@ -70,7 +70,7 @@ def assert_reproduces_full_forward(model, ps, out, new, tol=1e-4):
 @pytest.mark.parametrize("loops", [2, 3])
 def test_decode_kernel_reproduces_the_full_forward(one_rank, loops, monkeypatch):
     """model.loop.kernel=triton: each PLT layer's decode attention is one Triton launch."""
-    from kernels import plt_decode
+    from plt_train.kernels import plt_decode
     from plt_train.inference import Generator
 
     model = build(one_rank, "plt", loops, kernel="triton")
@@ -246,3 +246,34 @@ def test_sampling_greedy_top_p_and_temperature():
     assert set(hot.tolist()) == {0, 1, 2, 3}
     again = sample(logits, 1.0, 1.0, torch.Generator().manual_seed(5))
     assert again.tolist() == sample(logits, 1.0, 1.0, torch.Generator().manual_seed(5)).tolist()
+
+
+class _Tokens:
+    """A tokenizer stand-in: characters as token ids."""
+
+    eod = None
+
+    def tokenize(self, text: str) -> list:
+        return [ord(c) % VOCAB for c in text]
+
+    def detokenize(self, ids: list) -> str:
+        return "".join(chr(32 + i) for i in ids)
+
+
+def test_the_end_of_training_sample_is_sampled_and_reproducible(one_rank):
+    """The default sample (``SampleConfig``) is nucleus-sampled, not greedy (a small model's
+    greedy continuation repeats itself), and the same seed gives the same text."""
+    from dataclasses import replace
+
+    from plt_train.config.schema import SampleConfig
+    from plt_train.inference import sample_after_training
+
+    model = build(one_rank, "plt", 2)
+    default = SampleConfig(prompt="def main(", max_new_tokens=24)
+    assert default.temperature > 0 and default.top_p < 1
+    first = sample_after_training([model], _Tokens(), default)
+    assert first == sample_after_training([model], _Tokens(), default)  # the same seed
+    others = {sample_after_training([model], _Tokens(), replace(default, seed=s))
+              for s in (1, 2, 3)}
+    greedy = sample_after_training([model], _Tokens(), replace(default, temperature=0.0))
+    assert len(others | {first}) > 1 and first != greedy

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for Hopper (sm_90a, bf16) on a machine without a GPU, as the
 JIT would compile the launches ``bench_kernels.py`` times (``scripts/kernel_resources.py``,
-``kernels/offline.py``), and read ``ptxas -v``.
+``plt_train/kernels/offline.py``), and read ``ptxas -v``.
 
 The CPU tests run the kernels in Triton's interpreter, which executes them as Python and
 misses what only the compiler rejects (reading a non-constexpr global, a type the lowering
@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # kernel -> its distinct compilations (G-SWA: GLOBAL, i.e. global_branch triton or sdpa, and
 # for dK/dV: LOCAL; gather-sum: WEIGHTED; decode: LOOPS x SPLITS)
@@ -65,7 +65,7 @@ def test_every_kernel_compiles_for_hopper_and_fits(tmp_path):
 def test_occupancy_bound_counts_registers_threads_and_shared_memory():
     """``Build.blocks_per_sm``: registers go to warps in units of 8 per thread, 64K per SM;
     2048 threads; 228 KB of shared memory with 1 KB reserved per block."""
-    from kernels.offline import Build
+    from plt_train.kernels.offline import Build
 
     def build(regs, warps, smem_kb):
         return Build("k", {}, warps, 3, regs, 0, 0, int(smem_kb * 1024))

@@ -1,6 +1,7 @@
-"""The fused (un)permutation kernels (kernels/dcca.py: BigMac's DCCA dispatch / combine, and
-the fine-grained layer's gate-weighted combine) against their pure-torch references and
-megatron's permutation, and both MoE layers with the kernels against the layers without.
+"""The fused (un)permutation kernels (plt_train/kernels/dcca.py: BigMac's DCCA dispatch /
+combine, and the fine-grained layer's gate-weighted combine) against their pure-torch
+references and megatron's permutation, and both MoE layers with the kernels against the layers
+without.
 
 On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
 so shapes are small; ragged ones (tokens not a multiple of the 32-token tile, widths not
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import dcca
+from plt_train.kernels import dcca
 
 # On a GPU the kernels run compiled on CUDA tensors (CPU tensors would take the reference).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,7 +207,7 @@ def test_nan_reaches_the_output_rows_of_its_token():
 def _moe_layer(dev, kernel: str, capacity, kind: str = "bigmac"):
     from megatron.core.transformer.spec_utils import build_module
 
-    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.transformer_config import to_transformer_config
     from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
     from plt_train.models.init import init_weights
     from plt_train.models.moe import mlp_spec
@@ -283,6 +284,6 @@ def test_auto_fuses_on_cuda_only(one_rank):
 
 def test_first_use_check_passes():
     """What ``auto`` runs once per device before trusting the fused ops."""
-    from kernels import dcca
+    from plt_train.kernels import dcca
 
     assert dcca.self_check(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

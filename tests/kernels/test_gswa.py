@@ -1,4 +1,4 @@
-"""The fused G-SWA kernel (kernels/gswa.py) against its pure-torch reference (ops.gswa).
+"""The fused G-SWA kernel (plt_train/kernels/gswa.py) against its pure-torch reference (ops.gswa).
 
 On CPU the kernel runs through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
 so shapes are small; ragged ones (sequence not a multiple of the 16-row tile, head dim 24
@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from kernels import gswa
+from plt_train.kernels import gswa
 from plt_train.models.plt import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,7 +164,7 @@ def test_the_window_and_the_gate_matter(branch):
 
 
 def test_selection():
-    from kernels import use_triton
+    from plt_train.kernels import use_triton
 
     q = torch.zeros(4, 1, 2, 16, device=DEVICE)
     assert use_triton("auto", q.device) == (DEVICE == "cuda")  # the interpreter: tests only
@@ -182,7 +182,7 @@ def test_selection():
 def test_first_use_check_guards_auto():
     """``auto`` keeps a kernel only after it matched its reference on the device once; a
     kernel that raises (say, a compile error on another Triton) is reported and left out."""
-    import kernels
+    from plt_train import kernels
 
     assert gswa._self_check(torch.device(DEVICE))  # the real check passes
     kernels._VERIFIED.pop(("broken", "cpu"), None)

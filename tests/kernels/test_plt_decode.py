@@ -1,4 +1,5 @@
-"""``kernels/plt_decode.py`` against its pure-torch reference (``ops.plt_decode_attention``).
+"""``plt_train/kernels/plt_decode.py`` against its pure-torch reference
+(``ops.plt_decode_attention``).
 
 Without a GPU the kernel runs through Triton's interpreter (tests/conftest.py), so shapes
 are tiny but ragged: cache lengths and windows that are not multiples of the key block, GQA
@@ -13,7 +14,7 @@ import torch
 
 from plt_train.models.plt import ops
 
-plt_decode = pytest.importorskip("kernels.plt_decode", reason="needs triton")
+plt_decode = pytest.importorskip("plt_train.kernels.plt_decode", reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

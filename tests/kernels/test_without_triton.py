@@ -5,23 +5,23 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = r"""
 import sys
 sys.modules["triton"] = None  # import triton -> ImportError, as on a machine without it
 import pytest, torch
 import plt_train.models.plt.attention, plt_train.models.moe.layer, plt_train.inference
-from kernels import triton_unusable_reason, use_triton
-from plt_train.config.schema import RunConfig
-from plt_train.config.validate import ConfigError, validate
+from plt_train.kernels import triton_unusable_reason, use_triton
+from plt_train.config import ConfigError, RunConfig
+from plt_train.models import validate
 assert "does not import" in triton_unusable_reason("cuda")
 assert not use_triton("auto", "cuda") and not use_triton("auto", "cpu")
 cfg = RunConfig()
 cfg.model.name, cfg.model.loops, cfg.model.loop.kernel = "plt", 2, "triton"
 with pytest.raises(ConfigError, match="triton requested but triton does not import"):
     validate(cfg, world_size=1)
-assert "kernels.gswa" not in sys.modules and "kernels.plt_decode" not in sys.modules
+assert not {"plt_train.kernels.gswa", "plt_train.kernels.plt_decode"} & set(sys.modules)
 print("OK")
 """
 

@@ -9,7 +9,7 @@ from plt_train.runtime.device import megatron_device_kwargs
 
 
 def _tconfig(dev, **model_kw):
-    from plt_train.config.megatron import to_transformer_config
+    from plt_train.models.transformer_config import to_transformer_config
     m = ModelConfig(**{"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                        "seq_length": 16, **model_kw})
     return m, to_transformer_config(m, ParallelConfig(), torch.float32, megatron_device_kwargs(dev))

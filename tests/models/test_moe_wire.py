@@ -97,5 +97,5 @@ def test_which_all_to_all_gets_which_format():
     assert wire.phase_formats("fp8", "combine") == ("bf16", "bf16")
     assert wire.phase_formats("bf16", "combine") == ("bf16", "bf16")
     assert wire.phase_formats("native", "dispatch") == ("native", "native")
-    with pytest.raises(ValueError, match="unknown wire format"):
+    with pytest.raises(ValueError, match="not a valid WireFormat"):
         wire.phase_formats("fp4", "dispatch")

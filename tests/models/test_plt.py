@@ -5,6 +5,8 @@ logits by ~0.1 (measured), far above the tolerances used here.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -168,10 +170,10 @@ def test_flops_count_every_loop_and_the_window_not_full_attention():
         for w in (1, 4, 64):
             assert window_pairs(S, w) == sum(min(i + 1, w) for i in range(S))
     m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=256,
-                    loops=3, loop=LoopConfig(window=16))
-    van = looped_flops_per_sequence(m, 128, "vanilla").components
-    loo = looped_flops_per_sequence(m, 128, "looped").components
-    plt_ = looped_flops_per_sequence(m, 128, "plt").components
+                    loop=LoopConfig(window=16))
+    van = looped_flops_per_sequence(replace(m, name="vanilla"), 128).components
+    loo = looped_flops_per_sequence(replace(m, name="looped", loops=3), 128).components
+    plt_ = looped_flops_per_sequence(replace(m, name="plt", loops=3), 128).components
     for name in ("qkv_proj", "out_proj", "mlp", "attn_scores"):
         assert loo[name] == 3 * van[name]
     assert loo["lm_head"] == plt_["lm_head"] == van["lm_head"]

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _bench_small(tmp_path, *args):
@@ -91,7 +91,7 @@ def test_gswa_forward_refuses_tiles_it_would_get_wrong():
     import pytest
     import torch
 
-    from kernels import gswa
+    from plt_train.kernels import gswa
 
     x = torch.randn(20, 1, 2, 16)
     gswa.TILE_OVERRIDE["fwd"] = (16, 32, 1, 1)

@@ -20,7 +20,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from plain_gpt import PlainGPT, count_parameters, expected_parameters  # noqa: E402
 
-from plt_train.config.megatron import ffn_size, padded_vocab_size  # noqa: E402
 from plt_train.config.schema import ModelConfig  # noqa: E402
 
 TINY = dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=128)
@@ -28,16 +27,16 @@ TINY = dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=128
 
 def _tiny_plain(vocab: int = 1024) -> tuple[PlainGPT, ModelConfig, int]:
     cfg = ModelConfig(**TINY)
-    padded = padded_vocab_size(vocab, cfg)
+    padded = cfg.padded_vocab_size(vocab)
     model = PlainGPT(vocab_size=padded, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                     num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=ffn_size(cfg),
+                     num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_size,
                      seq_length=cfg.seq_length)
     return model, cfg, padded
 
 
 def test_plain_parameter_count_matches_ours():
     model, cfg, padded = _tiny_plain()
-    h, f, L = cfg.hidden_size, ffn_size(cfg), cfg.num_layers
+    h, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
     # Our GPTModel's parameters, tensor by tensor (MHA, untied, no biases).
     ours = (padded * h  # embedding.word_embeddings
             + L * (h  # input_layernorm

@@ -7,7 +7,7 @@ import pickle
 import subprocess
 import sys
 
-from tests.conftest import DEBUG_ARGS, losses_by_step
+from tests.helpers import DEBUG_ARGS, losses_by_step
 
 
 def test_submitit_sweep_runs_jobs_and_collects_final_losses(cluster, tmp_path, data_cache):

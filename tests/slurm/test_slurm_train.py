@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from tests.conftest import DEBUG_ARGS, REPO, losses_by_step, read_metrics
+from tests.helpers import DEBUG_ARGS, REPO, losses_by_step, read_metrics
 
 STEPS = 12
 ARGS = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=8",

@@ -1,7 +1,7 @@
 """RMSNorm for megatron-core specs that also works with sequence parallelism.
 
-megatron-core's local ``WrappedTorchNorm`` refuses ``sequence_parallel`` (MCORE-ON-CPU.md), on
-GPU without TE/apex too.  The fix is only bookkeeping: with sequence parallel each TP rank sees
+megatron-core's local ``WrappedTorchNorm`` refuses ``sequence_parallel``
+(docs/design/megatron-on-cpu.md), on GPU without TE/apex too.  The fix is only bookkeeping: with sequence parallel each TP rank sees
 a slice of the sequence, so the norm weight's gradient is partial and must be all-reduced over
 TP; megatron's ``finalize_model_grads`` does that for parameters marked ``sequence_parallel``.
 """

@@ -1,4 +1,5 @@
-"""Model FLOPs of our GPT decoder, the numerator of MFU.
+"""Model FLOPs of our GPT decoder (the numerator of MFU) and its parameters per layer (the
+dry run's plan).
 
 Convention (PaLM appendix B, Megatron-LM "Efficient Large-Scale Language Model Training"):
 count ``2*m*n*k`` for every matrix multiply of an (m x k) by a (k x n) operand and nothing
@@ -28,8 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from plt_train.config.megatron import ffn_size
-from plt_train.config.schema import ModelConfig
+from plt_train.config.schema import MLPLayer, ModelConfig
 
 # Components that are computed once per layer (the rest, lm_head, once per model).
 _LAYER_COMPONENTS = ("qkv_proj", "attn_scores", "attn_values", "out_proj", "mlp")
@@ -84,7 +84,7 @@ def flops_per_sequence_from_config(model_cfg: ModelConfig, vocab_size: int) -> F
 
     ``vocab_size`` is passed separately because the config's may be None until the tokenizer
     is known; pass the PADDED size, since the LM head really multiplies by all of it.  The FFN
-    size comes from the same rule the model builder uses (``config.megatron.ffn_size``); with
+    size comes from the same rule the model builder uses (``ModelConfig.ffn_size``); with
     ``model.moe.layer`` fine_grained or bigmac the ``mlp`` component is the MoE layer's
     (``models/moe/flops.py``: router + active experts + BigMac's projections).
     """
@@ -93,11 +93,11 @@ def flops_per_sequence_from_config(model_cfg: ModelConfig, vocab_size: int) -> F
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups,
-        ffn_hidden_size=ffn_size(model_cfg),
+        ffn_hidden_size=model_cfg.ffn_size,
         seq_length=model_cfg.seq_length,
         vocab_size=vocab_size,
     )
-    if model_cfg.moe.layer == "dense":
+    if model_cfg.moe.layer == MLPLayer.dense:
         return count
     # MoE MLPs (model.moe): the router, the top-k ACTIVE experts and BigMac's descend/ascend
     # projections replace the dense MLP term (plt_train.models.moe.flops).
@@ -108,3 +108,24 @@ def flops_per_sequence_from_config(model_cfg: ModelConfig, vocab_size: int) -> F
                          * moe_mlp_flops_per_token(model_cfg))
     forward = sum(components.values())
     return FlopCount(forward=forward, training=3 * forward, components=components)
+
+
+def decoder_layer_parameters(model: ModelConfig, tp: int = 1, ep: int = 1) -> int:
+    """Parameters of one decoder layer held by one rank of a TP x EP layout (1, 1: all).
+
+    Attention, dense MLPs and shared experts are split by TP; the two norms, the router and
+    BigMac's projections are replicated; each expert-parallel rank holds ``num_experts / EP``
+    whole experts (expert TP is 1).
+    """
+    from plt_train.models.moe.flops import moe_layer_parameters
+
+    h, heads, d, groups = model.hidden_size, model.num_attention_heads, model.head_dim, \
+        model.query_groups
+    split = h * d * (heads + 2 * groups) + heads * d * h  # QKV and output projections
+    whole = 2 * h  # the two norms
+    if model.moe.layer == MLPLayer.dense:
+        return (split + 3 * h * model.ffn_size) // tp + whole
+    moe = moe_layer_parameters(model)
+    experts = model.moe.num_experts * moe["per_expert"]
+    whole += moe["total"] - experts - moe["shared"]  # router, BigMac's descend and ascend
+    return (split + moe["shared"]) // tp + whole + experts // ep

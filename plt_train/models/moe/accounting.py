@@ -16,9 +16,9 @@ per phase (``dispatch`` / ``combine``, forward / backward):
   by the all-to-all: the exposed communication time, including waiting for slower peers.
   Events are resolved lazily in ``snapshot`` (one synchronisation per read, none per call).
 
-The counter is process-wide (``COUNTER``): the training loop resets it at the start of a step
-and reads it at the end (``a2a_step_metrics``), through the generic step-metrics hook
-(``training/extra_metrics.py``) where the MoE layers register it.
+Each MoE layer owns its counter (``FineGrainedMoE.a2a``); ``metrics.MoEStepMetrics`` resets
+the model's counters at the start of a training step and reads them at the end
+(``a2a_step_metrics``).
 """
 from __future__ import annotations
 
@@ -94,11 +94,19 @@ class A2ACounter:
             }
 
 
-COUNTER = A2ACounter()
+def merged_snapshot(counters: Sequence[A2ACounter]) -> dict:
+    """The totals of several counters (a model's MoE layers), as ``A2ACounter.snapshot``."""
+    snaps = [c.snapshot() for c in counters]
+    out = {key: sum(s[key] for s in snaps)
+           for key in ("a2a_bytes", "a2a_local_bytes", "a2a_calls", "a2a_ms")}
+    out["phases"] = {p: {k: sum(s["phases"][p][k] for s in snaps)
+                         for k in ("wire_bytes", "calls", "ms")} for p in PHASES}
+    return out
 
 
 def _all_to_all(group, x: torch.Tensor, output_splits: Optional[Sequence[int]],
-                input_splits: Optional[Sequence[int]], phase: str) -> torch.Tensor:
+                input_splits: Optional[Sequence[int]], phase: str,
+                counter: Optional[A2ACounter]) -> torch.Tensor:
     x = x.contiguous()
     world = group.size()
     rank = group.rank()
@@ -115,22 +123,25 @@ def _all_to_all(group, x: torch.Tensor, output_splits: Optional[Sequence[int]],
         dist.all_to_all_single(out, x, output_split_sizes=list(output_splits),
                                input_split_sizes=list(input_splits), group=group)
         end.record()
-        COUNTER.record(phase, sent_rows * row_bytes, local_rows * row_bytes, events=(start, end))
+        if counter is not None:
+            counter.record(phase, sent_rows * row_bytes, local_rows * row_bytes,
+                           events=(start, end))
     else:
         t0 = time.perf_counter()
         dist.all_to_all_single(out, x, output_split_sizes=list(output_splits),
                                input_split_sizes=list(input_splits), group=group)
-        COUNTER.record(phase, sent_rows * row_bytes, local_rows * row_bytes,
-                       seconds=time.perf_counter() - t0)
+        if counter is not None:
+            counter.record(phase, sent_rows * row_bytes, local_rows * row_bytes,
+                           seconds=time.perf_counter() - t0)
     return out
 
 
-def _send(group, x: torch.Tensor, output_splits, input_splits, phase: str,
-          fmt: str) -> torch.Tensor:
+def _send(group, x: torch.Tensor, output_splits, input_splits, phase: str, fmt: str,
+          counter: Optional[A2ACounter]) -> torch.Tensor:
     """One all-to-all of ``x``'s rows in wire format ``fmt`` (``wire.py``), counted at the
     bytes actually sent, returned in ``x``'s dtype."""
     payload = wire.encode(x, fmt)
-    got = _all_to_all(group, payload, output_splits, input_splits, phase)
+    got = _all_to_all(group, payload, output_splits, input_splits, phase, counter)
     return wire.decode(got, fmt, x.dtype, x.shape[1:])
 
 
@@ -140,40 +151,40 @@ class _CountedAllToAll(torch.autograd.Function):
     casts are straight-through: the gradient is sent in the backward's own format."""
 
     @staticmethod
-    def forward(ctx, group, x, output_splits, input_splits, name, formats):
+    def forward(ctx, group, x, output_splits, input_splits, name, formats, counter):
         ctx.group, ctx.name, ctx.bwd_format = group, name, formats[1]
-        ctx.output_splits, ctx.input_splits = output_splits, input_splits
+        ctx.output_splits, ctx.input_splits, ctx.counter = output_splits, input_splits, counter
         if group.size() == 1:
             return x
-        return _send(group, x, output_splits, input_splits, f"{name}_fwd", formats[0])
+        return _send(group, x, output_splits, input_splits, f"{name}_fwd", formats[0], counter)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.group.size() == 1:
-            return None, grad, None, None, None, None
+            return None, grad, None, None, None, None, None
         g = _send(ctx.group, grad, ctx.input_splits, ctx.output_splits, f"{ctx.name}_bwd",
-                  ctx.bwd_format)
-        return None, g, None, None, None, None
+                  ctx.bwd_format, ctx.counter)
+        return None, g, None, None, None, None, None
 
 
-def counted_all_to_all(group, x: torch.Tensor, output_splits, input_splits,
-                       name: str, wire_format: str = "native") -> torch.Tensor:
-    """All-to-all over ``group`` (variable splits), recorded in ``COUNTER`` as ``name``
-    (``dispatch`` or ``combine``) forward and backward, in ``wire_format``
-    (``model.moe.wire_format``: native / bf16 / fp8, see ``wire.py``)."""
+def counted_all_to_all(group, x: torch.Tensor, output_splits, input_splits, name: str,
+                       wire_format: str = "native",
+                       counter: Optional[A2ACounter] = None) -> torch.Tensor:
+    """All-to-all over ``group`` (variable splits), recorded in ``counter`` (None: not
+    recorded) as ``name`` (``dispatch`` or ``combine``) forward and backward, in
+    ``wire_format`` (``model.moe.wire_format``: native / bf16 / fp8, see ``wire.py``)."""
     if name not in ("dispatch", "combine"):
         raise ValueError(f"unknown all-to-all phase {name!r}")
     return _CountedAllToAll.apply(group, x, _as_int_list(output_splits),
                                   _as_int_list(input_splits), name,
-                                  wire.phase_formats(wire_format, name))
+                                  wire.phase_formats(wire_format, name), counter)
 
 
-def a2a_step_metrics() -> dict:
+def a2a_step_metrics(counters: Sequence[A2ACounter]) -> dict:
     """Flat metrics of this step for the training loop's loggers: mean over ranks of the bytes
     each rank put on the wire (``a2a_MB``), mean and max over ranks of the time spent in the
-    all-to-all.  A collective: every rank must call it (the MoE layers register it with the
-    step-metrics hook when they are built, on every rank)."""
-    snap = COUNTER.snapshot()
+    all-to-all.  A collective: every rank must call it (every rank built the same model)."""
+    snap = merged_snapshot(counters)
     t = torch.tensor([float(snap["a2a_bytes"]), snap["a2a_ms"]], dtype=torch.float64)
     peak = torch.tensor([snap["a2a_ms"]], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:

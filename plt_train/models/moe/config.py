@@ -1,14 +1,7 @@
 """``model.moe`` -> megatron-core ``TransformerConfig`` fields (no process groups needed)."""
 from __future__ import annotations
 
-from plt_train.config.schema import ModelConfig
-
-LAYERS = ("dense", "fine_grained", "bigmac")
-
-
-def expert_width(model: ModelConfig) -> int:
-    """r * h: the fine-grained expert's hidden width and BigMac's latent width."""
-    return int(round(model.moe.ratio * model.hidden_size))
+from plt_train.config.schema import MLPLayer, ModelConfig
 
 
 def moe_transformer_kwargs(model: ModelConfig) -> dict:
@@ -19,9 +12,9 @@ def moe_transformer_kwargs(model: ModelConfig) -> dict:
     the same code runs on CPU and GPU.
     """
     moe = model.moe
-    if moe.layer == "dense":
+    if moe.layer == MLPLayer.dense:
         return {}
-    width = expert_width(model)
+    width = model.expert_width
     return dict(
         num_moe_experts=moe.num_experts,
         moe_ffn_hidden_size=width,
@@ -32,7 +25,7 @@ def moe_transformer_kwargs(model: ModelConfig) -> dict:
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_drop_policy="probs",
         moe_pad_expert_input_to_capacity=False,
-        moe_router_score_function=moe.router_score_function,
+        moe_router_score_function=str(moe.router_score_function),
         moe_router_pre_softmax=moe.router_pre_softmax,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",

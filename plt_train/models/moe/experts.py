@@ -2,8 +2,9 @@
 
 megatron-core 0.16.1's own expert modules cannot run here: ``GroupedMLP`` needs the
 ``grouped_gemm`` CUDA package, ``TEGroupedMLP`` needs Transformer Engine, and ``SequentialMLP``
-goes through the router's TE-only GEMM path (see MCORE-ON-CPU.md).  ``GroupedExperts`` is the
-replacement: ``num_local_experts`` MLPs ``in -> hidden -> in`` stored as stacked weights
+goes through the router's TE-only GEMM path (docs/design/megatron-on-cpu.md).
+``GroupedExperts`` is the replacement: ``num_local_experts`` MLPs ``in -> hidden -> in`` stored
+as stacked weights
 
     linear_fc1.weight  [E_local, in, hidden]      (relu)     or [E_local, in, 2*hidden] (swiglu:
                                                                 gate | up, concatenated)
@@ -33,10 +34,9 @@ import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 
+from plt_train.config.schema import ExpertActivation, ExpertGemm
 from plt_train.models.common.params import param_device
 
-ACTIVATIONS = ("swiglu", "relu")
-GEMMS = ("auto", "grouped", "loop", "te")
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -77,9 +77,8 @@ class GroupedExperts(MegatronModule):
     def __init__(self, num_local_experts: int, config, pg_collection=None, *, input_size: int,
                  hidden_size: int, activation: str = "swiglu", gemm: str = "auto"):
         super().__init__(config=config)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown expert activation {activation!r}: {ACTIVATIONS}")
-        if gemm not in ("auto", "grouped", "loop"):
+        activation, gemm = ExpertActivation(activation), ExpertGemm(gemm)
+        if gemm == ExpertGemm.te:
             raise ValueError(f"GroupedExperts gemm must be auto, grouped or loop, not {gemm!r}")
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -88,7 +87,7 @@ class GroupedExperts(MegatronModule):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.activation, self.gemm = activation, gemm
         self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
-        fc1_out = 2 * hidden_size if activation == "swiglu" else hidden_size
+        fc1_out = 2 * hidden_size if activation == ExpertActivation.swiglu else hidden_size
         dtype, device = config.params_dtype, param_device(config)
         self.linear_fc1 = _Weight((num_local_experts, input_size, fc1_out), dtype, device)
         self.linear_fc2 = _Weight((num_local_experts, hidden_size, input_size), dtype, device)
@@ -108,7 +107,7 @@ class GroupedExperts(MegatronModule):
         writing its output once, where eager chunk / silu / mul and their autograd run six
         kernels and move 2.25x the bytes of ``h`` [routed rows, 2 * hidden] (BigMac's
         widest tensor: hidden = h, not r*h; docs/benchmarks.md)."""
-        if self.activation == "swiglu":
+        if self.activation == ExpertActivation.swiglu:
             if self.config.bias_activation_fusion and h.numel():  # (no compile for 0 rows)
                 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
                 return bias_swiglu_impl(h, None)
@@ -117,10 +116,10 @@ class GroupedExperts(MegatronModule):
         return F.relu(h)
 
     def use_grouped(self, x: torch.Tensor) -> bool:
-        if self.gemm == "loop":
+        if self.gemm == ExpertGemm.loop:
             return False
         ok = grouped_mm_supported(x, self.linear_fc1.weight, self.linear_fc2.weight)
-        if self.gemm == "grouped" and not ok:
+        if self.gemm == ExpertGemm.grouped and not ok:
             raise RuntimeError(f"torch._grouped_mm does not take {x.dtype} on {x.device} with "
                                f"these shapes; use model.moe.expert_gemm=loop")
         return ok

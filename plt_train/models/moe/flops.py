@@ -21,21 +21,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plt_train.config.schema import ModelConfig
-from plt_train.models.moe.config import expert_width
+from plt_train.config.schema import ExpertActivation, MLPLayer, ModelConfig
 
 
 def expert_matrices(activation: str) -> int:
-    return 3 if activation == "swiglu" else 2
+    return 3 if activation == ExpertActivation.swiglu else 2
 
 
 def moe_mlp_flops_per_token(model: ModelConfig) -> int:
     """Forward matmul FLOPs of one MoE layer for one token (module docstring)."""
-    moe, h = model.moe, model.hidden_size
-    w = expert_width(model)
+    moe, h, w = model.moe, model.hidden_size, model.expert_width
     flops = 2 * h * moe.num_experts  # router
     flops += moe.top_k * expert_matrices(moe.activation) * 2 * h * w
-    if moe.layer == "bigmac":
+    if moe.layer == MLPLayer.bigmac:
         flops += 2 * (2 * h * w)
     flops += 3 * 2 * h * moe.num_shared_experts * w
     return flops
@@ -43,11 +41,10 @@ def moe_mlp_flops_per_token(model: ModelConfig) -> int:
 
 def moe_layer_parameters(model: ModelConfig) -> dict:
     """Parameters of one MoE layer (no norms): total and active per token."""
-    moe, h = model.moe, model.hidden_size
-    w = expert_width(model)
+    moe, h, w = model.moe, model.hidden_size, model.expert_width
     per_expert = expert_matrices(moe.activation) * h * w
     router = moe.num_experts * h
-    proj = 2 * h * w if moe.layer == "bigmac" else 0
+    proj = 2 * h * w if moe.layer == MLPLayer.bigmac else 0
     shared = 3 * h * moe.num_shared_experts * w
     return {"total": router + moe.num_experts * per_expert + proj + shared,
             "active": router + moe.top_k * per_expert + proj + shared,

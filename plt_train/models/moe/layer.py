@@ -23,7 +23,7 @@ sorting by local expert).  We replace only:
   1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
 * optionally, the number format on the wire (``model.moe.wire_format``: bf16, or fp8 dispatch
   as in DeepSeek-V3; ``wire.py``);
-* with ``model.moe.dcca_kernel`` selecting Triton (``kernels/dcca.py``): the
+* with ``model.moe.dcca_kernel`` selecting Triton (``plt_train/kernels/dcca.py``): the
   un-permutation, a gate-weighted gather-sum kernel instead of megatron's scaled copy +
   ``scatter_add``; for BigMac also fused with the ascend projection, and the permutation
   fused with the descend projection.  The dispatcher's metadata (splits, tokens per expert,
@@ -61,18 +61,15 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from plt_train.config.schema import KernelChoice, WireFormat
 from plt_train.models.common.params import param_device
-from plt_train.models.moe.accounting import COUNTER, a2a_step_metrics, counted_all_to_all
-from plt_train.models.moe.wire import WIRE_FORMATS
-
-# Training-mode router calls per layer number since the last read: the denominator of the
-# logged aux losses (a looped model runs each layer R times per micro-batch).
-_ROUTER_CALLS: dict = {}
+from plt_train.models.moe.accounting import A2ACounter, counted_all_to_all
 
 
 def patch_megatron_moe() -> None:
     """Two fixes to megatron-core 0.16.1, applied on CPU and GPU alike (they are bugs in the
-    package, not CPU workarounds):
+    package, not CPU workarounds), once, when this module is imported (below): every MoE
+    layer is built from it.  Idempotent.
 
     * ``moe_utils`` binds ``te_general_gemm`` only when Transformer Engine imports, yet the
       router's GEMM tests ``te_general_gemm is not None``: a NameError without TE.  Binding it
@@ -92,38 +89,7 @@ class _OurMLPFilter(logging.Filter):
         return "Unknown MLP type" not in record.getMessage()
 
 
-def reset_aux_losses() -> None:
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-    clear_aux_losses_tracker()
-    _ROUTER_CALLS.clear()
-
-
-def aux_loss_step_metrics() -> dict:
-    """megatron-core's aux-loss tracker after a training step, reduced over ranks with
-    megatron's own ``reduce_aux_losses_tracker_across_ranks`` (PP sum, TP/CP sum, DP mean),
-    then divided by the router calls of the step: the mean per layer and micro-batch (and per
-    loop of a looped model), before the coefficient, as Megatron-LM logs
-    ``load_balancing_loss``.  A collective: every rank calls it."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import (
-        get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks,
-    )
-
-    tracker = get_moe_layer_wise_logging_tracker()
-    if not tracker:
-        return {}
-    values = next(iter(tracker.values()))["values"]
-    calls = torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
-    for layer, n in _ROUTER_CALLS.items():
-        calls[layer - 1] = n
-    dist.all_reduce(calls, group=ps.get_pipeline_model_parallel_group())
-    reduce_aux_losses_tracker_across_ranks()
-    total = calls.sum().clamp(min=1)
-    out = {name: (entry["values"].float().sum() / total).item()
-           for name, entry in sorted(tracker.items())}
-    reset_aux_losses()
-    return out
+patch_megatron_moe()
 
 
 class Router(TopKRouter):
@@ -139,9 +105,13 @@ class Router(TopKRouter):
     z_loss gradient scaling with TP > 1"); this is that fix, for the two loss types we expose.
     """
 
+    # Training-mode calls since the last reset: the denominator of the logged aux losses (a
+    # looped model runs each layer R times per micro-batch).  metrics.MoEStepMetrics.
+    calls = 0
+
     def forward(self, input, padding_mask=None):
-        if self.training and torch.is_grad_enabled() and self.layer_number is not None:
-            _ROUTER_CALLS[self.layer_number] = _ROUTER_CALLS.get(self.layer_number, 0) + 1
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
         return super().forward(input, padding_mask=padding_mask)
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
@@ -174,9 +144,10 @@ class Router(TopKRouter):
 class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher with counted all-to-alls and the probabilities applied
     at the source after the combine (see the module docstring), in ``wire_format``
-    (``model.moe.wire_format``, ``wire.py``; set by the layer)."""
+    (``model.moe.wire_format``, ``wire.py``), counted in ``counter``: both set by the layer."""
 
-    wire_format = "native"
+    wire_format = WireFormat.native
+    counter: A2ACounter | None = None
     # (dest, slot_probs) of kernels/dcca.expert_slots while the fused kernels run this forward
     # (set in the layer's preprocess, used by the combine), else None.
     slots = None
@@ -185,12 +156,14 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_ep_alltoall", self.tokens_per_expert)
         tokens = counted_all_to_all(self.ep_group, permuted_tokens, self.output_splits,
-                                    self.input_splits, "dispatch", self.wire_format)
+                                    self.input_splits, "dispatch", self.wire_format,
+                                    self.counter)
         return tokens, None  # the probabilities stay here
 
     def token_combine(self, hidden_states, *_args, **_kwargs):
         return counted_all_to_all(self.ep_group, hidden_states, self.input_splits,
-                                  self.output_splits, "combine", self.wire_format)
+                                  self.output_splits, "combine", self.wire_format,
+                                  self.counter)
 
     # -- permutation 2 (the sort by local expert after the all-to-all) ----------------------
     def sorts_in_place(self) -> bool:
@@ -230,7 +203,7 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         """Un-permute with the gate-weighted sum: ``out[t] = sum_k p[t, e_k] * y[t, e_k]``,
         by the gather-sum kernel when the fused kernels run, else megatron's ``unpermute``."""
         if self.slots is not None:
-            from kernels.dcca import combine
+            from plt_train.kernels.dcca import combine
 
             (dest, slot_probs), self.slots = self.slots, None
             output = combine(permuted_tokens, slot_probs, dest, rows_covered=True)
@@ -241,11 +214,11 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             routing_map=self.routing_map, fused=False, drop_and_pad=self.drop_and_pad)
         return output.view(self.hidden_shape)
 
-    # -- the fused kernels (kernels/dcca.py) -------------------------------------------------
+    # -- the fused kernels (plt_train/kernels/dcca.py) ---------------------------------------
     def remember_slots(self, routing_map, probs) -> None:
         """Each token's rows in the permuted order and their gate probabilities, for the fused
         combine; computed on the device from the routing map (no host sync)."""
-        from kernels.dcca import expert_slots
+        from plt_train.kernels.dcca import expert_slots
 
         self.slots = expert_slots(routing_map, probs, self.config.moe_router_topk)
 
@@ -262,7 +235,7 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         the permutation: the same metadata steps, then ``descend_permute`` writes each latent
         token straight to its rows in expert order.  Returns (permuted latent, None): the
         probabilities stay at the source (``token_dispatch``)."""
-        from kernels.dcca import descend_permute
+        from plt_train.kernels.dcca import descend_permute
 
         self.probs, self.routing_map = probs, routing_map
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
@@ -282,7 +255,7 @@ class AccountedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     def combine_ascend_postprocess(self, permuted_tokens, w_up):
         """``combine_postprocess`` then ``W_up``, fused: gate-weighted gather-sum of each
         token's rows, then the ascend GEMM.  Returns [*, h]."""
-        from kernels.dcca import combine_ascend
+        from plt_train.kernels.dcca import combine_ascend
 
         (dest, slot_probs), self.slots = self.slots, None
         output = combine_ascend(permuted_tokens, slot_probs, dest, w_up, rows_covered=True)
@@ -293,37 +266,33 @@ class FineGrainedMoE(MoELayer):
     """CDAC: DeepSeekMoE-style fine-grained experts ``h -> r*h -> h`` (module docstring).
     ``wire_format`` (``model.moe.wire_format``): the all-to-all's number format, ``wire.py``.
     ``dcca_kernel`` (``model.moe.dcca_kernel``): auto / triton / torch for the fused kernels of
-    ``kernels/dcca.py`` (``uses_fused_kernels``); same outputs and gradients either way."""
+    ``plt_train/kernels/dcca.py`` (``uses_fused_kernels``); same outputs and gradients either
+    way.  ``a2a`` counts this layer's all-to-all bytes and time (``accounting.py``)."""
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None, wire_format: str = "native", dcca_kernel: str = "auto"):
-        patch_megatron_moe()
+                 pg_collection=None, wire_format: str = WireFormat.native,
+                 dcca_kernel: str = KernelChoice.auto):
         if config.expert_tensor_parallel_size != 1:
             raise ValueError("our MoE layers need expert_tensor_parallel_size=1")
-        if wire_format not in WIRE_FORMATS:
-            raise ValueError(f"unknown wire_format {wire_format!r}: {WIRE_FORMATS}")
-        from kernels import KERNEL_CHOICES
-        if dcca_kernel not in KERNEL_CHOICES:
-            raise ValueError(f"unknown dcca_kernel {dcca_kernel!r}: {KERNEL_CHOICES}")
+        wire_format, dcca_kernel = WireFormat(wire_format), KernelChoice(dcca_kernel)
         pg_collection = pg_collection or moe_utils.get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
+        self.a2a = A2ACounter()
         self.token_dispatcher = AccountedAlltoAllDispatcher(
             self.num_local_experts, self.local_expert_indices, config=self.config,
             pg_collection=pg_collection)
         self.token_dispatcher.wire_format = wire_format
+        self.token_dispatcher.counter = self.a2a
         self.dcca_kernel = dcca_kernel
         self.fused_kernels = False  # chosen per forward in preprocess, used by postprocess
-        from plt_train.training.extra_metrics import register_step_metrics
-        register_step_metrics("moe_a2a", reset=COUNTER.reset, collect=a2a_step_metrics)
-        register_step_metrics("moe_aux", reset=reset_aux_losses, collect=aux_loss_step_metrics)
 
     def uses_fused_kernels(self, hidden_states) -> bool:
-        """``model.moe.dcca_kernel`` for this call: the fused ops (kernels/dcca.py) when
+        """``model.moe.dcca_kernel`` for this call: the fused ops (plt_train/kernels/dcca.py) when
         Triton is selected for the device and the dispatcher permutes one row per routed pair;
         otherwise megatron's permute / unpermute.  Checked before anything imports Triton,
         which CPU installs may lack."""
-        from kernels import use_triton, verified
+        from plt_train.kernels import use_triton, verified
 
         device = hidden_states.device
         if not (self.token_dispatcher.permutes_as_slots()
@@ -331,7 +300,7 @@ class FineGrainedMoE(MoELayer):
             return False
         if self.dcca_kernel == "triton":
             return True
-        from kernels import dcca  # auto: once per process, a check against the reference
+        from plt_train.kernels import dcca  # auto: once per process, a check against the reference
         return verified("dcca", device, dcca.self_check)
 
     def preprocess(self, hidden_states, probs, routing_map):
@@ -371,8 +340,8 @@ class BigMacMoE(FineGrainedMoE):
     """
 
     def __init__(self, config, submodules: MoESubmodules, layer_number: Optional[int] = None,
-                 pg_collection=None, latent_size: int = 0, dcca_kernel: str = "auto",
-                 wire_format: str = "native"):
+                 pg_collection=None, latent_size: int = 0,
+                 dcca_kernel: str = KernelChoice.auto, wire_format: str = WireFormat.native):
         super().__init__(config, submodules, layer_number, pg_collection, wire_format,
                          dcca_kernel)
         if latent_size <= 0:
@@ -405,4 +374,5 @@ class BigMacMoE(FineGrainedMoE):
         return output
 
 
-__all__ = ["AccountedAlltoAllDispatcher", "BigMacMoE", "FineGrainedMoE", "patch_megatron_moe"]
+__all__ = ["AccountedAlltoAllDispatcher", "BigMacMoE", "FineGrainedMoE", "Router",
+           "patch_megatron_moe"]

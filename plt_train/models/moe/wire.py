@@ -29,7 +29,8 @@ import math
 
 import torch
 
-WIRE_FORMATS = ("native", "bf16", "fp8")
+from plt_train.config.schema import WireFormat
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 TILE = 128  # channels per fp8 scale, DeepSeek-V3's 1 x 128 activation tiles
@@ -37,10 +38,9 @@ TILE = 128  # channels per fp8 scale, DeepSeek-V3's 1 x 128 activation tiles
 
 def phase_formats(wire_format: str, name: str) -> tuple:
     """(forward, backward) format of the all-to-all ``name`` (``dispatch`` / ``combine``)."""
-    if wire_format not in WIRE_FORMATS:
-        raise ValueError(f"unknown wire format {wire_format!r}: {WIRE_FORMATS}")
-    if wire_format == "fp8":
-        return ("fp8" if name == "dispatch" else "bf16"), "bf16"
+    wire_format = WireFormat(wire_format)  # ValueError on an unknown one
+    if wire_format == WireFormat.fp8:
+        return (WireFormat.fp8 if name == "dispatch" else WireFormat.bf16), WireFormat.bf16
     return wire_format, wire_format
 
 
@@ -55,7 +55,7 @@ def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "bf16":
         return x.to(torch.bfloat16)
     if fmt != "fp8":
-        raise ValueError(f"unknown wire format {fmt!r}: {WIRE_FORMATS}")
+        raise ValueError(f"unknown wire format {fmt!r}: {list(WireFormat)}")
     rows = x.reshape(x.shape[0], math.prod(x.shape[1:])).float()  # no -1: N may be 0
     n, width = rows.shape
     tile = tile_width(width)
@@ -94,4 +94,4 @@ def row_bytes(width: int, fmt: str, native_bytes: int) -> int:
     return width + width // tile_width(width)
 
 
-__all__ = ["WIRE_FORMATS", "decode", "encode", "phase_formats", "row_bytes", "tile_width"]
+__all__ = ["decode", "encode", "phase_formats", "row_bytes", "tile_width"]

@@ -25,27 +25,32 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from kernels import use_triton
-from plt_train.config.schema import LoopConfig
+from plt_train.config.schema import ModelConfig
+from plt_train.kernels import use_triton
 from plt_train.models.plt import ops
 from plt_train.models.plt.gate import GATES
 from plt_train.models.plt.state import LoopState
 
 
 class LoopAttention(SelfAttention):
+    """``model``: the decoder's ``ModelConfig`` (its ``loop`` options are read at every call,
+    so a test or a benchmark may switch ``model.loop.kernel`` on a built model)."""
+
     def __init__(self, config, submodules, layer_number: int,
                  attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
-                 kind: str = "looped", loops: int = 1, loop: LoopConfig | None = None):
+                 model: ModelConfig | None = None):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
         if config.context_parallel_size != 1:
             raise ValueError("looped attention does not support context parallelism")
-        self.kind, self.loops, self.opts = kind, loops, loop or LoopConfig()
-        self.uses_gswa = kind == "plt" and loops > 1
+        if model is None:
+            raise TypeError("LoopAttention needs model= (the ModelConfig; loop_attention_spec)")
+        self.loops, self.opts = model.loops, model.loop
+        self.parallel_loops = model.parallel_loops  # later loops read loop 1's K/V
         self.scale = 1.0 / math.sqrt(self.hidden_size_per_attention_head)
         self.state = LoopState()  # replaced by the model's shared state
-        if self.uses_gswa and self.opts.gswa:
+        if model.uses_gswa:
             self.gswa_gate = GATES[self.opts.gate](
                 config, self.num_attention_heads_per_partition, self.hidden_size_per_attention_head)
 
@@ -69,8 +74,8 @@ class LoopAttention(SelfAttention):
     def _sequence(self, q, k, v, hidden_states):
         st, loop = self.state, self.state.row_loops[0]
         cache, valid = st.cache, st.key_valid
-        if not self.uses_gswa or loop == 0:
-            if self.uses_gswa:
+        if not self.parallel_loops or loop == 0:
+            if self.parallel_loops:
                 self._stash_shared_kv(k, v)
             if cache is not None and cache.has_full(loop):
                 cache.store_full(loop, self.layer_number, k, v)
@@ -82,7 +87,7 @@ class LoopAttention(SelfAttention):
             return ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
         g = self.gswa_gate(q, hidden_states)
         if valid is None and use_triton(self.opts.kernel, q.device):
-            from kernels import gswa  # imports Triton: only where it is selected
+            from plt_train.kernels import gswa  # imports Triton: only where it is selected
 
             if gswa.fused_applies(self.opts.kernel, q, valid):  # one pass, kernels/gswa.py
                 return gswa.gswa_attention(q, k_shared, v_shared, k, v, g, self.scale,
@@ -128,7 +133,7 @@ class LoopAttention(SelfAttention):
         loops = st.row_loops
         n = len(loops)
         B = q.shape[1] // n
-        if not self.uses_gswa:  # looped / vanilla: one loop per pass, its own full cache
+        if not self.parallel_loops:  # looped / vanilla: one loop per pass, its own full cache
             assert n == 1
             cache.append_full(loops[0], lnum, k, v)
             kc, vc, valid = cache.full_view(loops[0], lnum)
@@ -148,11 +153,12 @@ class LoopAttention(SelfAttention):
 
     def _fold_rows_into_heads(self, q, kc, vc, valid, window: dict, cursor: torch.Tensor):
         """All rows of the step against loop 1's cache (and the windows) at once: in one
-        Triton launch (kernels/plt_decode.py) when ``model.loop.kernel`` picks it, else in
+        Triton launch (plt_train/kernels/plt_decode.py) when ``model.loop.kernel`` picks it, else in
         the reference, which folds the rows into extra query heads of their KV group for ONE
-        SDPA call (one query per head keeps the fast single-query decode path, KERNELS.md)."""
+        SDPA call (one query per head keeps the fast single-query decode path,
+        docs/design/kernels.md)."""
         if use_triton(self.opts.kernel, q.device):
-            from kernels import plt_decode  # imports Triton: only where it is selected
+            from plt_train.kernels import plt_decode  # imports Triton: only where it is selected
 
             if plt_decode.kernel_applies(self.opts.kernel, q, kc):
                 return plt_decode.plt_decode_attention(q, kc, vc, valid, self.scale,

@@ -1,7 +1,7 @@
 """G-SWA's per-head gate: ``y = g * y_global + (1 - g) * y_local``, ``g = sigmoid(.)``.
 
-Two variants exist in released PLT code (PAPERS.md section 1); both are zero-initialised, so
-training starts from an even blend:
+Two variants exist in released PLT code (docs/design/architectures.md); both are
+zero-initialised, so training starts from an even blend:
 
 - ``query`` (our default): ``g_h = sigmoid(q_h . w_h + b_h)`` from the post-RoPE query of head
   h.  It costs 2*d FLOPs per head and token and needs no extra input, so it stays on the
@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from plt_train.config.schema import GateInput, ModelConfig
 from plt_train.models.common.params import param_device
 
 
@@ -55,4 +56,13 @@ class InputGate(MegatronModule):
         return torch.sigmoid(logits).unsqueeze(-1)
 
 
-GATES = {"query": QueryGate, "input": InputGate}
+GATES = {GateInput.query: QueryGate, GateInput.input: InputGate}
+
+
+def gate_parameters(model: ModelConfig) -> int:
+    """Parameters of one layer's gate (split by heads over TP ranks), 0 without G-SWA."""
+    if not model.uses_gswa:
+        return 0
+    heads = model.num_attention_heads
+    per_head = model.hidden_size if model.loop.gate == GateInput.input else model.head_dim
+    return per_head * heads + heads  # weights and biases

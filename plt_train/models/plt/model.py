@@ -29,29 +29,31 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import make_viewless_tensor
 
-from plt_train.config.schema import ModelConfig
+from plt_train.config.schema import ModelConfig, ModelName
 from plt_train.models.gpt.specs import decoder_block_spec, local_self_attention_spec
 from plt_train.models.moe import mlp_spec
 from plt_train.models.plt.attention import LoopAttention
 from plt_train.models.plt.ops import shift_one
 from plt_train.models.plt.state import LoopState
 
-KINDS = ("vanilla", "looped", "plt")
+LOOPED = (ModelName.vanilla, ModelName.looped, ModelName.plt)  # the names this model builds
 
 
-def loop_attention_spec(kind: str, model: ModelConfig) -> ModuleSpec:
+def loop_attention_spec(model: ModelConfig) -> ModuleSpec:
     base = local_self_attention_spec()
     return ModuleSpec(module=LoopAttention, submodules=base.submodules, params={
-        "attn_mask_type": AttnMaskType.causal, "kind": kind, "loops": model.loops,
-        "loop": model.loop})
+        "attn_mask_type": AttnMaskType.causal, "model": model})
 
 
 class LoopedGPTModel(GPTModel):
-    def __init__(self, model: ModelConfig, tconfig, vocab_size: int, kind: str):
-        if kind not in KINDS:
-            raise ValueError(f"unknown looped model kind {kind!r}")
+    """``model.name`` vanilla, looped or plt (``model.loops`` passes; vanilla runs once)."""
+
+    def __init__(self, model: ModelConfig, tconfig, vocab_size: int):
+        if model.name not in LOOPED:
+            raise ValueError(f"LoopedGPTModel builds {[str(n) for n in LOOPED]}, not "
+                             f"{model.name!r}")
         spec = decoder_block_spec(tconfig, "local", mlp=mlp_spec(model),
-                                  self_attention=loop_attention_spec(kind, model))
+                                  self_attention=loop_attention_spec(model))
         super().__init__(
             config=tconfig, transformer_layer_spec=spec, vocab_size=vocab_size,
             max_sequence_length=model.seq_length,
@@ -59,10 +61,14 @@ class LoopedGPTModel(GPTModel):
             post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope", rotary_base=int(model.rotary_base))
-        self.kind = kind
-        self.loops = 1 if kind == "vanilla" else model.loops
+        self.kind = model.name
+        self.loops = 1 if model.name == ModelName.vanilla else model.loops
+        self.parallel_loops = model.parallel_loops
         self.opts = model.loop
-        self.loop_state = LoopState()
+        # Under pipeline parallelism each loop is a virtual chunk of its own (pipeline.py),
+        # with its own backward pass.
+        split = ps.get_pipeline_model_parallel_world_size() > 1 and self.loops > 1
+        self.loop_state = LoopState(split_loops=split)
         for layer in self.decoder.layers:
             layer.self_attention.state = self.loop_state
 
@@ -123,7 +129,7 @@ class LoopedGPTModel(GPTModel):
         return self.decoder.final_layernorm(h) if self.opts.norm_between_loops else h
 
     def next_loop_input(self, emb, fed, key_valid=None):
-        if self.kind != "plt":
+        if self.kind != ModelName.plt:
             return fed
         return self.cross_loop_input(emb, self.shift(fed, key_valid))
 

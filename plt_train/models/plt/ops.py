@@ -1,6 +1,6 @@
 """Attention primitives of the looped decoders, in megatron's [seq, batch, heads, dim] layout.
 
-These are the pure-torch references that fused kernels (kernels/) must reproduce.  All of
+These are the pure-torch references that fused kernels (plt_train/kernels/) must reproduce.  All of
 them call ``F.scaled_dot_product_attention`` with ``enable_gqa`` so grouped K/V heads are
 never expanded.
 
@@ -73,7 +73,7 @@ def cached_attention(q, k, v, scale: float, key_valid: torch.Tensor):
 def gswa(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
          key_valid: Optional[torch.Tensor] = None):
     """G-SWA of loops r >= 2: ``gate * causal(q, loop 1's K/V) + (1 - gate) * window(q, own
-    K/V)``, gate [s, b, nq, 1] (or [s, b, nq]).  The reference for kernels/gswa.py."""
+    K/V)``, gate [s, b, nq, 1] (or [s, b, nq]).  The reference for plt_train/kernels/gswa.py."""
     if gate.dim() == q.dim() - 1:
         gate = gate.unsqueeze(-1)
     y_global = causal_attention(q, k_shared, v_shared, scale, key_valid)
@@ -98,8 +98,8 @@ def rows_as_heads_attention(q, k, v, scale: float, key_valid: torch.Tensor):
 
     q [1, n*b, nq, d] (n loop-major groups of b rows), k/v [b, nk, sk, d] -> [1, n*b, nq, d].
     The n rows of a sequence become extra query heads of their KV group: one query per head
-    keeps the fast single-query decode path of SDPA on GPU (KERNELS.md: 9 us for 1 row,
-    29 us for 2-3 rows as extra queries, 9 us folded into heads)."""
+    keeps the fast single-query decode path of SDPA on GPU (docs/design/kernels.md: 9 us for
+    1 row, 29 us for 2-3 rows as extra queries, 9 us folded into heads)."""
     _, rows, nq, d = q.shape
     b, nk = k.shape[:2]
     n = rows // b
@@ -111,7 +111,7 @@ def rows_as_heads_attention(q, k, v, scale: float, key_valid: torch.Tensor):
 def plt_decode_attention(q, k_full, v_full, key_valid, scale: float, k_win=None, v_win=None,
                          win_valid=None, gate=None):
     """PLT's decode-step attention for the rows of all loops: the reference that
-    ``kernels/plt_decode.py`` must reproduce (and the fallback where it does not run).
+    ``plt_train/kernels/plt_decode.py`` must reproduce (and the fallback where it does not run).
 
     q [1, n*b, nq, d]: n loop-major groups of b rows (group 0 = loop 1).  Every row attends
     to loop 1's full cache k_full/v_full [b, nk, S, d] (``key_valid`` [b, S]).  With G-SWA

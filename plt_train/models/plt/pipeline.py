@@ -48,7 +48,7 @@ def loop_pipeline_chunks(chunks: list) -> list:
     core = getattr(wrapped, "module", wrapped)
     if ps.get_pipeline_model_parallel_world_size() == 1 or core.loops == 1:
         return chunks
+    assert core.loop_state.split_loops  # set by the model for PP > 1 (attention.py reads it)
     config = copy.copy(core.config)
     config.virtual_pipeline_model_parallel_size = core.loops
-    core.loop_state.split_loops = True
     return [LoopChunk(wrapped, r, config) for r in range(core.loops)]

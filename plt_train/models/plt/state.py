@@ -27,6 +27,7 @@ class LoopState:
     decoding: bool = False  # one new position per sequence against the cache
     # Pipeline parallel: each loop is its own virtual chunk with its own backward pass
     # (pipeline.py), so gradients into loop 1's K/V are handed over by a hook (attention.py).
+    # Set by the model when it is built with PP > 1 and R > 1.
     split_loops: bool = False
 
     def begin(self, loop: int = 0, *, key_valid=None, cache=None, decoding=False) -> None:

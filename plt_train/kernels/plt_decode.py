@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreting, max_rel_err, self_check_precision, use_triton, verified
+from plt_train.kernels import interpreting, max_rel_err, self_check_precision, use_triton, verified
 
 # Finite "minus infinity" for running maxima: exp2(NEG - NEG) = 1, never NaN.  A constexpr:
 # compiled Triton reads no other globals.

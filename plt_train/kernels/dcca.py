@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import (gpu_tiles, interpreting, max_rel_err, self_check_precision,
+from plt_train.kernels import (gpu_tiles, interpreting, max_rel_err, self_check_precision,
                      triton_unusable_reason)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

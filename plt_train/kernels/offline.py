@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import kernels
+from plt_train import kernels
 
 # H100 / H200 (sm_90): per SM 64K 32-bit registers, 2048 threads, 228 KB shared memory of
 # which one block may use 227 KB; registers go to warps in units of 256 (8 per thread).

@@ -5,9 +5,10 @@ Used by ``plt_train.dryrun`` so a cluster-sized config (say 1024 GPUs) can be ch
 laptop.  The memory figures are an estimate for planning, not a measurement:
 
 * weights: parameters of the most loaded stage (the first or last, which also hold the
-  embedding / LM head) in the training dtype.  Attention, dense MLPs, G-SWA gates and shared
-  experts are split by TP; norms, routers and BigMac's projections are replicated; each
-  expert-parallel rank holds ``num_experts / EP`` whole experts (expert TP is 1);
+  embedding / LM head) in the training dtype, from the model family's count of a layer
+  (``ModelFamily.layer_parameters``: attention, dense MLPs, G-SWA gates and shared experts
+  split by TP; norms, routers and BigMac's projections replicated; each expert-parallel rank
+  holding ``num_experts / EP`` whole experts);
 * gradients: fp32 ``main_grad`` buffers (megatron DDP with ``grad_reduce_in_fp32``);
 * optimizer: Adam's two fp32 moments, plus fp32 master weights when training in bf16; divided
   by the data-parallel size with the distributed optimizer;
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plt_train.config.megatron import ffn_size, padded_vocab_size
-from plt_train.config.schema import RunConfig
-from plt_train.config.validate import ConfigError, derived_data_parallel, validate
+from plt_train.config import RunConfig, derived_data_parallel
+from plt_train.config.schema import MLPLayer
+from plt_train.models import get_family, validate
 
 GiB = 1024**3
 
@@ -51,42 +52,20 @@ class RankPlan:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
 
 
-def _layer_params(cfg: RunConfig, tp: int = 1, ep: int = 1) -> int:
-    """Parameters of one decoder layer held by one rank of a TP x EP layout (1, 1: all)."""
-    from plt_train.models.moe.flops import moe_layer_parameters
-
-    m, h = cfg.model, cfg.model.hidden_size
-    heads = m.num_attention_heads
-    d = h // heads
-    groups = m.num_query_groups or heads
-    split = h * d * (heads + 2 * groups) + heads * d * h  # QKV and output projections
-    if m.name == "plt" and m.loops > 1 and m.loop.gswa:  # G-SWA's gate (models/plt/gate.py)
-        split += (h if m.loop.gate == "input" else d) * heads + heads
-    whole = 2 * h  # the two norms
-    if m.moe.layer == "dense":
-        return (split + 3 * h * ffn_size(m)) // tp + whole
-    moe = moe_layer_parameters(m)
-    experts = m.moe.num_experts * moe["per_expert"]
-    whole += moe["total"] - experts - moe["shared"]  # router, BigMac's descend and ascend
-    return (split + moe["shared"]) // tp + whole + experts // ep
-
-
 def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> RankPlan:
     """Validate ``cfg`` for ``world_size`` ranks (raises ConfigError) and size one rank."""
     validate(cfg, world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = derived_data_parallel(cfg, world_size)
-    try:
-        vocab = padded_vocab_size(vocab_size, m)
-    except ValueError as err:  # model.vocab_size below the tokenizer's
-        raise ConfigError("model.vocab_size", str(err), "raise it, or null") from None
+    vocab = m.padded_vocab_size(vocab_size)  # ConfigError when model.vocab_size is too small
+    layer_parameters = get_family(m.name).layer_parameters
     layers = m.num_layers // p.pipeline
     embed = vocab * m.hidden_size
     heads = (1 if m.tie_embeddings else 2) * embed
-    total = m.num_layers * _layer_params(cfg) + heads + m.hidden_size
+    total = m.num_layers * layer_parameters(m, 1, 1) + heads + m.hidden_size
     # Most loaded stage: with one stage it holds both ends; else the first/last holds one end.
     ends = heads if p.pipeline == 1 else embed
-    per_rank = layers * _layer_params(cfg, p.tensor, p.expert) + ends // p.tensor + m.hidden_size
+    per_rank = layers * layer_parameters(m, p.tensor, p.expert) + ends // p.tensor + m.hidden_size
     weight_bytes = 2 if bf16 else 4
     optimizer_bytes = (8 + (4 if bf16 else 0)) * per_rank
     if p.use_distributed_optimizer:
@@ -99,7 +78,7 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
     return RankPlan(
         world=world_size, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, dp=dp,
         layers_per_stage=layers, micro_batches=micro_batches,
-        experts_per_rank=None if m.moe.layer == "dense" else m.moe.num_experts // p.expert,
+        experts_per_rank=None if m.moe.layer == MLPLayer.dense else m.moe.num_experts // p.expert,
         total_params=total, params_per_rank=per_rank,
         weights_gib=per_rank * weight_bytes / GiB, grads_gib=per_rank * 4 / GiB,
         optimizer_gib=optimizer_bytes / GiB,

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import gpu_tiles, max_rel_err, self_check_precision, use_triton, verified
+from plt_train.kernels import gpu_tiles, max_rel_err, self_check_precision, use_triton, verified
 
 LOG2E = 1.4426950408889634
 
@@ -391,7 +391,7 @@ def _gswa_bwd_window(Q, K, V, DY, G, LSE, DELTA, DQ, DK, DV,
     key block j over those heads (the dK/dV kernel's).  The two phases touch the same rows of
     q, dy, K and V, so the second reads them from cache rather than memory, and neither
     phase keeps the other's accumulators live (sharing the diagonal block's P and dS
-    between them did: 248 bytes of spills per thread for sm_90, kernels/offline.py,
+    between them did: 248 bytes of spills per thread for sm_90, plt_train/kernels/offline.py,
     2026-11-27).  ACC_DQ: DQ holds SDPA's dQ, and this adds to it."""
     pid_n, pid_bk = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bk // HK, pid_bk % HK

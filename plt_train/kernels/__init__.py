@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
+from plt_train.config.schema import KernelChoice
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,25 +62,24 @@ def triton_unusable_reason(device) -> str | None:
 
 def use_triton(choice: str, device) -> bool:
     """The run-time switch every kernel call site uses (see the module docstring)."""
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel choice {choice!r}: {KERNEL_CHOICES}")
-    if choice == "torch":
+    choice = KernelChoice(choice)  # ValueError on an unknown one
+    if choice == KernelChoice.torch:
         return False
     why = triton_unusable_reason(device)
-    if choice == "triton":
+    if choice == KernelChoice.triton:
         if why:
             raise RuntimeError(f"kernel=triton but {why}")
         return True
     return why is None and getattr(device, "type", str(device)).startswith("cuda")
 
 
-# Set by kernels.offline.compiling_for_hopper while CPU tensors stand in for CUDA ones.
+# Set by offline.compiling_for_hopper while CPU tensors stand in for CUDA ones.
 _COMPILE_TARGET: str | None = None
 
 
 def gpu_tiles(t: torch.Tensor) -> bool:
     """Whether a launch on ``t`` takes the GPU tile sizes: on CUDA, or compiled for a GPU from
-    CPU tensors (kernels/offline.py); else the interpreter's small tiles."""
+    CPU tensors (plt_train/kernels/offline.py); else the interpreter's small tiles."""
     return t.is_cuda or _COMPILE_TARGET is not None
 
 

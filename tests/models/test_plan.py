@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from plt_train.config.plan import plan
-from tests.config.test_validate import compose_run
-from tests.conftest import REPO
+from plt_train.models.plan import plan
+from tests.helpers import REPO, compose_run
 
 BIG = ["model=1b", "moe=dense", "parallel=data", "parallel.tensor=8", "parallel.pipeline=4", "train.global_batch_size=1024",
        "train.micro_batch_size=2"]

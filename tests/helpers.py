@@ -1,0 +1,73 @@
+"""Shared test helpers: launching ``plt_train.train`` under torchrun, reading its metrics,
+composing configs.  (Fixtures live in ``conftest.py``; plain functions live here, imported
+by name, so a test never imports another test module or ``conftest``.)"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# Small, fast runs: the debug model, no wandb, no validation unless asked.
+DEBUG_ARGS = ["experiment=debug", "logging.wandb=false", "train.eval_interval=0",
+              "checkpoint.save_at_end=false", "checkpoint.save_interval=0"]
+
+# One change to the dense GPT baseline (the default config is the EP=2 flagship).
+DENSE_BASELINE = ["model=small", "moe=dense", "parallel=data"]
+
+
+def compose_run(overrides: list[str]):
+    """The ``RunConfig`` ``plt_train.train`` would run with these Hydra overrides."""
+    from plt_train.config.store import compose_config
+
+    return compose_config(overrides)
+
+
+def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None = None,
+              timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", "-m", "plt_train.train",
+                      f"run_dir={run_dir}"] + list(args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = run_process_group(cmd, full_env, timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_process_group(cmd: list[str], env: dict, timeout: int,
+                      cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, output through files (a stray child holding a pipe
+    cannot block us), and kill whatever is left of the session afterwards."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Last logged train loss per step (a resumed run re-logs the steps it repeats)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
