@@ -1,7 +1,8 @@
 # Two commands for a fresh machine:
 #   make train   set up, then pretrain the default model on the embedded corpus (2 processes)
 #   make test    set up, then run the whole test suite (CI)
-#   make test-unit   the unit tests alone (no torchrun, Slurm or benchmark runs): a few minutes
+#   make test-unit   the unit tests alone (no torchrun, Slurm, emulated cluster or benchmark
+#                    runs): a few minutes
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -28,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not distributed and not slurm and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not distributed and not slurm and not cluster and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -9,6 +9,15 @@
 #   NPROC_PER_NODE  processes per node (default: number of GPUs, else 2 on CPU)
 #   NNODES          nodes (default 1: --standalone, no rendezvous server needed)
 #   MASTER_ADDR / MASTER_PORT   c10d rendezvous endpoint for multi-node (default port 29500)
+#   NODE_RANK       this node's index (0..NNODES-1); node 0 hosts the rendezvous store
+#                   (torchrun --rdzv-conf is_host=1, the others is_host=0).  Without it torchrun
+#                   guesses by comparing MASTER_ADDR with this host's names and addresses.
+#   LOCAL_ADDR      this node's address on the interconnect (torchrun --local-addr).  torchrun
+#                   hands its workers the node's host NAME otherwise; where that name does not
+#                   resolve to the interconnect (a management hostname; "localhost" in a network
+#                   namespace) workers of other nodes cannot connect.  Setting LOCAL_ADDR also
+#                   sets GLOO_SOCKET_IFNAME to its interface when that is unset, so CPU (gloo)
+#                   traffic takes the same network.
 #   RDZV_ID         rendezvous id shared by all nodes (default: plt-<MASTER_ADDR>-<PORT>)
 #   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
 # The backend (NCCL with GPUs, gloo without) is chosen by plt_train at start-up.
@@ -40,7 +49,18 @@ if [ "$NNODES" = 1 ]; then
 fi
 : "${MASTER_ADDR:?set MASTER_ADDR (the first node) for a multi-node run}"
 MASTER_PORT=${MASTER_PORT:-29500}
+node_args=()
+if [ -n "${NODE_RANK:-}" ]; then
+  node_args+=(--rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)")
+fi
+if [ -n "${LOCAL_ADDR:-}" ]; then
+  node_args+=(--local-addr "$LOCAL_ADDR")
+  if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && command -v ip >/dev/null; then
+    iface=$(ip -o addr show to "$LOCAL_ADDR" | awk '{print $2; exit}')
+    [ -n "$iface" ] && [ "$iface" != lo ] && export GLOO_SOCKET_IFNAME=$iface
+  fi
+fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
      --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
-     --rdzv-id "${RDZV_ID:-plt-$MASTER_ADDR-$MASTER_PORT}" \
+     --rdzv-id "${RDZV_ID:-plt-$MASTER_ADDR-$MASTER_PORT}" "${node_args[@]}" \
      -m plt_train.train "$@"

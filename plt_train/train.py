@@ -114,6 +114,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             loss = broadcast_from_last_rank(out["loss"])
             elapsed = time.perf_counter() - start
             last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                    "step_ms": 1e3 * elapsed,  # this step's wall time (Megatron's ms/iteration)
                     **meter.update(state.step, tokens_per_step,
                                    model.flops.training * t.global_batch_size, elapsed),
                     **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)

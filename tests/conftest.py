@@ -37,6 +37,7 @@ def one_rank():
 _MARKERS_BY_PATH = {
     "distributed/": "distributed",  # torchrun launches: parity, resume, sweeps
     "slurm/": "slurm",  # a real two-node Slurm cluster on this machine
+    "cluster/": "cluster",  # network namespaces joined by shaped links, on this machine
     "gpu/": "gpu",  # skipped without CUDA
     "scripts/": "slow",  # the benchmark scripts, end to end
     "test_main_job.py": "distributed",

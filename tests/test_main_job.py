@@ -41,7 +41,7 @@ def test_make_train_default_run(tmp_path, data_cache):
     assert [r["step"] for r in valid] == [50, 100, 150, 200]
     assert valid[-1]["loss"] < entropy - CLEAR_MARGIN_NATS, (valid[-1]["loss"], entropy)
     assert valid[-1]["loss"] < valid[0]["loss"]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eta_s"} <= set(train[-1])
+    assert {"loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu", "eta_s"} <= set(train[-1])
     assert 0 < train[-1]["mfu"] < 1
     print(f"\nmain job: {wall:.0f}s, final val loss {valid[-1]['loss']:.3f} "
           f"vs unigram entropy {entropy:.3f}, {train[-1]['tokens_per_s']:.0f} tok/s")

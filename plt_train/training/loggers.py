@@ -2,8 +2,9 @@
 
 Every sink takes ``enabled``: the caller passes True on the logging rank only, so the training
 loop can call ``log`` on every rank without ``if rank == 0`` around it.  Metric keys the
-console knows how to print: ``loss``, ``lr``, ``grad_norm`` and the ``ThroughputMeter`` keys
-(``tokens_per_s``, ``tflops_per_device``, ``mfu``, ``eta_s``); anything else is appended.
+console knows how to print: ``loss``, ``lr``, ``grad_norm``, ``step_ms`` and the
+``ThroughputMeter`` keys (``tokens_per_s``, ``tflops_per_device``, ``mfu``, ``eta_s``);
+anything else is appended.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ _CONSOLE_FIELDS = (
     ("loss", "loss", lambda v: f"{v:.4f}"),
     ("lr", "lr", lambda v: f"{v:.2e}"),
     ("grad_norm", "grad_norm", lambda v: f"{v:.3f}"),
+    ("step_ms", "ms/step", lambda v: f"{v:,.0f}"),
     ("tokens_per_s", "tok/s", lambda v: f"{v:,.0f}"),
     ("tflops_per_device", "TFLOP/s", lambda v: f"{v:.3g}"),  # CPU runs are ~0.1
     ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
