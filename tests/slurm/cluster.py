@@ -66,6 +66,10 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT", "NODE_RANK", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME")
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -84,7 +88,11 @@ class SlurmCluster:
         self.procs: list[subprocess.Popen] = []
         self._stepds_before: set[int] = set()
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # A login shell's environment: not the launch variables that in-process tests leave in
+        # pytest's (init_distributed sets MASTER_PORT to ITS store's port; sbatch exports the
+        # environment, and node 0 would then be told to host a store on a port in use).
+        self.env = {**{k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES},
+                    "SLURM_CONF": str(self.conf)}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "SlurmCluster":
