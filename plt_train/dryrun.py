@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", action="store_true", help="size for fp32 instead of bf16")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for plt_train.train")
     args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    if args.vocab_size < 1:
+        parser.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
     from plt_train.runtime.quiet import quiet_start
 
     quiet_start()

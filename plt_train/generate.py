@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 
+class GenerateError(ValueError):
+    """A bad argument or run directory; the message is one line for the user."""
+
+
 def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None,
                         cuda_graph: str = "auto", kernel: str | None = None):
     """(Generator, Tokenizer) for a run directory; starts a one-process group if needed.
@@ -32,16 +36,30 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
     from plt_train.models import build_model
     from plt_train.runtime import detect_device, init_distributed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
-    from plt_train.training.checkpoint import latest_checkpoint, load_model_weights
+    from plt_train.training.checkpoint import (
+        latest_checkpoint, load_model_weights, resolve_load,
+    )
 
     run_dir = Path(run_dir)
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved_config = run_dir / ".hydra" / "config.yaml"
+    if not run_dir.is_dir():
+        raise GenerateError(f"run directory {run_dir} does not exist")
+    if not saved_config.is_file():
+        raise GenerateError(f"{run_dir} is not a run directory (no .hydra/config.yaml): give "
+                            "the run_dir a training run wrote")
+    saved = OmegaConf.load(saved_config)
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
+    if cfg.model.name == "gpt":
+        raise GenerateError(f"{run_dir} trained model.name=gpt (megatron's GPTModel), which the "
+                            "KV-cached generator does not decode yet; model.name=vanilla is the "
+                            "same function and generates")
     if kernel is not None:
         cfg.model.loop.kernel = kernel
-    ckpt = checkpoint or latest_checkpoint(cfg.checkpoint.dir or run_dir / "checkpoints")
+    ckpt = resolve_load(checkpoint) if checkpoint else \
+        latest_checkpoint(cfg.checkpoint.dir or run_dir / "checkpoints")
     if not ckpt:
-        raise FileNotFoundError(f"no checkpoint under {run_dir} (train with saving enabled)")
+        raise GenerateError(f"no checkpoint under {run_dir} (the run saved none: "
+                            "checkpoint.save_at_end or checkpoint.save_interval)")
     from megatron.core import parallel_state as ps
 
     device = detect_device()
@@ -72,7 +90,17 @@ def main(argv=None) -> None:
     ap.add_argument("--kernel", default=None, choices=[c.value for c in KernelChoice],
                     help="model.loop.kernel (default: the run's)")
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if any(not p for p in args.prompt):
+        ap.error("--prompt is empty: give at least one character")
+    from plt_train.config import ConfigError
     from plt_train.runtime.quiet import quiet_start
+    from plt_train.training.integrity import CheckpointError
 
     quiet_start()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -80,8 +108,12 @@ def main(argv=None) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    generator, tokenizer = load_for_generation(args.run_dir, args.checkpoint, args.cuda_graph,
-                                               args.kernel)
+    try:
+        generator, tokenizer = load_for_generation(args.run_dir, args.checkpoint,
+                                                   args.cuda_graph, args.kernel)
+    except (GenerateError, ConfigError, CheckpointError) as err:
+        print(f"plt-generate: {err}", file=sys.stderr)
+        sys.exit(2)
     prompts = [tokenizer.tokenize(p) for p in args.prompt]
     start = time.perf_counter()
     out = generator.generate(prompts, args.max_new_tokens, args.temperature, args.top_p,

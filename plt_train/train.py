@@ -27,8 +27,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
     from plt_train.runtime.device import resolve_dtype
     from plt_train.training.checkpoint import (
-        TrainState, load_checkpoint, resume_source, save_checkpoint,
+        checkpoint_dir, latest_checkpoint, prune, resolve_load, resume, save_checkpoint,
     )
+    from plt_train.training.guard import DivergenceGuard, TrainingDiverged, weights_are_finite
+    from plt_train.training.integrity import run_identity
     from plt_train.training.loggers import MetricLoggers
     from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
     from plt_train.training.optim import build_optimizer, build_scheduler
@@ -38,7 +40,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     # 1. Fail fast, before any process group exists.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
-    check_data(cfg.data)
+    check_data(cfg.data, cfg.model.vocab_size)
+    if cfg.checkpoint.load:
+        resolve_load(cfg.checkpoint.load)  # a missing or wrong path: one line, now
     t, p = cfg.train, cfg.parallel
     dp = derived_data_parallel(cfg, world)
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
@@ -58,19 +62,30 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     optimizer = build_optimizer(chunks, cfg.optim, p, dtype)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
 
-    # 4. Resume (model, optimizer, schedule, data position, RNG).
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-    state = TrainState()
-    resume_from = resume_source(cfg.checkpoint, ckpt_dir)
-    if resume_from:
-        state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+    # 4. Resume (model, optimizer, schedule, data position, RNG) from the newest checkpoint
+    # that verifies (checksums, finite weights) and belongs to this model and tokenizer.
+    ckpt_dir = checkpoint_dir(cfg, run_dir)
+    identity = run_identity(cfg.model, prepared.tokenizer)
+    state, resumed_from = resume(cfg.checkpoint, ckpt_dir, chunks, optimizer, scheduler,
+                                 identity, device.device)
+    if state.step >= t.steps:  # a finished run launched again: say so instead of a no-op
+        if is_logging_rank():
+            print(f"[plt_train] {resumed_from} is at step {state.step}, train.steps="
+                  f"{t.steps}: nothing to train (raise train.steps to continue this run, or "
+                  "give a new run another name)", flush=True)
+        return {"step": state.step, "nothing_to_do": True}
 
     # 5. Data iterators at the saved position; validation always reads the same batches.
+    # Every validation reads the same first ``eval_iters`` global batches, so that many samples
+    # are all it needs.  Asking for more (one set per evaluation, as Megatron-LM does, whose
+    # evaluations move on through the split) would make the validation set depend on
+    # train.steps: a split smaller than the request is repeated over epochs, and megatron's
+    # shuffle depends on the number of epochs, so runs of different lengths (equal-time
+    # comparisons) would be scored on different batches.
     seq = cfg.model.seq_length
-    n_evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
     train_ds, valid_ds = build_datasets(
         prepared, seq, cfg.data.split, t.seed,
-        (t.steps * t.global_batch_size, max(n_evals, 1) * t.eval_iters * t.global_batch_size),
+        (t.steps * t.global_batch_size, t.eval_iters * t.global_batch_size),
         os.path.join(run_dir, "data_cache"))
     train_iter = build_data_iterator(train_ds, state.consumed_samples, t.micro_batch_size,
                                      dims.dp_rank, dp, cfg.data.num_workers)
@@ -103,23 +118,32 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     preemption = PreemptionHandler()
     fault = FaultInjector.from_env()
     tokens_per_step = t.global_batch_size * seq
+    guard = DivergenceGuard(t.max_skipped_steps, t.spike_window, t.spike_zscore)
     last = {}
     try:
         while state.step < t.steps:
+            fault.before_step(state.step + 1, dims.rank, chunks)
             start = time.perf_counter()
             out = train_step(model, optimizer, scheduler, train_iter, num_microbatches, seq,
                              t.micro_batch_size, device.device)
             state.step += 1
             state.consumed_samples += t.global_batch_size
-            loss = broadcast_from_last_rank(out["loss"])
+            loss = out["loss"]
             elapsed = time.perf_counter() - start
             last = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
                     "step_ms": 1e3 * elapsed,  # this step's wall time (Megatron's ms/iteration)
                     **meter.update(state.step, tokens_per_step,
                                    model.flops.training * t.global_batch_size, elapsed),
                     **out.get("extra", {})}  # model-provided metrics (MoE aux losses, a2a bytes)
-            if state.step % t.log_interval == 0 or state.step == t.steps:
+            notes = guard.check(state.step, loss, out["grad_norm"], out["skipped"])
+            if guard.skipped_total:
+                last["skipped_steps"] = guard.skipped_total
+            if state.step % t.log_interval == 0 or state.step == t.steps or notes:
                 loggers.log(state.step, last)
+            for note in notes if logging_rank else ():
+                print(f"[plt_train] {note}", flush=True)
+            if guard.diverged:
+                raise guard.error(state.step, latest_checkpoint(ckpt_dir))
             if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
                 last["val_loss"] = validation_loss()
                 loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
@@ -128,8 +152,21 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             interval = cfg.checkpoint.save_interval
             if stop or (interval and state.step % interval == 0) or (
                     state.step == t.steps and cfg.checkpoint.save_at_end):
-                save_checkpoint(ckpt_dir, chunks, optimizer, scheduler, state,
-                                before_commit=lambda _: fault.before_commit(state.step, dims.rank))
+                if not weights_are_finite(chunks, device.device):  # never save a broken model
+                    raise TrainingDiverged(
+                        f"the weights are not finite at step {state.step}: not saved (the last "
+                        f"good checkpoint is {latest_checkpoint(ckpt_dir)})")
+                started = time.perf_counter()
+                saved = save_checkpoint(
+                    ckpt_dir, chunks, optimizer, scheduler, state, identity=identity,
+                    before_commit=lambda _: fault.before_commit(state.step, dims.rank))
+                if logging_rank:  # one rank prunes (after the commit every rank agreed on)
+                    pruned = prune(ckpt_dir, cfg.checkpoint.keep_last, resumed_from) \
+                        if cfg.checkpoint.keep_last else []
+                    size = sum(f.stat().st_size for f in saved.iterdir()) / 2**20
+                    gone = f"; deleted {', '.join(p.name for p in pruned)}" if pruned else ""
+                    print(f"[plt_train] saved {saved.name} ({size:,.1f} MiB) in "
+                          f"{time.perf_counter() - started:.1f} s{gone}", flush=True)
             if stop:
                 if logging_rank:
                     print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
@@ -158,20 +195,64 @@ def _main(hydra_cfg) -> dict | None:
     from plt_train.data import DataError
     from plt_train.runtime import destroy_distributed
     from plt_train.runtime.launch_env import set_torch_env_from_slurm
+    from plt_train.training.checkpoint import checkpoint_dir
+    from plt_train.training.guard import TrainingDiverged
+    from plt_train.training.integrity import CheckpointError, WriterLock
 
     set_torch_env_from_slurm()  # started by srun / submitit rather than torchrun
     cfg: RunConfig = OmegaConf.to_object(hydra_cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    lock = None
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # one run per checkpoint directory
+            lock = WriterLock(checkpoint_dir(cfg, run_dir))
         return run(cfg, run_dir)  # a sweep's launcher collects it (final loss, step, ...)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, TrainingDiverged, CheckpointError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"plt-train: {err}", file=sys.stderr, flush=True)
         else:  # torchrun stops every worker once one exits: let rank 0 say why first
             time.sleep(5)
-        sys.exit(2)
+        # 2: a bad config or dataset, 3: the run diverged, 4: no usable or writable checkpoint
+        sys.exit(3 if isinstance(err, TrainingDiverged) else
+                 4 if isinstance(err, CheckpointError) else 2)
+    except Exception as err:  # anything else: one line here, the whole traceback in a file
+        path = _save_traceback(run_dir, err)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"plt-train: {_one_line(err)}; each failed rank's traceback is in "
+                  f"{path.parent}/error_rank*.log", file=sys.stderr, flush=True)
+        else:
+            time.sleep(5)
+        sys.exit(1)
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message (at file:line in function)``: what and where."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if "plt_train" in f.filename] or frames
+    where = f" (at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name})" \
+        if ours else ""
+    message = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {message}{where}"
+
+
+def _save_traceback(run_dir: str, err: BaseException):
+    """Write this rank's full traceback to ``<run_dir>/error_rank<R>.log``; returns the path."""
+    import traceback
+    from pathlib import Path
+
+    path = Path(run_dir) / f"error_rank{os.environ.get('RANK', '0')}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(err)))
+    except OSError:  # no run directory (a full disk, a read-only path): say so on stderr
+        traceback.print_exception(err)
+    return path
 
 
 def main() -> None:

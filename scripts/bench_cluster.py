@@ -1,6 +1,6 @@
 """BigMac's end-to-end training speed-up over fine-grained MoE, on an emulated multi-node cluster.
 
-    python scripts/bench_cluster.py                           # the full sweep (~30 min, 2 cores)
+    python scripts/bench_cluster.py                           # the full sweep (~1.5 h, 2 cores)
     python scripts/bench_cluster.py --ep 2 --topk 8           # one slice of it
     python scripts/bench_cluster.py --tiny                    # a minute: the CI test's setting
 
@@ -40,6 +40,10 @@ second projection (``T3, rest``) keeps Table 3's all-to-all bytes but takes each
 measured time outside the all-to-all AT the rate (all-reduce included): what remains between it
 and the measurement is the all-to-all itself.  ``link use`` = the measured all-to-all bytes at
 the link rate over the measured all-to-all time (1.0: the link is full the whole time).
+``bytes only`` is the ceiling that the byte ratio alone allows (Amdahl): with fine_grained's
+all-to-all a share s of its step and bigmac sending a fraction b of its bytes, shrinking that
+share by b and nothing else gives 1 / (1 - s + b s): 1.82x at s = 0.6 and b = 1/4, and 2.45x
+(the bottom of the paper's top-8 range) only from s = 0.79 on.
 
 Outputs: a table (printed last), ``--out`` JSON (a list of records: layer, ep, nodes, topk,
 link_mbit (null = unshaped), tokens_per_s, step_ms, a2a_ms, a2a_bytes, a2a_share, device, ...;
@@ -76,6 +80,8 @@ TRAIN = {"train.micro_batch_size": 4, "train.seed": 1234, "optim.lr": 1e-4, "opt
          "checkpoint.save_interval": 0, "checkpoint.save_at_end": False,
          "checkpoint.resume": False, "sample.prompt": None}
 MICRO_BATCHES = 2  # per rank and step: the gradient all-reduce is amortised over two
+# The nodes' largest TCP buffers (MiB; 0 = the kernel's 4 / 6 MiB): see emulated_cluster.
+SOCKET_BUFFER_MIB = 64
 TINY_MODEL = {"model": "debug", "model.num_layers": 2, "model.hidden_size": 64,
               "model.num_attention_heads": 4, "model.num_query_groups": None,
               "model.seq_length": 64, "data.vocab_size": 1024, "model.vocab_size": None}
@@ -99,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timed", type=int, default=3, help="last steps timed (median)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--socket-buffer-mib", type=int, default=SOCKET_BUFFER_MIB,
+                   help="the nodes' largest TCP send/receive buffers (0: the kernel's)")
     p.add_argument("--tiny", action="store_true", help="debug model, EP 2, top-8, one rate")
     p.add_argument("--work-dir", default="outputs/bench_cluster")
     p.add_argument("--out", default="docs/results/bench_cluster.json")
@@ -167,7 +175,8 @@ def run(layer: str, ep: int, topk, rate, args) -> dict:
     start = time.perf_counter()
     with open(run_dir / "nodes.log", "w") as logf:
         codes = run_on_cluster(ep, cmd, LinkShape(rate), timeout=args.timeout, extra_env=env,
-                               log=logf, cwd=str(REPO))
+                               log=logf, cwd=str(REPO),
+                               socket_buffer_mib=args.socket_buffer_mib or None)
     wall = time.perf_counter() - start
     if any(codes):
         raise SystemExit(f"{tag} failed (exit codes {codes}): see {run_dir / 'nodes.log'}")
@@ -184,6 +193,7 @@ def run(layer: str, ep: int, topk, rate, args) -> dict:
            "a2a_share": a2a_ms / step_ms, "losses": [r["loss"] for r in rows
                                                      if r["kind"] == "train"],
            "tokens_per_step": tokens, "wall_s": wall, "device": device_line(),
+           "socket_buffer_mib": args.socket_buffer_mib or None,
            "timed_steps": len(timed), "overrides": overrides(layer, ep, topk, args, run_dir)}
     log(f"{tag}: step {step_ms:,.0f} ms, a2a {a2a_ms:,.0f} ms ({100 * rec['a2a_share']:.0f} %), "
         f"{rec['a2a_bytes'] / 2**20:.1f} MiB/step, {rec['tokens_per_s']:,.0f} tok/s "
@@ -226,6 +236,12 @@ def speedups(records: list[dict], args) -> list[dict]:
                "fine_grained_a2a_share": fg["a2a_share"],
                "measured": fg["step_ms"] / bm["step_ms"],
                "a2a_bytes_ratio": bm["a2a_bytes"] / fg["a2a_bytes"] if fg["a2a_bytes"] else None}
+        if row["a2a_bytes_ratio"]:
+            # Amdahl with bytes alone: if only fine_grained's all-to-all time (a share s of its
+            # step) shrank by the byte ratio and nothing else changed, the speed-up would be
+            # 1 / (1 - s + ratio * s): 1.82x at s = 0.6 for r = 1/4, 2.45x needs s >= 0.79.
+            share, ratio = fg["a2a_share"], row["a2a_bytes_ratio"]
+            row["bytes_only_bound"] = 1 / (1 - share + ratio * share)
         base_fg = by_key.get(("fine_grained", ep, topk, None))
         base_bm = by_key.get(("bigmac", ep, topk, None))
         if base_fg and base_bm and rate is not None:
@@ -317,7 +333,8 @@ def report(records: list[dict], args) -> None:
               f"{r['step_ms']:9,.0f} {r['a2a_ms']:8,.0f} {100 * r['a2a_share']:5.0f}% "
               f"{r['a2a_bytes'] / 2**20:8.1f} {r['tokens_per_s']:7,.0f}")
     print(f"\n{'EP':>2} {'top':>3} {'link':>9} {'fg a2a share':>12} {'speed-up':>8} "
-          f"{'Table 3':>7} {'T3, rest':>9} {'bytes':>6} {'link use':>9} {'dense AR ms':>11}")
+          f"{'bytes only':>10} {'Table 3':>7} {'T3, rest':>9} {'bytes':>6} {'link use':>9} "
+          f"{'dense AR ms':>11}")
     for s in speed:
         link = "unshaped" if s["link_mbit"] is None else f"{s['link_mbit']:g} Mb"
         proj = f"{s['projected_table3']:.2f}x" if "projected_table3" in s else "-"
@@ -327,8 +344,10 @@ def report(records: list[dict], args) -> None:
         ratio = f"{s['a2a_bytes_ratio']:.3f}" if s["a2a_bytes_ratio"] else "-"
         m = s.get("measured_bytes_at_rate_over_a2a_ms")
         use = f"{m['fine_grained']:.2f}/{m['bigmac']:.2f}" if m else "-"
+        bound = f"{s['bytes_only_bound']:.2f}x" if "bytes_only_bound" in s else "-"
         print(f"{s['ep']:>2} {s['topk']:>3} {link:>9} {100 * s['fine_grained_a2a_share']:11.0f}% "
-              f"{s['measured']:7.2f}x {proj:>7} {proj_ar:>9} {ratio:>6} {use:>9} {ar:>11}")
+              f"{s['measured']:7.2f}x {bound:>10} {proj:>7} {proj_ar:>9} {ratio:>6} {use:>9} "
+              f"{ar:>11}")
 
 
 def main(argv=None) -> int:

@@ -71,3 +71,19 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """Last logged train loss per step (a resumed run re-logs the steps it repeats)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def traceback_frames(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip().startswith('File "')]
+
+
+def assert_clean_failure(proc, *words):
+    """Our message is there; no traceback frame from megatron-core or from our own code.
+    (torchrun itself prints a ChildFailedError summary, with its own frames, for any failed
+    worker.)"""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for w in words:
+        assert w in text, text[-3000:]
+    bad = [f for f in traceback_frames(text) if "megatron" in f or "plt_train" in f]
+    assert not bad, bad

@@ -1,22 +1,9 @@
 """The command line fails cleanly: non-zero exit, one readable message, no deep traceback."""
 from __future__ import annotations
 
-from tests.helpers import DEBUG_ARGS, run_train
+from tests.helpers import DEBUG_ARGS, assert_clean_failure, run_train, traceback_frames
 
-
-def traceback_frames(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip().startswith('File "')]
-
-
-def _assert_clean_failure(proc, *words):
-    """Our message is there; no traceback frame from megatron-core or from our own code.
-    (torchrun itself prints a ChildFailedError summary for any failed worker.)"""
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    for w in words:
-        assert w in text, text[-3000:]
-    bad = [f for f in traceback_frames(text) if "megatron" in f or "plt_train" in f]
-    assert not bad, bad
+_assert_clean_failure = assert_clean_failure
 
 
 def test_bad_parallel_config_exits_before_process_groups(tmp_path, data_cache):
@@ -52,3 +39,19 @@ def test_unknown_config_key(tmp_path, data_cache):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "nonexistent" in text
     assert not [f for f in traceback_frames(text) if "megatron" in f]
+
+
+def test_unexpected_error_is_one_line_with_the_traceback_in_the_run_dir(tmp_path, data_cache):
+    """An error no check anticipates (here the data cache path is a file, so building the
+    embedded corpus fails on every rank) ends as one line naming the exception and where it
+    happened, and each rank's full traceback lands in the run directory."""
+    bad = tmp_path / "cache"
+    bad.write_text("a file where the data cache directory should be")
+    proc = run_train(tmp_path / "run", DEBUG_ARGS, nproc=2, check=False,
+                     env={"PLT_TRAIN_CACHE": str(bad)})
+    _assert_clean_failure(proc, "plt-train: ", "error_rank*.log")
+    line = [x for x in proc.stderr.splitlines() if x.startswith("plt-train:")]
+    assert len(line) == 1 and " (at " in line[0], proc.stderr[-3000:]
+    logs = sorted((tmp_path / "run").glob("error_rank*.log"))
+    assert [p.name for p in logs] == ["error_rank0.log", "error_rank1.log"]
+    assert all("Traceback (most recent call last)" in p.read_text() for p in logs)

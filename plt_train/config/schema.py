@@ -428,6 +428,14 @@ class TrainConfig(_Section):
     eval_iters: int = 4
     """Global batches per validation."""
     log_interval: int = 1
+    max_skipped_steps: int = 3
+    """A step with a non-finite loss or gradient makes no update (training/guard.py); after
+    more than this many such steps in a row the run stops with an error.  0: stop at the first."""
+    spike_zscore: float = 6.0
+    """Log a loss more than this many standard deviations above the mean of the last
+    ``spike_window`` steps (OLMo-core's rule; logged only).  0 disables."""
+    spike_window: int = 100
+    """Steps in the rolling window of ``spike_zscore``."""
 
 
 @dataclass
@@ -437,8 +445,11 @@ class CheckpointConfig(_Section):
     dir: Optional[str] = None
     """None: <run_dir>/checkpoints."""
     save_interval: int = 0
-    """0: only at the end and on SIGTERM/SIGUSR1."""
+    """0: only at the end and on SIGTERM/SIGUSR1/SIGINT."""
     save_at_end: bool = True
+    keep_last: Optional[int] = None
+    """Keep only the newest N checkpoints (torchtitan's keep_latest_k); the one this run
+    resumed from is kept too.  None: keep all."""
     resume: bool = True
     """Continue from the latest checkpoint in dir when one exists."""
     load: Optional[str] = None

@@ -56,15 +56,20 @@ def hydra_argv_for_rank(argv: list[str], env=os.environ) -> list[str]:
     """Make every rank agree on one run directory before Hydra parses the command line.
 
     By default each rank would create its own timestamped folder (docs/design/stack.md).  All ranks
-    get ``run_dir`` if given, else ``outputs/<name>/<run id>`` (the torchrun or Slurm job id,
-    identical on every rank), unless the user chose ``hydra.run.dir``; ranks other than 0 write
-    no ``.hydra/`` folder or log.
+    get ``run_dir`` if given, else ``outputs/<name>``, unless the user chose ``hydra.run.dir``;
+    ranks other than 0 write no ``.hydra/`` folder or log.  The folder depends on the name only,
+    as torchtitan's dump folder does, so running the same command again (after a crash, a
+    Ctrl-C, a requeue or a new ``sbatch``) continues from that run's latest checkpoint.  (A run
+    with another model under the same name is refused in one line by the checkpoint's
+    identity check; a second run of the same name at the same time, by the writer lock.)  A
+    sweep (``-m``) gets ``multirun/<name>/<run id>``: the torchrun or Slurm job id, identical
+    on every rank, so two sweeps never share jobs' folders.
     """
     argv = list(argv)
     value = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), None)
     name, run_id = value("name") or "${name}", _run_id(env)
     if value("hydra.run.dir") is None:
-        argv.append(f"hydra.run.dir={value('run_dir') or f'outputs/{name}/{run_id}'}")
+        argv.append(f"hydra.run.dir={value('run_dir') or f'outputs/{name}'}")
     if value("hydra.sweep.dir") is None:  # multirun (-m): one sweep folder for all ranks too
         argv.append(f"hydra.sweep.dir=multirun/{name}/{run_id}")
     if int(env.get("RANK", "0")) != 0:

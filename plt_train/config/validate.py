@@ -17,9 +17,51 @@ def derived_data_parallel(cfg: RunConfig, world_size: int) -> int:
     return world_size // (p.tensor * p.pipeline * p.context)
 
 
+def _at_least(key: str, value, low, fix: str) -> None:
+    if value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}", fix)
+
+
+def _in_unit_interval(key: str, value: float, fix: str) -> None:
+    """``value`` in [0, 1)."""
+    if not 0 <= value < 1:
+        raise ConfigError(key, f"must be in [0, 1), got {value}", fix)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Single values out of range, checked first: later checks divide by some of them."""
+    m, o, t, s = cfg.model, cfg.optim, cfg.train, cfg.sample
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        _at_least(f"model.{name}", getattr(m, name), 1, f"set model.{name}")
+    if m.num_query_groups is not None:
+        _at_least("model.num_query_groups", m.num_query_groups, 1,
+                  "null uses one group per head (plain multi-head attention)")
+    _at_least("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1,
+              "1 keeps the vocabulary as it is")
+    for name in ("attention_dropout", "hidden_dropout"):
+        _in_unit_interval(f"model.{name}", getattr(m, name), "0 disables dropout")
+    if not o.lr > 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {o.lr}", "use e.g. 3e-4")
+    _in_unit_interval("optim.beta1", o.beta1, "AdamW's usual value is 0.9")
+    _in_unit_interval("optim.beta2", o.beta2, "AdamW's usual values are 0.95-0.999")
+    if not o.eps > 0:
+        raise ConfigError("optim.eps", f"must be > 0, got {o.eps}", "use e.g. 1e-8")
+    _at_least("optim.clip_grad", o.clip_grad, 0, "0 disables clipping")
+    _at_least("train.seed", t.seed, 0, "use a non-negative integer")
+    _at_least("data.num_workers", cfg.data.num_workers, 0, "0 loads in the training process")
+    if s.prompt is not None:
+        _at_least("sample.max_new_tokens", s.max_new_tokens, 1,
+                  "generate at least one token, or sample.prompt=null for no sample")
+        _at_least("sample.temperature", s.temperature, 0, "0 is greedy")
+        if not 0 < s.top_p <= 1:
+            raise ConfigError("sample.top_p", f"must be in (0, 1], got {s.top_p}",
+                              "1 samples from the whole distribution")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Raise ConfigError for the first problem found."""
     check_choices(cfg)
+    _check_ranges(cfg)
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     for name in ("tensor", "pipeline", "context", "expert"):
         if getattr(p, name) < 1:
@@ -106,6 +148,15 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                           "1 logs every step")
     if t.eval_interval < 0:
         raise ConfigError("train.eval_interval", "must be >= 0", "0 disables validation")
+    if t.max_skipped_steps < 0:
+        raise ConfigError("train.max_skipped_steps", f"must be >= 0, got {t.max_skipped_steps}",
+                          "0 stops at the first non-finite step")
+    if t.spike_zscore < 0:
+        raise ConfigError("train.spike_zscore", f"must be >= 0, got {t.spike_zscore}",
+                          "0 disables the loss-spike report")
+    if t.spike_zscore > 0 and t.spike_window < 2:
+        raise ConfigError("train.spike_window", f"must be >= 2, got {t.spike_window}",
+                          "e.g. 100 steps")
     if t.eval_interval > 0 and t.eval_iters < 1:
         raise ConfigError("train.eval_iters", "must be >= 1 when eval_interval > 0",
                           "set train.eval_iters or train.eval_interval=0")
@@ -134,6 +185,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                           "use e.g. 0.1, or 0 for none")
     if cfg.checkpoint.save_interval < 0:
         raise ConfigError("checkpoint.save_interval", "must be >= 0", "0 disables periodic saves")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}",
+                          "null keeps every checkpoint")
 
 
 def split_weights(split: str) -> list[float]:

@@ -165,16 +165,52 @@ def _checked_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
             f"data.prefix={prefix} stores {info.dtype.name} tokens but tokenizer {path} has "
             f"{tok.vocab_size} ids: the data was not made with this tokenizer."
         )
+    top = max_token_id(prefix, info.dtype, cache_root(cfg))
+    if top >= tok.vocab_size:
+        raise DataError(
+            f"data.prefix={prefix} holds token id {top}, beyond tokenizer {path}'s "
+            f"{tok.vocab_size} ids: the data was not made with this tokenizer."
+        )
     return tok
 
 
-def check_data(cfg: DataConfig) -> None:
-    """Validate ``cfg`` cheaply (file reads only); raise DataError with a fix on problems.
+def max_token_id(prefix: str, dtype: np.dtype, cache: Path) -> int:
+    """The largest token id in ``<prefix>.bin``: one pass over the memory-mapped file in
+    chunks, then remembered in ``cache`` (keyed by path, size and modification time), so a
+    multi-GB dataset is scanned once, not at every launch."""
+    bin_path = Path(f"{prefix}.bin").resolve()
+    stat = bin_path.stat()
+    key = hashlib.sha1(f"{bin_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = cache / "max_token_id" / f"{key}.json"
+    try:
+        return int(json.loads(memo.read_text())["max"])
+    except (OSError, ValueError, KeyError):
+        pass
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    top, chunk = -1, 1 << 26
+    for start in range(0, len(tokens), chunk):
+        top = max(top, int(tokens[start:start + chunk].max()))
+    del tokens
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"bin": str(bin_path), "max": top}))
+    except OSError:
+        pass  # a read-only cache: scan again next time
+    return top
+
+
+def check_data(cfg: DataConfig, model_vocab_size: Optional[int] = None) -> None:
+    """Validate ``cfg`` cheaply (file reads, and one cached scan of the token ids); raise
+    DataError (or ConfigError for ``model.vocab_size``) with a fix on problems.
 
     ``prefix=None`` selects the embedded corpus, which is built on demand and always passes
     (a given ``tokenizer`` must still exist and load).
     """
-    _checked_tokenizer(cfg)
+    tok = _checked_tokenizer(cfg)
+    if tok is not None and model_vocab_size is not None and model_vocab_size < tok.vocab_size:
+        raise ConfigError("model.vocab_size", f"{model_vocab_size} is smaller than the "
+                          f"tokenizer's {tok.vocab_size} ids", "raise it, or null for the "
+                          "tokenizer's vocabulary")
 
 
 # --------------------------------------------------------------------------- preparation

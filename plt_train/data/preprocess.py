@@ -52,15 +52,27 @@ def _check_inputs(inputs: Sequence[str]) -> None:
             )
 
 
+def _decode(raw: bytes, path: str, lineno: Optional[int] = None) -> str:
+    """UTF-8 text, or a ValueError naming the file and line.  ``lineno``: ``raw`` is that
+    line of a .jsonl (None: ``raw`` is a whole .txt file)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno if lineno is not None else 1 + raw.count(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 ({e.reason}, byte 0x{raw[e.start]:02x}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def iter_texts(inputs: Sequence[str], json_key: str = "text") -> Iterator[str]:
     """Yield document texts from .txt and .jsonl files, in the given order."""
     _check_inputs(inputs)
     for p in inputs:
         if p.endswith(TEXT_SUFFIXES):
-            yield Path(p).read_text(encoding="utf-8")
+            yield _decode(Path(p).read_bytes(), p)
             continue
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, p, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -177,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.vocab_size is not None and not args.train_tokenizer:
         parser.error("--vocab-size only applies with --train-tokenizer")
+    outputs = [f"{args.output_prefix}{suffix}" for suffix in
+               (".bin", ".idx", ".tokenizer.json" if args.train_tokenizer else ".bin")]
+    existed = {o for o in outputs if os.path.exists(o)}
     try:
         _check_inputs(args.input)
         if args.train_tokenizer:
@@ -195,7 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stats = preprocess(
             args.input, tokenizer, args.output_prefix, args.json_key, append_eod=not args.no_eod
         )
-    except (OSError, ValueError) as e:  # includes UnicodeDecodeError
+    except (OSError, ValueError) as e:
+        for o in set(outputs) - existed:  # a failed run leaves nothing half-made behind
+            if os.path.exists(o):
+                os.remove(o)
         raise SystemExit(f"plt-preprocess: error: {e}") from None
     print(
         f"plt-preprocess: {stats.documents} documents, {stats.tokens} tokens ({stats.dtype}) in "

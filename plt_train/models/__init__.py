@@ -8,9 +8,11 @@ from typing import Callable
 
 import torch
 
-from plt_train.config import ModelConfig, ParallelConfig, RunConfig, derived_data_parallel
+from plt_train.config import (
+    ConfigError, ModelConfig, ParallelConfig, RunConfig, derived_data_parallel,
+)
 from plt_train.config import validate as validate_config
-from plt_train.config.schema import Backend, ModelName
+from plt_train.config.schema import Backend, ModelName, Precision
 from plt_train.models.family import ModelFamily, StepMetrics, TrainingModel
 
 
@@ -52,6 +54,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     from plt_train.models.moe.checks import validate_moe
 
     validate_config(cfg, world_size)
+    if cfg.train.precision == Precision.bf16 and not torch.cuda.is_available():
+        raise ConfigError("train.precision", "bf16 needs CUDA (megatron-core's bf16 optimizer "
+                          "wraps CUDA tensors only)", "use fp32, or auto (bf16 on CUDA, fp32 "
+                          "on CPU)")
     get_family(cfg.model.name).validate(cfg, derived_data_parallel(cfg, world_size))
     if cfg.model.backend == Backend.te:
         check_transformer_engine("model.backend", "local")

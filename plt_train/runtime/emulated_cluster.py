@@ -25,6 +25,9 @@ veth (tens of microseconds), a lower latency than any real fabric.  The frames a
 jumbo frames by default (``mtu``), as on cluster fabrics: fewer packets per byte keep the CPU
 cost of the emulation itself small next to the training it shares the cores with.
 
+Each node's TCP is set up for a fabric-like transport (``_tcp_like_a_fabric``): reno instead of
+the host's BBR, no slow start after idle, and socket buffers of up to ``socket_buffer_mib``.
+
 Needs root, ``ip`` and ``tc`` (iproute2).  ``unavailable_reason()`` says why a cluster cannot be
 made here (tests skip with it).  Tear-down (``close``, the context manager's exit, or the CLI on
 any exit, also on failure or Ctrl-C) kills what it started and deletes every namespace it made.
@@ -98,6 +101,9 @@ class EmulatedCluster:
     nodes: int
     shape: LinkShape = field(default_factory=LinkShape)
     mtu: int = 9000
+    # The largest TCP send/receive buffer the kernel may autotune to (``tcp_wmem``/``tcp_rmem``
+    # max), in MiB; None keeps the kernel's (4 and 6 MiB).  See ``_tcp_like_a_fabric``.
+    socket_buffer_mib: Optional[int] = 64
     tag: str = ""  # part of the namespace names; default: a counter per process
     _made: List[str] = field(default_factory=list, init=False, repr=False)
     _procs: List[subprocess.Popen] = field(default_factory=list, init=False, repr=False)
@@ -145,7 +151,7 @@ class EmulatedCluster:
             _ip("netns", "add", ns)
             self._made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-            self._tcp_like_a_fabric(ns)
+            self._tcp_like_a_fabric(ns, self.socket_buffer_mib)
             _ip("-n", sw, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
                 "peer", "name", NODE_IFACE, "netns", ns)
             _ip("-n", sw, "link", "set", port, "master", "br0", "up")
@@ -157,7 +163,7 @@ class EmulatedCluster:
                 self._tc(sw, port, tbf)
 
     @staticmethod
-    def _tcp_like_a_fabric(ns: str) -> None:
+    def _tcp_like_a_fabric(ns: str, socket_buffer_mib: Optional[int]) -> None:
         """TCP settings of each node, closer to a fabric's transport (RDMA has neither):
 
         * ``tcp_congestion_control=reno``: the host default here is BBR, which, when both
@@ -166,9 +172,18 @@ class EmulatedCluster:
           messages of 2 MiB and more (measured at 180 Mbit/s: 8 MiB each way took 650 ms
           against 373 ms ideal; with reno 379 ms);
         * ``tcp_slow_start_after_idle=0``: keep the congestion window across the idle gaps
-          between collectives instead of restarting from slow start at every message."""
-        for setting in ("net.ipv4.tcp_congestion_control=reno",
-                        "net.ipv4.tcp_slow_start_after_idle=0"):
+          between collectives instead of restarting from slow start at every message;
+        * ``tcp_wmem`` / ``tcp_rmem`` max = ``socket_buffer_mib``: with the kernel's 4 / 6 MiB
+          a message of a few MiB sent each way at once over gloo's one socket per peer often
+          took twice the ideal time (the two directions took turns); buffers that hold the
+          whole message let both directions run at once (docs/design/stack.md)."""
+        settings = ["net.ipv4.tcp_congestion_control=reno",
+                    "net.ipv4.tcp_slow_start_after_idle=0"]
+        if socket_buffer_mib is not None:
+            top = int(socket_buffer_mib) << 20
+            settings += [f"net.ipv4.tcp_wmem=4096 16384 {top}",
+                         f"net.ipv4.tcp_rmem=4096 131072 {top}"]
+        for setting in settings:
             proc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", setting],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
@@ -320,13 +335,14 @@ def remove_stale() -> List[str]:
 def run_on_cluster(nodes: int, argv: Sequence[str], shape: LinkShape, mtu: int = 9000,
                    master_port: int = 29500, timeout: Optional[float] = None,
                    extra_env: Optional[Dict[str, str]] = None, log=None,
-                   cwd: Optional[str] = None) -> List[int]:
+                   cwd: Optional[str] = None,
+                   socket_buffer_mib: Optional[int] = 64) -> List[int]:
     """Run ``argv`` on every node of a fresh cluster, wait for all, tear down; return the exit
     codes by node (-9: killed at ``timeout``).  ``log``: an open file for every node's output
     (default: ours).  When one node fails, the others are given 60 s, then killed (a
     distributed job whose peer died would otherwise wait for its collective timeout)."""
     codes: List[Optional[int]] = [None] * nodes
-    with EmulatedCluster(nodes, shape, mtu=mtu) as cluster:
+    with EmulatedCluster(nodes, shape, mtu=mtu, socket_buffer_mib=socket_buffer_mib) as cluster:
         procs = [cluster.popen(i, list(argv), env={**os.environ, **(extra_env or {}),
                                                     **cluster.node_env(i, master_port)},
                                stdout=log, stderr=subprocess.STDOUT if log else None, cwd=cwd)
@@ -358,6 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="link rate per node and direction (default: unshaped)")
     parser.add_argument("--burst-kib", type=float, default=None)
     parser.add_argument("--mtu", type=int, default=9000)
+    parser.add_argument("--socket-buffer-mib", type=int, default=64,
+                        help="largest TCP send/receive buffer per socket (0: the kernel's)")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--timeout", type=float, default=None, help="seconds, then kill all")
     parser.add_argument("--cleanup", action="store_true",
@@ -381,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         codes = run_on_cluster(args.nodes, command, shape, args.mtu, args.master_port,
-                               args.timeout)
+                               args.timeout, socket_buffer_mib=args.socket_buffer_mib or None)
     except ClusterError as exc:
         print(f"[emulated_cluster] error: {exc}", file=sys.stderr)
         return 2

@@ -3,12 +3,15 @@
 Layout of ``<dir>``::
 
     latest.txt            name of the newest complete checkpoint (replaced atomically)
-    step_0000100/         a complete dist_checkpointing directory
+    step_0000100/         a complete dist_checkpointing directory, with checksums.json
     step_0000200.tmp/     a save in progress (or one that crashed): never loaded
+    .writer.lock          held by rank 0 of the run writing here (integrity.WriterLock)
 
 A save writes into ``step_N.tmp``; only when every rank has finished does rank 0 rename it to
 ``step_N`` and then point ``latest.txt`` at it (write + ``os.replace``).  A crash or kill at any
-moment therefore leaves the previous checkpoint as the latest loadable one.
+moment therefore leaves the previous checkpoint as the latest loadable one.  Before the rename
+every rank hashes a share of the files into ``checksums.json``; a resume verifies them and
+falls back to an older checkpoint when the newest is damaged (``resume``, ``integrity.py``).
 
 What is saved: model and optimizer (sharded tensors, so another TP/PP layout can load them),
 the LR schedule, the step and consumed samples (the data position), and each rank's RNG states.
@@ -25,6 +28,9 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest.txt"
+# Written by megatron's dist_checkpointing.save into every checkpoint directory: a folder
+# without it (an empty ``step_N``, a typo'd path) is not a checkpoint.
+MARKER = "metadata.json"
 # DistributedOptimizer state format (ignored by the plain optimizer).  megatron-core 0.16.1's
 # default, 'fully_sharded_model_space', produces flattened ShardedTensors its own torch_dist
 # writer refuses; 'dp_reshardable' is Megatron-LM's default (reshardable across DP sizes).
@@ -101,36 +107,131 @@ def _use_in_process_results_queue() -> None:
         filesystem_async._plt_train_local_queue = True
 
 
-def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
-                    state: TrainState, before_commit=None) -> Path:
-    """Save step ``state.step`` atomically; returns the final directory.
+def _everywhere(errors: list) -> str | None:
+    """The first error any rank met (every rank learns it), or None."""
+    from plt_train.training.integrity import gather_from_all
 
-    ``before_commit`` is a test hook called after every rank wrote its shards and before the
-    checkpoint becomes visible (so a test can simulate a crash at the worst moment).
+    found = [e for e in gather_from_all(errors[0] if errors else None) if e]
+    return found[0] if found else None
+
+
+def _on_rank0(action) -> str | None:
+    """Run ``action`` on rank 0; every rank gets its error message (or None)."""
+    errors = []
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as err:
+            errors.append(f"{type(err).__name__}: {err}")
+    return _everywhere(errors)
+
+
+def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
+                    state: TrainState, before_commit=None, identity: dict | None = None) -> Path:
+    """Save step ``state.step`` atomically, with the checksums of its files; returns the final
+    directory.  ``identity`` (``integrity.run_identity``) is what a resuming run must match.
+
+    Any failure (a full disk, an unwritable directory) is agreed on by every rank and raised
+    as one-line ``CheckpointError`` after the partial ``step_N.tmp`` is removed: the previous
+    checkpoint stays the latest.  ``before_commit`` is a test hook called after every rank
+    wrote its shards and before the checkpoint becomes visible (so a test can simulate a crash
+    at the worst moment).
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from plt_train.training.integrity import CheckpointError, write_manifest
 
     _use_in_process_results_queue()
     root = Path(root)
     final, tmp = _step_dir(root, state.step), Path(f"{_step_dir(root, state.step)}.tmp")
-    if dist.get_rank() == 0:
+
+    def prepare():
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):
+        for stale in root.glob("step_*.tmp"):  # a crashed save of this run (the lock is ours)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, state, loading=False),
-                            str(tmp))
+
+    def failed(error: str):
+        _on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))
+        latest = latest_checkpoint(root)
+        error = _disk_full(root, latest) or error
+        return CheckpointError(f"saving step {state.step} to {root} failed ({error}); "
+                               f"{latest.name if latest else 'no checkpoint'} is still the "
+                               "latest")
+
+    error = _on_rank0(prepare)
+    if error:
+        raise failed(error)
+    errors = []
+    try:
+        sharded = _sharded_state(chunks, optimizer, scheduler, state, loading=False)
+        sharded["train_state"]["identity"] = identity
+        dist_checkpointing.save(sharded, str(tmp))
+        dist.barrier()
+        write_manifest(tmp)
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException: BaseException
+        errors.append(_first_line(err))
+    error = _everywhere(errors)
+    if error:
+        raise failed(error)
     dist.barrier()
     if before_commit is not None:
         before_commit(tmp)
-    if dist.get_rank() == 0:
+
+    def commit():
         if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name)
-    dist.barrier()
+
+    error = _on_rank0(commit)
+    if error:
+        raise failed(error)
     return final
+
+
+def prune(root: str | os.PathLike, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` committed checkpoints under ``root`` (rank 0,
+    after a commit); ``keep`` (the checkpoint a run resumed from) and the one ``latest.txt``
+    names are never deleted.  Returns what was deleted."""
+    ordered = sorted((p for p in Path(root).glob("step_*") if _is_checkpoint(p)), reverse=True)
+    protected = set(ordered[:keep_last]) | {latest_checkpoint(root)}
+    if keep is not None:
+        protected.add(Path(keep))
+    doomed = [p for p in ordered if p not in protected]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def _disk_full(root: Path, latest: Path | None) -> str | None:
+    """``No space left on device (...)`` when the disk under ``root`` cannot hold another
+    checkpoint the size of ``latest``.  A full disk rarely says so itself: torch.save into a
+    full file system fails with "[enforce fail at inline_container.cc] unexpected pos 704 vs
+    598", and DCP reports only which ranks failed."""
+    try:
+        free = shutil.disk_usage(root).free
+        need = sum(p.stat().st_size for p in latest.iterdir()) if latest else 1 << 20
+    except OSError:
+        return None
+    if free >= need:
+        return None
+    return (f"OSError: [Errno 28] No space left on device: {free / 2**20:.0f} MiB free, the "
+            f"last checkpoint took {need / 2**20:.0f} MiB")
+
+
+def _first_line(err: BaseException) -> str:
+    """A one-line description of ``err`` (DCP wraps each rank's failure in a long report)."""
+    import errno
+
+    text = str(err)
+    for code, name in ((errno.ENOSPC, "No space left on device"),
+                       (errno.EDQUOT, "Disk quota exceeded")):
+        if name in text:
+            return f"OSError: [Errno {code}] {name}"
+    line = (text.strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {line[:300]}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -142,29 +243,119 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and path.suffix != ".tmp" and (path / MARKER).is_file()
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+    """The newest complete checkpoint under ``root``, or None.  ``latest.txt`` names it; when
+    it is missing, empty or names no checkpoint, the newest ``step_N`` that is one."""
     root = Path(root)
     pointer = root / LATEST
-    if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if name and _is_checkpoint(root / name):
+        return root / name
+    complete = sorted(p for p in root.glob("step_*") if _is_checkpoint(p))
     return complete[-1] if complete else None
 
 
-def resume_source(checkpoint, ckpt_dir: str | os.PathLike) -> Path | str | None:
-    """Where a run starts from: its own latest checkpoint in ``ckpt_dir`` when
-    ``checkpoint.resume`` is on and one exists, else ``checkpoint.load`` (or nothing).
+def resolve_load(path: str | os.PathLike) -> Path:
+    """``checkpoint.load`` as a checkpoint directory: a ``step_N`` folder, or a folder of them
+    (a run's ``checkpoints/``: its latest, as Megatron-LM's ``--load`` reads a save folder).
+    Anything else is a ConfigError, raised before any process group starts."""
+    from plt_train.config import ConfigError
+
+    p = Path(path).expanduser()
+    fix = "give a step_N checkpoint folder or a run's checkpoints folder"
+    if not p.exists():
+        raise ConfigError("checkpoint.load", f"{p} does not exist", fix)
+    if _is_checkpoint(p):
+        return p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise ConfigError("checkpoint.load", f"{p} is neither a checkpoint (no {MARKER}) nor "
+                          "a folder holding one", fix)
+    return latest
+
+
+def checkpoint_dir(cfg, run_dir: str | os.PathLike) -> Path:
+    """Where a run saves: ``checkpoint.dir``, else ``<run_dir>/checkpoints``."""
+    return Path(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The committed checkpoints under ``root``, the one ``latest.txt`` names first, then the
+    others newest first: the order a resuming run tries them in."""
+    root = Path(root)
+    found = sorted((p for p in root.glob("step_*") if _is_checkpoint(p)), reverse=True)
+    first = latest_checkpoint(root)
+    return ([first] if first else []) + [p for p in found if p != first]
+
+
+def resume_candidates(checkpoint, ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Where a run may start from, in order: its own checkpoints in ``ckpt_dir`` (newest first)
+    when ``checkpoint.resume`` is on and there are any, else ``checkpoint.load`` (or nothing).
 
     The run's own saves win over ``load`` so that a preempted job requeued with the same
     arguments (Slurm's ``--requeue`` reruns the same command line) continues where it
     stopped instead of going back to its starting checkpoint every time; torchtitan treats
     its ``initial_load_path`` the same way.
     """
-    own = latest_checkpoint(ckpt_dir) if checkpoint.resume else None
-    return own or checkpoint.load or None
+    own = complete_checkpoints(ckpt_dir) if checkpoint.resume else []
+    return own or ([resolve_load(checkpoint.load)] if checkpoint.load else [])
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint that fails verification (its message names the file)."""
+
+
+def load_verified(path: Path, chunks, optimizer, scheduler, identity: dict | None,
+                  device: torch.device) -> TrainState:
+    """Verify ``path`` (checksums), check that it belongs to this run (``identity``), load it
+    and check that the weights are finite.  Raises ``DamagedCheckpoint`` or, for another
+    model or tokenizer, ``ConfigError`` (one line each)."""
+    from megatron.core import dist_checkpointing
+
+    from plt_train.config import ConfigError
+    from plt_train.training.guard import weights_are_finite
+    from plt_train.training.integrity import damage, identity_mismatch
+
+    problem = damage(path)
+    if problem:
+        raise DamagedCheckpoint(f"{path} is damaged: {problem}")
+    saved = dist_checkpointing.load_common_state_dict(str(path))["train_state"]
+    mismatch = identity_mismatch(saved.get("identity"), identity or {})
+    if mismatch:
+        raise ConfigError("checkpoint", f"{path} was saved by another model or tokenizer "
+                          f"({mismatch})", "resume it with the settings it was trained with, "
+                          "or give this run another name or checkpoint.dir")
+    state = load_checkpoint(path, chunks, optimizer, scheduler)
+    if not weights_are_finite(chunks, device):
+        raise DamagedCheckpoint(f"{path} holds non-finite weights")
+    return state
+
+
+def resume(checkpoint, ckpt_dir: str | os.PathLike, chunks, optimizer, scheduler,
+           identity: dict | None, device: torch.device) -> tuple[TrainState, Path | None]:
+    """Load the newest usable checkpoint of ``resume_candidates``: a damaged one is skipped
+    with a one-line warning naming the damaged file; when none of the run's own is usable, or
+    ``checkpoint.load`` is damaged, ``CheckpointError``.  (TrainState(), None): nothing to
+    resume."""
+    from plt_train.runtime import is_logging_rank
+    from plt_train.training.integrity import CheckpointError
+
+    candidates = resume_candidates(checkpoint, ckpt_dir)
+    for i, path in enumerate(candidates):
+        try:
+            return load_verified(path, chunks, optimizer, scheduler, identity, device), path
+        except DamagedCheckpoint as err:
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"{err}, and there is no older checkpoint to fall back "
+                                      "to") from None
+            if is_logging_rank():
+                print(f"[plt_train] warning: {err}; falling back to {candidates[i + 1].name}",
+                      file=sys.stderr, flush=True)
+    return TrainState(), None
 
 
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
@@ -219,9 +410,15 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state: dict) -> None:
 
 
 def load_model_weights(path: str | os.PathLike, chunks) -> None:
-    """Only the model's weights (inference), into any parallel layout."""
+    """Only the model's weights (inference), into any parallel layout, after verifying the
+    checkpoint's checksums (``CheckpointError`` when damaged)."""
     from megatron.core import dist_checkpointing
 
+    from plt_train.training.integrity import CheckpointError, damage
+
+    problem = damage(path)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}")
     model = _unwrap(chunks[0])
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(loaded["model"])

@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM / SIGUSR1 (what Slurm sends before a time limit or preemption) ask the
-run to checkpoint at the end of the current step and exit cleanly.
+"""Preemption: SIGTERM / SIGUSR1 (what Slurm sends before a time limit or preemption) and SIGINT
+(Ctrl-C) ask the run to checkpoint at the end of the current step and exit cleanly.  Ctrl-C
+reaches every worker twice (from the terminal, and forwarded by torchrun), so it only sets the
+flag like the others; SIGQUIT (Ctrl-\\) or SIGKILL still stop a run at once.
 
 The handler only sets a flag; every rank then agrees through one all-reduce per step, so all
 ranks save the same step even if the signal reached them at different moments.
@@ -11,7 +13,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionHandler:
@@ -40,10 +42,14 @@ class FaultInjector:
     checkpoints).  ``TERM@3`` / ``USR1@3``: a preemption signal to rank 0 only (the other ranks
     learn of it through ``should_stop``).  With ``PLT_TRAIN_FAULT_IN_SAVE=1`` the signal fires
     inside the save of that step instead, after the shards are written and before the commit.
+    ``NANGRAD@3``: rank 0's gradients of step 3 become NaN (one bad step, the other ranks'
+    are fine); ``NANWEIGHT@3``: rank 0's first parameter becomes NaN before step 3 (a broken
+    model from then on).  Both exercise the divergence guard (``training/guard.py``).
     """
 
-    def __init__(self, signum: int | None = None, step: int = 0, in_save: bool = False):
-        self.signum, self.step, self.in_save = signum, step, in_save
+    def __init__(self, signum: int | None = None, step: int = 0, in_save: bool = False,
+                 nan: str | None = None):
+        self.signum, self.step, self.in_save, self.nan = signum, step, in_save, nan
 
     @classmethod
     def from_env(cls, env=None) -> "FaultInjector":
@@ -53,8 +59,26 @@ class FaultInjector:
         if not spec:
             return cls()
         name, step = spec.split("@")
+        if name.upper() in ("NANGRAD", "NANWEIGHT"):
+            return cls(None, int(step), nan=name.upper())
         return cls(getattr(signal, f"SIG{name.upper()}"), int(step),
                    env.get("PLT_TRAIN_FAULT_IN_SAVE") == "1")
+
+    def before_step(self, step: int, rank: int, chunks) -> None:
+        """``step`` is the step about to run (1-based)."""
+        if self.nan is None or step != self.step or rank != 0:
+            return
+        param = next(p for chunk in chunks for p in chunk.parameters())
+        if self.nan == "NANWEIGHT":
+            with torch.no_grad():
+                param.fill_(float("nan"))
+        else:  # poison this backward's gradient of it once
+            handle = None
+
+            def poison(grad):
+                handle.remove()
+                return torch.full_like(grad, float("nan"))
+            handle = param.register_hook(poison)
 
     def _fire(self, step: int, rank: int) -> None:
         import os

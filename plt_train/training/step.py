@@ -17,10 +17,13 @@ Megatron-LM logs them) and their all-to-all traffic.
 from __future__ import annotations
 
 import itertools
+import math
 from functools import partial
 
 import torch
 import torch.distributed as dist
+
+from plt_train.training.guard import grads_are_finite
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -74,7 +77,9 @@ def _run_schedule(chunks, data_iterator, num_microbatches, seq_length, micro_bat
 def train_step(model, optimizer, scheduler, data_iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, device) -> dict:
     """One optimizer step of ``model`` (a ``models.TrainingModel``: its ``chunks`` hold the
-    parameters, its ``stages`` are what the schedule runs, its ``metrics`` report per step)."""
+    parameters, its ``stages`` are what the schedule runs, its ``metrics`` report per step).
+    ``loss`` is known on every rank; ``skipped``: no update was made (non-finite loss or
+    gradient, or an fp16 overflow)."""
     for source in model.metrics:
         source.reset()
     for chunk in model.chunks:
@@ -82,13 +87,18 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches: int
     optimizer.zero_grad()
     reports = _run_schedule(model.stages, data_iterator, num_microbatches, seq_length,
                             micro_batch_size, device, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
+    loss = broadcast_from_last_rank(_reduce_loss(reports))
+    # A non-finite loss or gradient makes no update and does not advance the schedule
+    # (training/guard.py); every rank takes the same decision.
+    ok, grad_norm = False, float("nan")
+    if math.isfinite(loss) and grads_are_finite(model.chunks, device):
+        ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
     extra = {}  # e.g. MoE aux losses and all-to-all traffic
     for source in model.metrics:
         extra.update(source.collect())
-    return {"loss": _reduce_loss(reports), "grad_norm": grad_norm,
+    return {"loss": loss, "grad_norm": grad_norm,
             "lr": optimizer.param_groups[0]["lr"], "skipped": not ok, "extra": extra}
 
 

@@ -35,6 +35,27 @@ def test_default_config_is_valid_for_two_processes():
     (["optim.decay_steps=5", "optim.warmup_steps=5"], 2, "optim.warmup_steps", "not below"),
     (["optim.weight_decay=-0.1"], 2, "optim.weight_decay", ">= 0"),
     (["train.log_interval=0"], 2, "train.log_interval", ">= 1"),
+    (["train.max_skipped_steps=-1"], 2, "train.max_skipped_steps", ">= 0"),
+    (["checkpoint.keep_last=0"], 2, "checkpoint.keep_last", ">= 1"),
+    # single values out of range (issue 21): each used to reach a traceback or pass silently
+    (["model.num_attention_heads=0"], 2, "model.num_attention_heads", ">= 1"),
+    (["model.num_layers=0"], 2, "model.num_layers", ">= 1"),
+    (["model.hidden_size=-8"], 2, "model.hidden_size", ">= 1"),
+    (["model.num_query_groups=0"], 2, "model.num_query_groups", ">= 1"),
+    (["model.make_vocab_size_divisible_by=0"], 2, "model.make_vocab_size_divisible_by", ">= 1"),
+    (["model.hidden_dropout=1.0"], 2, "model.hidden_dropout", "[0, 1)"),
+    (["model.attention_dropout=-0.1"], 2, "model.attention_dropout", "[0, 1)"),
+    (["optim.lr=-1e-3"], 2, "optim.lr", "> 0"),
+    (["optim.beta1=1.0"], 2, "optim.beta1", "[0, 1)"),
+    (["optim.beta2=-0.5"], 2, "optim.beta2", "[0, 1)"),
+    (["optim.eps=0"], 2, "optim.eps", "> 0"),
+    (["optim.clip_grad=-1"], 2, "optim.clip_grad", ">= 0"),
+    (["train.seed=-1"], 2, "train.seed", ">= 0"),
+    (["data.num_workers=-2"], 2, "data.num_workers", ">= 0"),
+    (["sample.prompt=hi", "sample.max_new_tokens=0"], 2, "sample.max_new_tokens", ">= 1"),
+    (["sample.prompt=hi", "sample.top_p=0"], 2, "sample.top_p", "(0, 1]"),
+    (["train.spike_zscore=-1"], 2, "train.spike_zscore", ">= 0"),
+    (["train.spike_window=1"], 2, "train.spike_window", ">= 2"),
     (["train.global_batch_size=0"], 2, "train.global_batch_size", "must be >= 1"),
     (["model.seq_length=0"], 2, "model.seq_length", ">= 1"),
     (["model.ffn_hidden_size=1001", "parallel.tensor=2"], 2, "model.ffn_hidden_size",
@@ -121,11 +142,11 @@ def test_ranks_share_one_run_dir_and_only_rank0_writes_hydra_files():
     env0 = {"RANK": "0", "TORCHELASTIC_RUN_ID": "abc"}
     env1 = {"RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
     argv0, argv1 = hydra_argv_for_rank(["name=x"], env0), hydra_argv_for_rank(["name=x"], env1)
-    assert "hydra.run.dir=outputs/x/abc" in argv0 and "hydra.run.dir=outputs/x/abc" in argv1
+    assert "hydra.run.dir=outputs/x" in argv0 and "hydra.run.dir=outputs/x" in argv1
     assert "hydra.output_subdir=null" in argv1 and "hydra.output_subdir=null" not in argv0
-    # Slurm's job id wins (a requeued job resumes in the same directory).
-    assert "hydra.run.dir=outputs/x/77" in hydra_argv_for_rank(
-        ["name=x"], {**env0, "SLURM_JOB_ID": "77"})
+    # The name alone: a re-run (another torchrun id, another Slurm job) finds the same folder.
+    assert "hydra.run.dir=outputs/x" in hydra_argv_for_rank(
+        ["name=x"], {**env0, "TORCHELASTIC_RUN_ID": "other", "SLURM_JOB_ID": "77"})
     # run_dir= doubles as Hydra's directory, so nothing is written elsewhere.
     assert "hydra.run.dir=/r" in hydra_argv_for_rank(["run_dir=/r"], env0)
     # A user-chosen directory is left alone.
@@ -211,3 +232,14 @@ def test_a_choice_assigned_after_construction_is_checked_by_validate():
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, 2)
     assert err.value.field == "model.backend"
+
+
+def test_bf16_without_cuda_is_refused_up_front():
+    """It used to fail after the model was built, inside megatron's optimizer (TypeError:
+    'Wrapped parameters must be one of torch.cuda.FloatTensor, ...')."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("bf16 is valid with CUDA")
+    with pytest.raises(ConfigError, match="train.precision: bf16 needs CUDA"):
+        validate(compose_run(DENSE_BASELINE + ["train.precision=bf16"]), 2)

@@ -106,6 +106,36 @@ def test_check_data_tokenizer(small: PreparedData, tmp_path: Path) -> None:
         check_data(DataConfig(prefix=prefix, tokenizer=str(tmp_path / "bad.json")))
 
 
+def test_check_data_token_ids_beyond_the_tokenizer(small: PreparedData, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data made with another (larger) tokenizer used to fail at step 1 with an IndexError
+    inside the embedding; now check_data names the id, once per file (the scan is cached)."""
+    from plt_train.data.datasets import max_token_id, read_index
+
+    monkeypatch.setenv("PLT_TRAIN_CACHE", str(tmp_path / "cache"))
+    prefix = _copy(small, tmp_path, (".bin", ".idx", ".tokenizer.json"))
+    check_data(DataConfig(prefix=prefix))
+    dtype = read_index(prefix).dtype
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r+")
+    tokens[len(tokens) // 2] = 4242
+    tokens.flush()
+    del tokens
+    os.utime(prefix + ".bin", ns=(1, 1))  # a new modification time: the cached scan is stale
+    with pytest.raises(DataError, match="holds token id 4242, beyond .* 300 ids"):
+        check_data(DataConfig(prefix=prefix))
+    assert len(list((tmp_path / "cache" / "max_token_id").iterdir())) == 2
+    assert max_token_id(prefix, dtype, tmp_path / "cache") == 4242
+
+
+def test_check_data_model_vocab_below_the_tokenizer(small: PreparedData) -> None:
+    from plt_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the "
+                                          "tokenizer's 300 ids"):
+        check_data(DataConfig(prefix=small.prefix), model_vocab_size=100)
+    check_data(DataConfig(prefix=small.prefix), model_vocab_size=300)
+
+
 def test_prepare_data_with_prefix(small: PreparedData) -> None:
     prepared = prepare_data(DataConfig(prefix=small.prefix))
     assert prepared.prefix == small.prefix

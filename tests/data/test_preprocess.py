@@ -158,3 +158,18 @@ def test_cli_usage_errors(tmp_path: Path, inputs: list[str]) -> None:
         main(["--input", *inputs, "--output-prefix", str(tmp_path / "x"),
               "--tokenizer", str(tmp_path / "missing.json")])
     assert "missing.json" in str(exc.value.code)
+
+
+def test_cli_non_utf8_names_file_and_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A latin-1 byte used to surface as a bare UnicodeDecodeError (no file, no line)."""
+    jl, txt, out = tmp_path / "bad.jsonl", tmp_path / "bad.txt", tmp_path / "out"
+    good = json.dumps({"text": "fine " * 50}) + "\n"
+    jl.write_bytes(good.encode() * 2 + b'{"text": "caf\xe9"}\n')
+    txt.write_bytes("first line\n".encode() + b"second \xff line\n")
+    out.mkdir()
+    for path, line in ((jl, 3), (txt, 2)):
+        with pytest.raises(SystemExit) as exc:
+            main(["--input", str(path), "--output-prefix", str(out / "x"), "--train-tokenizer",
+                  "--vocab-size", "300"])
+        assert f"{path}:{line}: not UTF-8" in str(exc.value.code)
+        assert list(out.iterdir()) == []  # no tokenizer, .bin or .idx left behind

@@ -82,6 +82,6 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, data_cache):
     assert (ckpt / "latest.txt").read_text().strip() == "step_0000006"  # no save at end
 
 
-def test_signals_are_the_slurm_ones():
+def test_signals_are_the_slurm_ones_and_ctrl_c():
     from plt_train.training.signals import STOP_SIGNALS
-    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1}
+    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.helpers import DEBUG_ARGS, REPO, run_train
@@ -56,3 +57,49 @@ def test_generate_from_pipeline_checkpoint(tmp_path, data_cache):
     assert "plt loops=2: " in gen.stderr
     # --cuda-graph auto: replayed from a CUDA graph on a GPU (a dense model), eager on CPU
     assert f"decode steps {'graph' if torch.cuda.is_available() else 'eager'}" in gen.stderr
+
+
+def _fake_run(root, overrides):
+    """A run directory as training leaves it (its saved config), without checkpoints."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_run
+
+    (root / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.structured(compose_run(DEBUG_ARGS + overrides)),
+                   root / ".hydra" / "config.yaml")
+    return root
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "run directory {run} does not exist"),
+    ("no_config", "{run} is not a run directory (no .hydra/config.yaml)"),
+    ("gpt", "trained model.name=gpt"),
+    ("no_checkpoint", "no checkpoint under {run}"),
+    ("bad_checkpoint", "checkpoint.load: {run}/nowhere does not exist"),
+    ("tokens", "--max-new-tokens must be >= 1, got 0"),
+    ("empty_prompt", "--prompt is empty"),
+    ("top_p", "--top-p must be in (0, 1], got 0.0"),
+])
+def test_cli_errors_are_one_line(case, words, tmp_path, monkeypatch, capsys):
+    """Each used to end in a traceback (FileNotFoundError, AttributeError 'kind', ...)."""
+    from plt_train.generate import main
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)  # main() sets them; restored after the test
+    run = tmp_path / "run"
+    if case == "no_config":
+        run.mkdir()
+    elif case == "gpt":
+        _fake_run(run, ["model.name=gpt"])
+    elif case != "missing":
+        _fake_run(run, ["model.name=plt", "model.loops=2"])
+    argv = [str(run), "--prompt", "x"]
+    argv += {"tokens": ["--max-new-tokens", "0"], "empty_prompt": ["--prompt", ""],
+             "top_p": ["--top-p", "0"],
+             "bad_checkpoint": ["--checkpoint", str(run / "nowhere")]}.get(case, [])
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert words.format(run=run) in err and "Traceback" not in err

@@ -82,6 +82,20 @@ def test_cli_rejects_a_vocab_below_the_tokenizers():
     assert proc.returncode == 2 and "config error: model.vocab_size" in proc.stderr
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--world-size", "0"], "--world-size must be >= 1, got 0"),
+    (["--world-size", "-2"], "--world-size must be >= 1, got -2"),
+    (["--world-size", "8", "--vocab-size", "0"], "--vocab-size must be >= 1"),
+    (["--world-size", "8", "foo.bar=1"], "Could not override 'foo.bar'"),
+])
+def test_cli_refuses_bad_arguments_in_one_line(argv, words):
+    """A ZeroDivisionError (world size 0) or a plan with negative memory (-2) before."""
+    proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout
+
+
 def test_cli_prints_the_plan():
     proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1024",
                            *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,64 @@
+"""Checksums, run identity and the writer lock, without a process group (the real runs are in
+tests/distributed/test_checkpoint_integrity.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from plt_train.config.schema import ModelConfig, MoEConfig
+from plt_train.data.tokenizer import Tokenizer, train_bpe
+from plt_train.training.integrity import (
+    MANIFEST, CheckpointError, WriterLock, damage, identity_mismatch, run_identity,
+    write_manifest,
+)
+
+
+def test_manifest_then_every_kind_of_damage(tmp_path):
+    for name, size in (("__0_0.distcp", 10_000), (".metadata", 300), ("common.pt", 50)):
+        (tmp_path / name).write_bytes(os.urandom(size))
+    assert damage(tmp_path) == f"{MANIFEST} is missing"
+    write_manifest(tmp_path)
+    assert damage(tmp_path) is None
+    shard = tmp_path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 1  # one flipped bit
+    shard.write_bytes(bytes(data))
+    assert damage(tmp_path) == "__0_0.distcp: checksum mismatch"
+    (tmp_path / "common.pt").write_bytes(b"x" * 10)
+    assert damage(tmp_path) == ("__0_0.distcp: checksum mismatch (and 1 more)")
+    (tmp_path / ".metadata").unlink()
+    assert damage(tmp_path).startswith(".metadata: missing (and 2 more)")
+    (tmp_path / MANIFEST).write_text("[]")
+    assert damage(tmp_path) == f"{MANIFEST} is unreadable"
+
+
+def test_identity_names_what_changed(tmp_path):
+    docs = ["def f(x):\n    return x + 1\n" * 20, "import os\nprint(os.getcwd())\n" * 20]
+    tok_a = train_bpe(docs, 300, tmp_path / "a.json")
+    tok_b = train_bpe(docs[::-1] + ["class A:\n    pass\n" * 30], 300, tmp_path / "b.json")
+    dense = ModelConfig(hidden_size=64, num_attention_heads=4)
+    base = run_identity(dense, tok_a)
+    assert identity_mismatch(base, run_identity(dense, tok_a)) is None
+    assert identity_mismatch(None, base) is None  # a checkpoint from before identities
+    wider = ModelConfig(hidden_size=128, num_attention_heads=4)
+    assert identity_mismatch(base, run_identity(wider, tok_a)) == (
+        "model.hidden_size: 64 in the checkpoint, 128 here (and 1 more differences)")
+    assert identity_mismatch(base, run_identity(dense, tok_b)).startswith("tokenizer ")
+    same_size = Tokenizer(tok_a.hf, sha256="0" * 64)  # same size, other tokens
+    assert identity_mismatch(base, run_identity(dense, same_size)) == (
+        f"tokenizer sha256: {tok_a.sha256} in the checkpoint, {'0' * 64} here")
+    moe = ModelConfig(hidden_size=64, num_attention_heads=4,
+                      moe=MoEConfig(layer="bigmac", num_experts=8))
+    more_experts = ModelConfig(hidden_size=64, num_attention_heads=4,
+                               moe=MoEConfig(layer="bigmac", num_experts=16))
+    assert identity_mismatch(run_identity(moe, tok_a), run_identity(more_experts, tok_a)) == (
+        "model.moe.num_experts: 8 in the checkpoint, 16 here")
+
+
+def test_writer_lock_is_exclusive_and_released(tmp_path):
+    first = WriterLock(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="is in use by another run"):
+        WriterLock(tmp_path / "ckpt")
+    first.release()
+    WriterLock(tmp_path / "ckpt").release()
