@@ -31,10 +31,12 @@ fi
 NNODES=${NNODES:-1}
 
 # Usual settings: one OpenMP thread per rank on CPU; megatron-core needs CUDA_DEVICE_MAX_CONNECTIONS=1
-# for tensor-parallel communication overlap; surface NCCL errors instead of hanging.
+# for tensor-parallel communication overlap.  The hang diagnostics (NCCL error handling, the
+# flight recorder and its dump on a timeout, into <run_dir>/flight_recorder/) are set by
+# plt_train itself at start-up (plt_train/runtime/hangs.py), so every launcher gets them;
+# variables exported here win over its defaults.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export PYTHONUNBUFFERED=1
 # torchrun forwards these signals to the workers, which checkpoint at the end of the current step
 # and exit (Slurm sends USR1 or TERM before a time limit); it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT

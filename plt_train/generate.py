@@ -32,7 +32,7 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
     from plt_train.config import RunConfig
     from plt_train.config.schema import ParallelConfig
     from plt_train.data import prepare_data
-    from plt_train.inference import Generator
+    from plt_train.inference import Generator, decoding_config
     from plt_train.models import build_model
     from plt_train.runtime import detect_device, init_distributed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
@@ -49,10 +49,8 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
                             "the run_dir a training run wrote")
     saved = OmegaConf.load(saved_config)
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
-    if cfg.model.name == "gpt":
-        raise GenerateError(f"{run_dir} trained model.name=gpt (megatron's GPTModel), which the "
-                            "KV-cached generator does not decode yet; model.name=vanilla is the "
-                            "same function and generates")
+    trained_as = cfg.model.name
+    cfg.model = decoding_config(cfg.model)  # gpt: its vanilla twin, the same weights
     if kernel is not None:
         cfg.model.loop.kernel = kernel
     ckpt = resolve_load(checkpoint) if checkpoint else \
@@ -70,7 +68,9 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
     chunks, _, _ = build_model(cfg.model, ParallelConfig(), tokenizer.vocab_size, dtype,
                                megatron_device_kwargs(device), cfg.train.seed, device.device)
     load_model_weights(ckpt, chunks)
-    return Generator(chunks[0], cuda_graph=cuda_graph), tokenizer
+    generator = Generator(chunks[0], cuda_graph=cuda_graph)
+    generator.trained_as = trained_as
+    return generator, tokenizer
 
 
 def main(argv=None) -> None:
@@ -123,7 +123,9 @@ def main(argv=None) -> None:
         print(f"{prompt}\u2502{tokenizer.detokenize(new)}")
         print("-" * 40)
     n = sum(len(t) for t in out.tokens)
-    print(f"[plt-generate] {generator.kind} loops={generator.loops}: {n} tokens in "
+    kind = generator.kind if generator.trained_as == generator.kind else \
+        f"{generator.trained_as} (decoded as {generator.kind})"
+    print(f"[plt-generate] {kind} loops={generator.loops}: {n} tokens in "
           f"{seconds:.2f} s, KV cache {out.kv_bytes / 2**20:.2f} MiB, decode steps "
           f"{generator.step_mode}", file=sys.stderr)
 

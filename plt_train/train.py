@@ -26,15 +26,17 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     from plt_train.models import get_family, validate
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
     from plt_train.runtime.device import resolve_dtype
+    from plt_train.runtime.hangs import StackDumpOnSignal, flight_recorder_env
     from plt_train.training.checkpoint import (
-        checkpoint_dir, latest_checkpoint, prune, resolve_load, resume, save_checkpoint,
+        checkpoint_dir, latest_checkpoint, resolve_load, resume,
     )
     from plt_train.training.guard import DivergenceGuard, TrainingDiverged, weights_are_finite
     from plt_train.training.integrity import run_identity
     from plt_train.training.loggers import MetricLoggers
     from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
     from plt_train.training.optim import build_optimizer, build_scheduler
-    from plt_train.training.signals import FaultInjector, PreemptionHandler
+    from plt_train.training.saver import CheckpointSaver
+    from plt_train.training.signals import STOP_SIGNALS, FaultInjector, PreemptionHandler
     from plt_train.training.step import broadcast_from_last_rank, evaluate, train_step
 
     # 1. Fail fast, before any process group exists.
@@ -47,9 +49,12 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     dp = derived_data_parallel(cfg, world)
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
 
-    # 2. Processes, seeds, data.
+    # 2. Processes (every collective times out after parallel.timeout_s, and the flight
+    # recorder keeps each rank's last collectives: runtime/hangs.py), seeds, data.
     device = detect_device()
-    dims = init_distributed(device, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert)
+    flight_recorder_env(run_dir)
+    dims = init_distributed(device, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert,
+                            timeout_s=p.timeout_s)
     set_seed(t.seed)
     prepared = prepare_data(cfg.data)
     dtype = resolve_dtype(t.precision, device)
@@ -114,14 +119,20 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
               " nats/token (the loss of a model that ignores context)", flush=True)
 
     # 7. The loop.  The signal handlers and the loggers are released also when it fails
-    # (Hydra's multirun goes on to its next job in this process).
+    # (Hydra's multirun goes on to its next job in this process).  A stop signal also dumps
+    # every thread's stack to <run_dir>/stacks_rank<R>.log: torchrun stops the other workers
+    # with SIGTERM when one fails, so a rank stuck in a hang says where it was.
+    saver = CheckpointSaver(ckpt_dir, cfg.checkpoint, identity, resumed_from, logging_rank)
     preemption = PreemptionHandler()
+    stacks = StackDumpOnSignal(run_dir, dims.rank, STOP_SIGNALS)
     fault = FaultInjector.from_env()
     tokens_per_step = t.global_batch_size * seq
     guard = DivergenceGuard(t.max_skipped_steps, t.spike_window, t.spike_zscore)
     last = {}
+    phase = "the training loop"  # what was running, named in the error of a failed collective
     try:
         while state.step < t.steps:
+            phase = f"step {state.step + 1}"
             fault.before_step(state.step + 1, dims.rank, chunks)
             start = time.perf_counter()
             out = train_step(model, optimizer, scheduler, train_iter, num_microbatches, seq,
@@ -142,9 +153,12 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                 loggers.log(state.step, last)
             for note in notes if logging_rank else ():
                 print(f"[plt_train] {note}", flush=True)
+            saver.poll()  # commit a background save whose writes have ended
             if guard.diverged:
+                saver.finish()
                 raise guard.error(state.step, latest_checkpoint(ckpt_dir))
             if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
+                phase = f"the validation at step {state.step}"
                 last["val_loss"] = validation_loss()
                 loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
             fault.after_step(state.step, dims.rank)
@@ -153,35 +167,35 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             if stop or (interval and state.step % interval == 0) or (
                     state.step == t.steps and cfg.checkpoint.save_at_end):
                 if not weights_are_finite(chunks, device.device):  # never save a broken model
+                    saver.finish()
                     raise TrainingDiverged(
                         f"the weights are not finite at step {state.step}: not saved (the last "
                         f"good checkpoint is {latest_checkpoint(ckpt_dir)})")
-                started = time.perf_counter()
-                saved = save_checkpoint(
-                    ckpt_dir, chunks, optimizer, scheduler, state, identity=identity,
-                    before_commit=lambda _: fault.before_commit(state.step, dims.rank))
-                if logging_rank:  # one rank prunes (after the commit every rank agreed on)
-                    pruned = prune(ckpt_dir, cfg.checkpoint.keep_last, resumed_from) \
-                        if cfg.checkpoint.keep_last else []
-                    size = sum(f.stat().st_size for f in saved.iterdir()) / 2**20
-                    gone = f"; deleted {', '.join(p.name for p in pruned)}" if pruned else ""
-                    print(f"[plt_train] saved {saved.name} ({size:,.1f} MiB) in "
-                          f"{time.perf_counter() - started:.1f} s{gone}", flush=True)
+                phase = f"the save of step {state.step}"
+                saver.save(chunks, optimizer, scheduler, state,
+                           kill_first_writer=fault.kills_writer(state.step, dims.rank),
+                           before_commit=lambda _, s=state.step: fault.before_commit(s, dims.rank))
             if stop:
+                saver.finish()
                 if logging_rank:
                     print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
                           flush=True)
                 break
+        phase = "the last save"
+        saver.finish()
+    except Exception as err:
+        err.add_note(f"plt_train phase: {phase}")
+        raise
     finally:
+        stacks.close()
         preemption.restore()
         loggers.close()
     if cfg.sample.prompt and state.step >= t.steps:
         from plt_train.inference import sample_after_training
-        text = sample_after_training(model.modules, prepared.tokenizer, cfg.sample)
+        text = sample_after_training(model.modules, prepared.tokenizer, cfg.sample, cfg.model)
         if logging_rank:
             print(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None
-                  else "[plt_train] sample: needs a looped model at TP=PP=1 (use plt-generate)",
-                  flush=True)
+                  else "[plt_train] sample: needs TP=PP=1 (use plt-generate)", flush=True)
         last["sample"] = text
     return {"step": state.step, **last}
 
@@ -217,6 +231,12 @@ def _main(hydra_cfg) -> dict | None:
                  4 if isinstance(err, CheckpointError) else 2)
     except Exception as err:  # anything else: one line here, the whole traceback in a file
         path = _save_traceback(run_dir, err)
+        failure = _communication_failure(err, cfg, run_dir, path)
+        if failure is not None:
+            rank, (how, line) = int(os.environ.get("RANK", "0")), failure
+            if how == "timed out" or rank == 0:  # a lost peer follows another rank's failure
+                print(f"plt-train: {line}", file=sys.stderr, flush=True)
+            sys.exit(5)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"plt-train: {_one_line(err)}; each failed rank's traceback is in "
                   f"{path.parent}/error_rank*.log", file=sys.stderr, flush=True)
@@ -227,6 +247,32 @@ def _main(hydra_cfg) -> dict | None:
         if lock is not None:
             lock.release()
         destroy_distributed()
+
+
+def _communication_failure(err: BaseException, cfg: RunConfig, run_dir: str, traceback_file):
+    """``(how, one line)`` when ``err`` is a collective that timed out or lost its peer, after
+    dumping this rank's flight recorder; else None."""
+    from plt_train.runtime.hangs import communication_failure, dump_flight_recorder
+
+    how = communication_failure(err)
+    if how is None:
+        return None
+    rank = int(os.environ.get("RANK", "0"))
+    notes = [n.removeprefix("plt_train phase: ") for n in getattr(err, "__notes__", [])
+             if n.startswith("plt_train phase: ")]
+    during = f" during {notes[0]}" if notes else ""
+    recorder = dump_flight_recorder(run_dir, rank)
+    where = (f"; flight recorder in {recorder.parent} (python -m torch.distributed."
+             f"flight_recorder.fr_trace {recorder.parent} -p rank_)") if recorder else ""
+    if how == "timed out":
+        line = (f"rank {rank}: a collective timed out after {cfg.parallel.timeout_s:g} s "
+                f"(parallel.timeout_s){during}: another rank stopped or is far slower; a stuck "
+                f"rank's stacks are in {run_dir}/stacks_rank*.log{where}")
+    else:
+        line = (f"rank {rank} lost its connection to another rank{during}: that rank failed "
+                f"or was killed (see its error in {traceback_file.parent}/error_rank*.log or "
+                "the launcher's log)")
+    return how, line
 
 
 def _one_line(err: BaseException) -> str:

@@ -364,6 +364,10 @@ class ParallelConfig(_Section):
     use_distributed_optimizer: bool = False
     data: Optional[int] = None
     """Optional check: if set, must equal the derived data-parallel size."""
+    timeout_s: float = 600.0
+    """Every collective (of every process group) that waits longer fails with an error naming
+    the step, instead of hanging: Megatron-LM's --distributed-timeout-minutes (10).  A rank
+    that dies or stalls therefore stops the whole job within about this long."""
 
 
 @dataclass
@@ -455,6 +459,14 @@ class CheckpointConfig(_Section):
     load: Optional[str] = None
     """Checkpoint to start from when dir holds none yet (torchtitan's initial_load_path): a
     requeued or restarted run continues from its own latest save, never back from here."""
+    async_save: bool = False
+    """Write checkpoints in a background process while training goes on (Megatron-LM's
+    --async-save): the save costs the training loop a copy of the state (a fork on CPU), and
+    the commit (checksums, rename, latest.txt) happens at the first step after the writes end.
+    A run waits for its save in flight before the next save and before it exits."""
+    save_timeout_s: float = 1200.0
+    """A checkpoint writer process still writing after this long fails the save (one line,
+    exit code 4) instead of hanging; a writer that dies (e.g. OOM-killed) fails it at once."""
 
 
 @dataclass

@@ -49,6 +49,12 @@ def _check_ranges(cfg: RunConfig) -> None:
     _at_least("optim.clip_grad", o.clip_grad, 0, "0 disables clipping")
     _at_least("train.seed", t.seed, 0, "use a non-negative integer")
     _at_least("data.num_workers", cfg.data.num_workers, 0, "0 loads in the training process")
+    if not cfg.parallel.timeout_s > 0:
+        raise ConfigError("parallel.timeout_s", f"must be > 0, got {cfg.parallel.timeout_s}",
+                          "use e.g. 600 (seconds)")
+    if not cfg.checkpoint.save_timeout_s > 0:
+        raise ConfigError("checkpoint.save_timeout_s", "must be > 0, got "
+                          f"{cfg.checkpoint.save_timeout_s}", "use e.g. 1200 (seconds)")
     if s.prompt is not None:
         _at_least("sample.max_new_tokens", s.max_new_tokens, 1,
                   "generate at least one token, or sample.prompt=null for no sample")

@@ -67,6 +67,7 @@ class Generator:
             raise ValueError("generation runs on one process (TP=1, PP=1)")
         self.model = model.eval()
         self.kind, self.loops = model.kind, model.loops
+        self.trained_as = model.kind  # "gpt" when a GPTModel's weights are decoded (as_decoder)
         self.one_pass = model.parallel_loops  # PLT: every loop of a step in one batched pass
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -238,15 +239,45 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def sample_after_training(chunks, tokenizer, sample_cfg) -> str | None:
+def decoding_config(model):
+    """The ``ModelConfig`` the generator decodes for a trained ``model``: itself, or for
+    ``gpt`` (megatron's ``GPTModel``) the ``vanilla`` decoder.  The two have the same
+    parameters under the same names and compute the same function (a one-loop
+    ``LoopedGPTModel`` is a ``GPTModel`` whose block runs once; checked by
+    ``tests/inference/test_generator.py::test_gpt_weights_decode_as_vanilla``), so a gpt
+    checkpoint loads into it unchanged and gets the KV-cached decode.  (Megatron-LM decodes
+    GPTModel through its own inference engine; ours keeps one decoder for every family.)"""
+    from dataclasses import replace
+
+    from plt_train.config.schema import ModelName
+
+    return replace(model, name=ModelName.vanilla) if model.name == ModelName.gpt else model
+
+
+def as_decoder(model, model_cfg=None):
+    """``model`` itself when the generator can decode it, else (a ``GPTModel``, with its
+    ``model_cfg``) a vanilla decoder holding its weights."""
+    if hasattr(model, "run_block") or model_cfg is None:
+        return model
+    from plt_train.models.plt.model import LoopedGPTModel
+
+    twin = LoopedGPTModel(decoding_config(model_cfg), model.config, model.vocab_size)
+    twin.load_state_dict(model.state_dict())  # strict: the same names and shapes
+    return twin.to(next(model.parameters()).device)
+
+
+def sample_after_training(chunks, tokenizer, sample_cfg, model_cfg=None) -> str | None:
     """Decode ``sample_cfg.prompt``'s continuation with the trained model (None when this
-    layout or model cannot generate in place; ``plt-generate`` can from the checkpoint)."""
+    layout cannot generate in place; ``plt-generate`` can from the checkpoint).  A gpt model
+    (``model_cfg`` given) is decoded through its vanilla twin (``decoding_config``)."""
     from megatron.core import parallel_state as ps
 
-    model = getattr(chunks[0], "module", chunks[0])
-    if len(chunks) != 1 or not hasattr(model, "run_block") or \
-            ps.get_tensor_model_parallel_world_size() != 1 or \
+    trained = getattr(chunks[0], "module", chunks[0])
+    if len(chunks) != 1 or ps.get_tensor_model_parallel_world_size() != 1 or \
             ps.get_pipeline_model_parallel_world_size() != 1:
+        return None
+    model = as_decoder(trained, model_cfg)
+    if not hasattr(model, "run_block"):
         return None
     # Eager steps: a one-off sample does not repay a capture, and capturing inside a training
     # process risks clashing with its NCCL watchdog's event queries.
@@ -254,5 +285,5 @@ def sample_after_training(chunks, tokenizer, sample_cfg) -> str | None:
     out = gen.generate([tokenizer.tokenize(sample_cfg.prompt)], sample_cfg.max_new_tokens,
                        sample_cfg.temperature, sample_cfg.top_p, sample_cfg.seed,
                        eos_id=tokenizer.eod)
-    model.train()
+    trained.train()
     return tokenizer.detokenize(out.tokens[0])

@@ -47,8 +47,11 @@ def _free_port() -> int:
 
 
 def init_distributed(device: DeviceInfo, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
-                     timeout_s: int = 600) -> ParallelDims:
-    """Start the default process group and megatron-core's model-parallel groups."""
+                     timeout_s: float = 600.0) -> ParallelDims:
+    """Start the default process group and megatron-core's model-parallel groups.
+
+    ``timeout_s`` bounds every collective of every group (``parallel.timeout_s``): a stalled
+    or dead peer makes the others raise instead of hang (``runtime/hangs.py``)."""
     from megatron.core import parallel_state as ps
 
     cpu_shim.install()
@@ -67,6 +70,7 @@ def init_distributed(device: DeviceInfo, tp: int = 1, pp: int = 1, cp: int = 1, 
         # Experts are never sharded over TP (plt_train.models.moe): megatron-core's default
         # (expert TP = TP) would build expert groups our MoE layers do not use.
         expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=timeout_s / 60,  # a timedelta(minutes=...): floats work
     )
     return ParallelDims(
         world=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp, cp=cp, ep=ep,

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plt_train.training.checkpoint_writers import WriterWatch, watched_writers
+
 LATEST = "latest.txt"
 # Written by megatron's dist_checkpointing.save into every checkpoint directory: a folder
 # without it (an empty ``step_N``, a typo'd path) is not a checkpoint.
@@ -90,23 +92,6 @@ def _sharded_state(chunks, optimizer, scheduler, state: TrainState, loading: boo
     }
 
 
-def _use_in_process_results_queue() -> None:
-    """Saves here are synchronous, so the writer's results never cross a process boundary.
-
-    megatron-core's ``filesystem_async._get_write_results_queue`` starts a *spawn* Manager
-    process for them.  When a rank is SIGKILLed (OOM killer, node failure) that Manager
-    survives as an orphan, holding the launcher's stdout open so the job never finishes.
-    An in-process queue avoids the extra process altogether.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not getattr(filesystem_async, "_plt_train_local_queue", False):
-        filesystem_async._get_write_results_queue = queue.Queue
-        filesystem_async._plt_train_local_queue = True
-
-
 def _everywhere(errors: list) -> str | None:
     """The first error any rank met (every rank learns it), or None."""
     from plt_train.training.integrity import gather_from_all
@@ -126,69 +111,119 @@ def _on_rank0(action) -> str | None:
     return _everywhere(errors)
 
 
-def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
-                    state: TrainState, before_commit=None, identity: dict | None = None) -> Path:
-    """Save step ``state.step`` atomically, with the checksums of its files; returns the final
-    directory.  ``identity`` (``integrity.run_identity``) is what a resuming run must match.
+@dataclass
+class PendingSave:
+    """A save whose shards are written (or being written, for an asynchronous save) into
+    ``tmp`` and that is not committed yet."""
+    root: Path
+    step: int
+    tmp: Path
+    final: Path
+    started: float
+    request: object = None  # megatron's AsyncRequest, for an asynchronous save
 
-    Any failure (a full disk, an unwritable directory) is agreed on by every rank and raised
-    as one-line ``CheckpointError`` after the partial ``step_N.tmp`` is removed: the previous
-    checkpoint stays the latest.  ``before_commit`` is a test hook called after every rank
-    wrote its shards and before the checkpoint becomes visible (so a test can simulate a crash
-    at the worst moment).
-    """
+    def failed(self, error: str) -> Exception:
+        """The one-line ``CheckpointError`` for this save, after removing its ``step_N.tmp``
+        (collective: every rank calls it with the error they agreed on)."""
+        from plt_train.training.integrity import CheckpointError
+
+        _on_rank0(lambda: shutil.rmtree(self.tmp, ignore_errors=True))
+        latest = latest_checkpoint(self.root)
+        error = _disk_full(self.root, latest) or error
+        return CheckpointError(f"saving step {self.step} to {self.root} failed ({error}); "
+                               f"{latest.name if latest else 'no checkpoint'} is still the "
+                               "latest")
+
+
+def start_save(root: str | os.PathLike, chunks, optimizer, scheduler, state: TrainState,
+               identity: dict | None = None, watch: WriterWatch = WriterWatch(),
+               async_save: bool = False) -> PendingSave:
+    """Write step ``state.step`` into ``step_N.tmp`` (collective).  Synchronous: the shards
+    are on disk when it returns.  ``async_save``: the returned save carries megatron's
+    ``AsyncRequest``, to be scheduled in an ``AsyncCallsQueue`` and finalized there before
+    ``commit_save``.  The writer processes are watched either way (``checkpoint_writers``)."""
+    import time
+
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from plt_train.training.integrity import CheckpointError, write_manifest
-
-    _use_in_process_results_queue()
     root = Path(root)
-    final, tmp = _step_dir(root, state.step), Path(f"{_step_dir(root, state.step)}.tmp")
+    final = _step_dir(root, state.step)
+    pending = PendingSave(root, state.step, Path(f"{final}.tmp"), final, time.perf_counter())
 
     def prepare():
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step_*.tmp"):  # a crashed save of this run (the lock is ours)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-
-    def failed(error: str):
-        _on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))
-        latest = latest_checkpoint(root)
-        error = _disk_full(root, latest) or error
-        return CheckpointError(f"saving step {state.step} to {root} failed ({error}); "
-                               f"{latest.name if latest else 'no checkpoint'} is still the "
-                               "latest")
+        pending.tmp.mkdir()
 
     error = _on_rank0(prepare)
     if error:
-        raise failed(error)
+        raise pending.failed(error)
     errors = []
     try:
         sharded = _sharded_state(chunks, optimizer, scheduler, state, loading=False)
         sharded["train_state"]["identity"] = identity
-        dist_checkpointing.save(sharded, str(tmp))
-        dist.barrier()
-        write_manifest(tmp)
+        with watched_writers(watch):
+            pending.request = dist_checkpointing.save(sharded, str(pending.tmp),
+                                                      async_sharded_save=async_save)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException: BaseException
         errors.append(_first_line(err))
     error = _everywhere(errors)
     if error:
-        raise failed(error)
+        raise pending.failed(error)
+    return pending
+
+
+def commit_save(pending: PendingSave, before_commit=None) -> Path:
+    """Make a written save the latest checkpoint (collective): every rank hashes a share of
+    its files into ``checksums.json``, then rank 0 renames ``step_N.tmp`` to ``step_N`` and
+    points ``latest.txt`` at it.  ``before_commit`` is a test hook called after every rank
+    wrote its shards and before the checkpoint becomes visible (so a test can simulate a
+    crash at the worst moment)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from plt_train.training.integrity import write_manifest
+
+    errors = []
+    try:
+        dist.barrier()
+        write_manifest(pending.tmp)
+    except (Exception, CheckpointException) as err:
+        errors.append(_first_line(err))
+    error = _everywhere(errors)
+    if error:
+        raise pending.failed(error)
     dist.barrier()
     if before_commit is not None:
-        before_commit(tmp)
+        before_commit(pending.tmp)
 
     def commit():
-        if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
+        if pending.final.exists():  # re-saving a step (e.g. a signal right after a save)
+            shutil.rmtree(pending.final)
+        os.replace(pending.tmp, pending.final)
+        _write_atomic(pending.root / LATEST, pending.final.name)
 
     error = _on_rank0(commit)
     if error:
-        raise failed(error)
-    return final
+        raise pending.failed(error)
+    return pending.final
+
+
+def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
+                    state: TrainState, before_commit=None, identity: dict | None = None,
+                    watch: WriterWatch = WriterWatch()) -> Path:
+    """Save step ``state.step`` atomically and synchronously, with the checksums of its
+    files; returns the final directory.  ``identity`` (``integrity.run_identity``) is what a
+    resuming run must match.
+
+    Any failure (a full disk, an unwritable directory, a writer killed or past
+    ``watch.timeout_s``) is agreed on by every rank and raised as one-line
+    ``CheckpointError`` after the partial ``step_N.tmp`` is removed: the previous checkpoint
+    stays the latest.  (Asynchronous saves: ``training/saver.py``.)
+    """
+    pending = start_save(root, chunks, optimizer, scheduler, state, identity, watch)
+    return commit_save(pending, before_commit)
 
 
 def prune(root: str | os.PathLike, keep_last: int, keep: Path | None = None) -> list[Path]:
@@ -222,7 +257,9 @@ def _disk_full(root: Path, latest: Path | None) -> str | None:
 
 
 def _first_line(err: BaseException) -> str:
-    """A one-line description of ``err`` (DCP wraps each rank's failure in a long report)."""
+    """A one-line description of ``err``.  DCP wraps each rank's failure in a long report
+    (``CheckpointException``, whose details only the coordinator rank holds) and megatron
+    wraps a writer's in "Worker failure: ..."; the innermost message is the useful one."""
     import errno
 
     text = str(err)
@@ -230,7 +267,14 @@ def _first_line(err: BaseException) -> str:
                        (errno.EDQUOT, "Disk quota exceeded")):
         if name in text:
             return f"OSError: [Errno {code}] {name}"
-    line = (text.strip().splitlines() or [""])[0]
+    failures = getattr(err, "failures", None)  # DCP: {rank: (exception, traceback)}
+    if failures:
+        inner = sorted(failures.items())[0][1]
+        err = inner[0] if isinstance(inner, tuple) else inner
+        while err.__cause__ is not None:
+            err = err.__cause__
+        text = str(err)
+    line = (text.strip().splitlines() or [""])[0].removeprefix("Worker failure: ")
     return f"{type(err).__name__}: {line[:300]}"
 
 

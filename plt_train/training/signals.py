@@ -45,11 +45,15 @@ class FaultInjector:
     ``NANGRAD@3``: rank 0's gradients of step 3 become NaN (one bad step, the other ranks'
     are fine); ``NANWEIGHT@3``: rank 0's first parameter becomes NaN before step 3 (a broken
     model from then on).  Both exercise the divergence guard (``training/guard.py``).
+    ``HANG@3``: rank 0 stops responding before step 3 (sleeps forever: the other ranks' next
+    collective must time out); ``KILLWRITER@4``: the first checkpoint writer process of rank
+    0's save of step 4 is SIGKILLed (what the OOM killer does).  Both exercise
+    ``runtime/hangs.py`` and ``training/checkpoint_writers.py``.
     """
 
     def __init__(self, signum: int | None = None, step: int = 0, in_save: bool = False,
-                 nan: str | None = None):
-        self.signum, self.step, self.in_save, self.nan = signum, step, in_save, nan
+                 kind: str | None = None):
+        self.signum, self.step, self.in_save, self.kind = signum, step, in_save, kind
 
     @classmethod
     def from_env(cls, env=None) -> "FaultInjector":
@@ -59,17 +63,23 @@ class FaultInjector:
         if not spec:
             return cls()
         name, step = spec.split("@")
-        if name.upper() in ("NANGRAD", "NANWEIGHT"):
-            return cls(None, int(step), nan=name.upper())
+        if name.upper() in ("NANGRAD", "NANWEIGHT", "HANG", "KILLWRITER"):
+            return cls(None, int(step), kind=name.upper())
         return cls(getattr(signal, f"SIG{name.upper()}"), int(step),
                    env.get("PLT_TRAIN_FAULT_IN_SAVE") == "1")
 
     def before_step(self, step: int, rank: int, chunks) -> None:
         """``step`` is the step about to run (1-based)."""
-        if self.nan is None or step != self.step or rank != 0:
+        if self.kind is None or step != self.step or rank != 0:
+            return
+        if self.kind == "HANG":
+            import time
+            while True:
+                time.sleep(1)
+        if self.kind == "KILLWRITER":
             return
         param = next(p for chunk in chunks for p in chunk.parameters())
-        if self.nan == "NANWEIGHT":
+        if self.kind == "NANWEIGHT":
             with torch.no_grad():
                 param.fill_(float("nan"))
         else:  # poison this backward's gradient of it once
@@ -79,6 +89,9 @@ class FaultInjector:
                 handle.remove()
                 return torch.full_like(grad, float("nan"))
             handle = param.register_hook(poison)
+
+    def kills_writer(self, step: int, rank: int) -> bool:
+        return self.kind == "KILLWRITER" and step == self.step and rank == 0
 
     def _fire(self, step: int, rank: int) -> None:
         import os

@@ -52,6 +52,8 @@ def test_default_config_is_valid_for_two_processes():
     (["optim.clip_grad=-1"], 2, "optim.clip_grad", ">= 0"),
     (["train.seed=-1"], 2, "train.seed", ">= 0"),
     (["data.num_workers=-2"], 2, "data.num_workers", ">= 0"),
+    (["parallel.timeout_s=0"], 2, "parallel.timeout_s", "> 0"),
+    (["checkpoint.save_timeout_s=-5"], 2, "checkpoint.save_timeout_s", "> 0"),
     (["sample.prompt=hi", "sample.max_new_tokens=0"], 2, "sample.max_new_tokens", ">= 1"),
     (["sample.prompt=hi", "sample.top_p=0"], 2, "sample.top_p", "(0, 1]"),
     (["train.spike_zscore=-1"], 2, "train.spike_zscore", ">= 0"),

@@ -67,6 +67,36 @@ def assert_reproduces_full_forward(model, ps, out, new, tol=1e-4):
     assert out.tokens == out.step_logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("moe", [None, "bigmac"])
+def test_gpt_weights_decode_as_vanilla(one_rank, moe):
+    """Why a gpt checkpoint may be decoded by the vanilla decoder: loaded with a GPTModel's
+    weights, it gives that GPTModel's logits (then decoding reproduces them, as for every
+    decoder above)."""
+    from plt_train.config.schema import MoEConfig
+    from plt_train.inference import Generator, as_decoder
+    from plt_train.models import build_model
+
+    m = ModelConfig(name="gpt", num_layers=2, hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, seq_length=64, init_method_std=0.1,
+                    **({"moe": MoEConfig(layer=moe, num_experts=4, top_k=2, ratio=0.25,
+                                         dcca_kernel="torch", capacity_factor=None)}
+                       if moe else {}))
+    chunks, _, _ = build_model(m, ParallelConfig(), VOCAB, torch.float32,
+                               megatron_device_kwargs(one_rank), 11, one_rank.device)
+    gpt = chunks[0].eval()
+    vanilla = as_decoder(gpt, m).eval()
+    assert type(vanilla).__name__ == "LoopedGPTModel" and vanilla.loops == 1
+    seq = torch.tensor(prompts((17,))[0], device=one_rank.device)[None]
+    pos = torch.arange(seq.shape[1], device=seq.device)[None]
+    with torch.no_grad():
+        expected = gpt(seq, pos, None)
+        got = vanilla(seq, pos, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    ps = prompts()
+    out = Generator(vanilla).generate(ps, NEW)
+    assert_reproduces_full_forward(vanilla, ps, out, NEW)
+
+
 @pytest.mark.parametrize("loops", [2, 3])
 def test_decode_kernel_reproduces_the_full_forward(one_rank, loops, monkeypatch):
     """model.loop.kernel=triton: each PLT layer's decode attention is one Triton launch."""
