@@ -27,10 +27,21 @@ MODELS = {
     # Optional variants (--models): gradient into loop 1's K/V; the input-projection gate.
     "plt-2-grad-kv": ["model.name=plt", "model.loops=2", "model.loop.detach_kv=false"],
     "plt-2-input-gate": ["model.name=plt", "model.loops=2", "model.loop.gate=input"],
+    # The ablation chain looped -> +CLP -> +shared KV -> +G-SWA (= plt-2):
+    "clp-2": ["model.name=plt", "model.loops=2", "model.loop.shared_kv=false"],
+    "clp-2-shared-kv": ["model.name=plt", "model.loops=2", "model.loop.gswa=false"],
 }
 DEFAULT_MODELS = ["vanilla", "looped-2", "plt-2"]
 # CPU default: 2 layers of d=256 on 256-token sequences; PLT's window 64 covers a quarter.
-DEFAULT_SET = ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=4",
+# Everything the comparison relies on is pinned (the default config is the flagship PLT-2 with
+# BigMac layers at EP=2: an unpinned run once measured BigMac here without saying so).
+DEFAULT_SET = ["model=small", "moe=dense", "parallel=data", "model.tie_embeddings=false",
+               "model.loop.window=64", "model.loop.gate=query", "model.loop.gswa=true",
+               "model.loop.detach_kv=true", "model.loop.shared_kv=true",
+               "model.loop.emb_scale=1.0", "model.loop.hidden_scale=1.0",
+               "model.loop.norm_between_loops=true", "model.attention_dropout=0.0",
+               "model.hidden_dropout=0.0", "optim.lr=3e-3", "optim.min_lr=3e-4",
+               "optim.decay_style=cosine", "train.precision=fp32", "model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=4",
                "model.seq_length=256", "train.micro_batch_size=8", "train.global_batch_size=16",
                "train.eval_interval=25", "train.eval_iters=2", "optim.warmup_steps=15",
                "logging.wandb=false", "checkpoint.save_at_end=false"]

@@ -196,6 +196,12 @@ class LoopConfig(_Section):
     included)."""
     gate: GateInput = GateInput.query
     """What the per-head G-SWA gate reads."""
+    shared_kv: bool = True
+    """PLT's efficient representation: later loops attend to loop 1's K/V (plus, with
+    ``gswa``, a window of their own), so only loop 1 keeps a full KV cache.  False: cross-loop
+    parallelism alone, every loop attending to its own full K/V as in a looped model (decode
+    still runs all loops in one pass; the KV cache is R x vanilla's).  The paper's ablation
+    step between looped and PLT; ``gswa``, ``window``, ``gate`` and ``detach_kv`` need it."""
     gswa: bool = True
     """False: later loops attend to loop 1's K/V only (no window branch, no gate)."""
     detach_kv: bool = True
@@ -328,9 +334,14 @@ class ModelConfig(_Section):
         return self.name == ModelName.plt and self.loops > 1
 
     @property
+    def shares_kv(self) -> bool:
+        """``parallel_loops`` whose later loops read loop 1's K/V (``loop.shared_kv``)."""
+        return self.parallel_loops and self.loop.shared_kv
+
+    @property
     def uses_gswa(self) -> bool:
-        """``parallel_loops`` with the window branch and its gate (``loop.gswa``)."""
-        return self.parallel_loops and self.loop.gswa
+        """``shares_kv`` with the window branch and its gate (``loop.gswa``)."""
+        return self.shares_kv and self.loop.gswa
 
     def padded_vocab_size(self, tokenizer_vocab: int) -> int:
         """Embedding rows: ``vocab_size`` (else the tokenizer's) padded to a multiple of

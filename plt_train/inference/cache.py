@@ -8,6 +8,8 @@
   ``kv_bytes(plt) / kv_bytes(vanilla) = 1 + (R-1) * w / S`` for S cached positions.  The
   windows of all later loops of a layer are one tensor [R-1, batch, kv_heads, w, head_dim],
   so one kernel launch can read them all (plt_train/kernels/plt_decode.py).
+- ``plt`` with ``model.loop.shared_kv=false`` (cross-loop parallelism alone): a full cache
+  per layer and loop, like ``looped`` (R x vanilla), but all loops still decode in one pass.
 
 Layout: ``[batch, kv_heads, positions, head_dim]`` (SDPA's).  Batched prompts are left-padded;
 ``valid`` [batch, positions] marks real tokens.  Position ``t = length`` is the one being

@@ -93,9 +93,9 @@ class Generator:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         attn = self.model.decoder.layers[0].self_attention
-        if self.one_pass:  # later loops keep a window only with G-SWA (else: loop 1's KV)
+        if self.one_pass and self.model.opts.shared_kv:  # later loops: a window with G-SWA
             full, windows = [0], list(range(1, self.loops)) if self.model.opts.gswa else []
-        else:
+        else:  # looped, vanilla, and PLT without shared K/V: a full cache per loop
             full, windows = list(range(self.loops)), []
         window = self.model.opts.window if windows else 0
         return KVCache(batch=batch, max_len=max_len,

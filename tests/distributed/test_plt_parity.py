@@ -24,6 +24,8 @@ MODELS = {
     "plt2_input_gate_no_detach": ["model.name=plt", "model.loop.gate=input",
                                   "model.loop.detach_kv=false"],
     "plt3_no_detach": ["model.name=plt", "model.loops=3", "model.loop.detach_kv=false"],
+    # cross-loop parallelism alone: every loop attends to its own K/V (issue 19's ablation)
+    "plt2_no_shared_kv": ["model.name=plt", "model.loop.shared_kv=false"],
 }
 
 
@@ -52,8 +54,11 @@ def references(tmp_path_factory, data_cache):
     ("looped2", ["parallel.pipeline=2"]),
     ("plt2", ["parallel.pipeline=2"]),
     ("plt3_no_detach", ["parallel.pipeline=2"]),
+    ("plt2_no_shared_kv", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    ("plt2_no_shared_kv", ["parallel.pipeline=2"]),
 ], ids=["looped2-tp2", "looped2-dp2", "plt2-tp2", "plt2-dp2", "plt2-tp2_sp",
-        "plt2_input_gate_no_detach-tp2_sp", "looped2-pp2", "plt2-pp2", "plt3_no_detach-pp2"])
+        "plt2_input_gate_no_detach-tp2_sp", "looped2-pp2", "plt2-pp2", "plt3_no_detach-pp2",
+        "plt2_no_shared_kv-tp2_sp", "plt2_no_shared_kv-pp2"])
 def test_looped_models_match_single_process(model, layout, references, tmp_path):
     reference = references(model)
     run_train(tmp_path, COMMON + MODELS[model] + layout, nproc=2)

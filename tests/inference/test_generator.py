@@ -37,6 +37,7 @@ def prompts(lengths=(5, 9, 1)):
 
 CASES = [("vanilla", 1, {}), ("looped", 2, {}), ("looped", 3, {}), ("plt", 1, {}),
          ("plt", 2, {}), ("plt", 3, {}), ("plt", 2, {"gswa": False}),
+         ("plt", 2, {"shared_kv": False}), ("plt", 3, {"shared_kv": False}),
          ("plt", 3, {"gate": "input", "detach_kv": False, "norm_between_loops": False,
                      "emb_scale": 0.5, "hidden_scale": 2.0})]
 
@@ -227,6 +228,10 @@ def test_kv_bytes_plt_is_loop_one_plus_windows_looped_is_r_times(one_rank):
         assert kv[("plt", r)] / base == pytest.approx(1 + (r - 1) * WINDOW / S, rel=0, abs=1e-12)
     # Without G-SWA the later loops read loop 1's KV only: no windows are kept.
     assert Generator(build(one_rank, "plt", 3, gswa=False)).generate(ps, NEW).kv_bytes == base
+    # Cross-loop parallelism without shared K/V: every loop its own full cache, as looped.
+    for r in (2, 3):
+        no_sharing = Generator(build(one_rank, "plt", r, shared_kv=False)).generate(ps, NEW)
+        assert no_sharing.kv_bytes == r * base
 
 
 def test_a_decode_step_past_the_cache_is_refused_before_it_writes(one_rank):
@@ -248,8 +253,9 @@ def test_a_decode_step_past_the_cache_is_refused_before_it_writes(one_rank):
 def test_plt_decodes_all_loops_in_one_pass_looped_needs_r(one_rank, monkeypatch):
     from plt_train.inference import Generator
 
-    for name, loops, passes in [("plt", 3, 1), ("looped", 3, 3), ("vanilla", 1, 1)]:
-        model = build(one_rank, name, loops)
+    for name, loops, passes, kw in [("plt", 3, 1, {}), ("plt", 3, 1, {"shared_kv": False}),
+                                    ("looped", 3, 3, {}), ("vanilla", 1, 1, {})]:
+        model = build(one_rank, name, loops, **kw)
         calls = []
         original = model.run_block
         monkeypatch.setattr(model, "run_block",

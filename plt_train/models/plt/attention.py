@@ -6,6 +6,8 @@ tensor-parallel head split, same checkpoint keys) with its core replaced:
 - ``looped`` / ``vanilla`` models, and loop 1 of ``plt``: causal attention over the loop's own
   K/V.  PLT's loop 1 also leaves its (post-RoPE) K/V in the shared ``LoopState`` for the
   later loops of the same layer.
+- ``plt`` with ``model.loop.shared_kv=false`` (cross-loop parallelism alone): every loop
+  as in a looped model, causal over its own K/V.
 - ``plt`` loops r >= 2 (G-SWA): ``y_global`` = causal attention over loop 1's K/V of this
   layer (detached or not, ``model.loop.detach_kv``); ``y_local`` = causal window-``w``
   attention over the loop's own K/V; ``y = g * y_global + (1 - g) * y_local`` per head with a
@@ -14,7 +16,8 @@ tensor-parallel head split, same checkpoint keys) with its core replaced:
 
 In inference the same module reads and writes ``LoopState.cache`` (``inference.KVCache``):
 looped models keep a full cache per loop; PLT keeps loop 1's full cache and a rolling
-``w``-token cache per later loop, and runs all loops of a decode step as one batch.
+``w``-token cache per later loop (without shared K/V: a full cache per loop), and runs all
+loops of a decode step as one batch.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class LoopAttention(SelfAttention):
         if model is None:
             raise TypeError("LoopAttention needs model= (the ModelConfig; loop_attention_spec)")
         self.loops, self.opts = model.loops, model.loop
-        self.parallel_loops = model.parallel_loops  # later loops read loop 1's K/V
+        self.parallel_loops = model.parallel_loops  # one-pass decode of all loops
+        self.shares_kv = model.shares_kv  # later loops read loop 1's K/V
         self.scale = 1.0 / math.sqrt(self.hidden_size_per_attention_head)
         self.state = LoopState()  # replaced by the model's shared state
         if model.uses_gswa:
@@ -74,8 +78,8 @@ class LoopAttention(SelfAttention):
     def _sequence(self, q, k, v, hidden_states):
         st, loop = self.state, self.state.row_loops[0]
         cache, valid = st.cache, st.key_valid
-        if not self.parallel_loops or loop == 0:
-            if self.parallel_loops:
+        if not self.shares_kv or loop == 0:
+            if self.shares_kv:
                 self._stash_shared_kv(k, v)
             if cache is not None and cache.has_full(loop):
                 cache.store_full(loop, self.layer_number, k, v)
@@ -138,9 +142,17 @@ class LoopAttention(SelfAttention):
             cache.append_full(loops[0], lnum, k, v)
             kc, vc, valid = cache.full_view(loops[0], lnum)
             return ops.cached_attention(q, kc, vc, self.scale, valid)
+        assert loops == list(range(n)), loops
+        if not self.shares_kv:  # cross-loop parallelism alone: each group its own full cache
+            out = []
+            for r in loops:
+                rows = slice(r * B, (r + 1) * B)
+                cache.append_full(r, lnum, k[:, rows], v[:, rows])
+                kc, vc, valid = cache.full_view(r, lnum)
+                out.append(ops.cached_attention(q[:, rows], kc, vc, self.scale, valid))
+            return torch.cat(out, dim=1)
         # PLT: row group 0 is loop 1 and extends the shared cache; every row attends to it;
         # with G-SWA each later group also extends and attends to its loop's window.
-        assert loops == list(range(n)), loops
         cache.append_full(0, lnum, k[:, :B], v[:, :B])
         kc, vc, valid = cache.full_view(0, lnum)
         window = {}

@@ -5,7 +5,8 @@ Same convention as ``models/gpt/flops.py`` (every matmul, 2*m*n*k; causal attent
 by the S(S+1)/2 pairs it keeps).  A looped model runs every layer component R times and the
 LM head once.  PLT's loops r >= 2 compute full Q/K/V and MLPs too, but their attention is
 loop 1's causal K/V (S(S+1)/2 pairs) plus, with G-SWA on, a window of w keys per query
-(sum_i min(i+1, w) pairs, not S(S+1)/2), plus the gate's matmul.
+(sum_i min(i+1, w) pairs, not S(S+1)/2), plus the gate's matmul.  Without shared K/V every
+loop attends to its own K/V: R times the attention, as in a looped model.
 """
 from __future__ import annotations
 

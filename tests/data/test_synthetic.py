@@ -1,0 +1,130 @@
+"""The synthetic multi-hop task (issue 19, part 1): deterministic per seed, well-formed, and
+scored correctly on known answers."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from plt_train.data.synthetic import (
+    ASSIGN, QUERY, SEP, FunctionChains, VariableChains, exact_match, read_test, tokenizer_for,
+    write_task,
+)
+
+
+def resolve(prompt: list[str]) -> list[str]:
+    """Follow the queried variable through the statements (the task's ground truth)."""
+    body = prompt[:prompt.index(QUERY)]
+    rules, statement = {}, []
+    for tok in body:
+        if tok == SEP:
+            rules[statement[0]] = statement[2:]
+            statement = []
+        else:
+            statement.append(tok)
+    value = [prompt[-2]]
+    while value[0] in rules:
+        value = rules[value[0]]
+    return value
+
+
+@pytest.mark.parametrize("task", [VariableChains(), VariableChains(hops=4, chains=2,
+                                                                   answer_digits=3)])
+def test_examples_have_one_answer_reached_in_exactly_hops_steps(task):
+    rng = random.Random(7)
+    for _ in range(200):
+        doc = task.document(random.Random(rng.random()))
+        assert len(doc) + 1 == task.document_length  # + EOD
+        queries = [i for i, t in enumerate(doc) if t == QUERY]
+        assert len(queries) == task.chains  # every chain asked once, answers right
+        for q in queries:
+            assert resolve(doc[:q + 3]) == doc[q + 3:q + 3 + task.answer_digits]
+        prompt, answer = task.example(rng)
+        assert len(prompt) < task.document_length
+        assert prompt[-3:-1] == [QUERY, prompt[-2]] and prompt[-1] == ASSIGN
+        assert resolve(prompt) == answer
+        # exactly `hops` statements are followed, and every left side is assigned once
+        lefts = [prompt[i - 1] for i, t in enumerate(prompt[:-3]) if t == ASSIGN]
+        assert len(lefts) == len(set(lefts)) == task.hops * task.chains
+        var, hops = prompt[-2], 0
+        while var.startswith("v"):
+            i = next(i for i in range(len(prompt) - 3)  # its one assignment: "var = ..."
+                     if prompt[i] == var and prompt[i + 1] == ASSIGN)
+            var, hops = prompt[i + 2], hops + 1
+        assert hops == task.hops
+
+
+def test_function_chains_compose_the_fixed_tables():
+    task = FunctionChains(hops=4, functions=3, values=5, seed=2)
+    tables = task.tables()
+    assert tables == FunctionChains(hops=4, functions=3, values=5, seed=2).tables()
+    assert tables != FunctionChains(hops=4, functions=3, values=5, seed=3).tables()
+    assert all(sorted(t) == list(range(5)) for t in tables)  # permutations
+    rng = random.Random(1)
+    for _ in range(100):
+        doc = task.document(rng)
+        assert len(doc) + 1 == task.document_length and doc[-1] == SEP
+        x, fs = int(doc[0][1:]), [int(f[1:]) for f in doc[1:1 + task.hops]]
+        values = [x]
+        for f in fs:
+            values.append(tables[f][values[-1]])
+        assert doc[1 + task.hops] == ASSIGN
+        assert doc[2 + task.hops:4 + task.hops] == [f"x{values[-2]}", f"x{values[-1]}"]
+
+
+def test_the_same_seed_writes_the_same_files_another_seed_others(tmp_path):
+    task = VariableChains(hops=2, chains=2)
+    a = write_task(task, tmp_path / "a", 300, 20, seed=5)
+    b = write_task(task, tmp_path / "b", 300, 20, seed=5)
+    c = write_task(task, tmp_path / "c", 300, 20, seed=6)
+    for suffix in (".bin", ".idx", ".tokenizer.json"):
+        assert (tmp_path / "a" / f"train{suffix}").read_bytes() == \
+            (tmp_path / "b" / f"train{suffix}").read_bytes()
+    assert a.test.read_bytes() == b.test.read_bytes()
+    assert (tmp_path / "a/train.bin").read_bytes() != (tmp_path / "c/train.bin").read_bytes()
+    assert a.test.read_bytes() != c.test.read_bytes()
+    test = read_test(a.test)
+    assert len(test) == 20 and all(resolve(p) == ans for p, ans in test)
+    # the training data is the same pipeline's indexed dataset: documents of one length,
+    # each an example with its answer, in the tokenizer's ids
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tok = tokenizer_for(task)
+    docs = IndexedDataset(a.prefix)
+    assert len(docs) == 300
+    first = [tok.hf.id_to_token(int(t)) for t in docs[0]]
+    assert len(first) == task.document_length and first[-1] == "<|endoftext|>"
+    q = first.index(QUERY)
+    assert resolve(first[:q + 3]) == first[q + 3:q + 3 + task.answer_digits]
+    assert not set(test[0][0]) - set(task.vocabulary())
+
+
+class _Oracle:
+    """A stand-in generator that answers from the prompt itself (or wrongly on purpose)."""
+
+    def __init__(self, tok, wrong_every: int = 0):
+        self.tok, self.wrong_every, self.calls = tok, wrong_every, 0
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0):
+        from types import SimpleNamespace
+
+        assert temperature == 0.0  # greedy scoring
+        tokens = []
+        for ids in prompts:
+            self.calls += 1
+            answer = resolve([self.tok.hf.id_to_token(i) for i in ids])
+            if self.wrong_every and self.calls % self.wrong_every == 0:
+                answer = answer[:-1] + [str((int(answer[-1]) + 1) % 10)]  # last digit off
+            got = [self.tok.hf.token_to_id(t) for t in answer]
+            tokens.append((got + [self.tok.hf.token_to_id(SEP)] * max_new_tokens)
+                          [:max_new_tokens])
+        return SimpleNamespace(tokens=tokens)
+
+
+def test_exact_match_counts_only_whole_answers():
+    task = VariableChains(hops=2, chains=3)
+    tok = tokenizer_for(task)
+    rng = random.Random(0)
+    examples = [task.example(rng) for _ in range(40)]
+    assert exact_match(_Oracle(tok), tok, examples, batch_size=16) == 1.0
+    assert exact_match(_Oracle(tok, wrong_every=4), tok, examples, batch_size=16) == 0.75

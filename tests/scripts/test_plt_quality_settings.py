@@ -1,0 +1,64 @@
+"""``scripts/plt_quality.py`` pins what its comparison relies on (``compare_loops.py`` once ran
+BigMac after a default changed), and every model it compares is a valid run of the shape it
+claims: the same shared block for vanilla-L, looped-2 and the PLT variants, twice the layers
+for vanilla-2L, one example per training sequence."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import fields
+
+import pytest
+
+from plt_train.config.schema import LoopConfig
+from plt_train.data.synthetic import VariableChains
+from plt_train.models import validate
+from tests.helpers import REPO, compose_run
+
+spec = importlib.util.spec_from_file_location("plt_quality", REPO / "scripts" / "plt_quality.py")
+plt_quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plt_quality)
+
+
+def _args(*argv):
+    return plt_quality.parse_args(["task", *argv])
+
+
+def test_every_loop_option_and_the_training_recipe_are_pinned():
+    task = VariableChains()
+    keys = {o.split("=")[0] for o in plt_quality.task_settings(task, _args())}
+    assert {f"model.loop.{f.name}" for f in fields(LoopConfig)} - {"model.loop.kernel"} <= keys
+    assert {"model.seq_length", "model.hidden_size", "model.num_attention_heads",
+            "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
+            "train.micro_batch_size", "train.global_batch_size", "train.precision"} <= keys
+    assert {"moe", "parallel", "model"} <= keys  # the group presets too
+
+
+@pytest.mark.parametrize("model", list(plt_quality.LOOPS))
+def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
+    args = _args("--layers", "2", "--window", "8")
+    task = VariableChains(hops=args.hops, chains=args.chains)
+    overrides = plt_quality.task_settings(task, args) + \
+        plt_quality.model_overrides(args.layers)[model]
+    cfg = compose_run(overrides)
+    validate(cfg, 1)
+    m = cfg.model
+    assert str(m.moe.layer) == "dense" and cfg.parallel.tensor == cfg.parallel.pipeline == 1
+    assert m.seq_length == task.document_length and m.loop.window == 8
+    assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
+    assert m.num_layers == (4 if model == "vanilla-2L" else 2)
+    assert m.shares_kv == (model in ("plt-2", "plt-2-grad-kv", "clp-2-shared-kv"))
+    assert m.uses_gswa == (model in ("plt-2", "plt-2-grad-kv"))
+    assert m.loop.detach_kv == (model != "plt-2-grad-kv")
+
+
+spec = importlib.util.spec_from_file_location("compare_loops", REPO / "scripts" / "compare_loops.py")
+compare_loops = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_loops)
+
+
+@pytest.mark.parametrize("model", list(compare_loops.MODELS))
+def test_compare_loops_runs_dense_models_whatever_the_defaults(model):
+    cfg = compose_run(compare_loops.DEFAULT_SET + compare_loops.MODELS[model])
+    validate(cfg, 2)
+    assert str(cfg.model.moe.layer) == "dense" and cfg.parallel.expert == 1
+    assert cfg.model.num_layers == 2 and cfg.model.loop.window == 64
