@@ -210,6 +210,24 @@ def commit_save(pending: PendingSave, before_commit=None) -> Path:
     return pending.final
 
 
+def finalize_async(queue, pending: PendingSave, blocking: bool) -> bool:
+    """Whether the background writes of ``pending`` (scheduled in megatron's
+    ``AsyncCallsQueue`` ``queue``) have ended on every rank and been finalized (collective;
+    ``blocking`` waits for them).  A failure on any rank is this save's one-line
+    ``CheckpointError`` on every rank.  Commit with ``commit_save`` after it returns True."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    errors, done = [], []
+    try:
+        done = queue.maybe_finalize_async_calls(blocking=blocking)
+    except (Exception, CheckpointException) as err:  # every rank raises (DCP's finalize)
+        errors.append(_first_line(err))
+    error = _everywhere(errors)
+    if error:
+        raise pending.failed(error)
+    return bool(done)
+
+
 def save_checkpoint(root: str | os.PathLike, chunks, optimizer, scheduler,
                     state: TrainState, before_commit=None, identity: dict | None = None,
                     watch: WriterWatch = WriterWatch()) -> Path:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from plt_train.training.checkpoint import (
-    PendingSave, TrainState, _everywhere, _first_line, commit_save, prune, start_save,
+    PendingSave, TrainState, commit_save, finalize_async, prune, start_save,
 )
 from plt_train.training.checkpoint_writers import WriterWatch
 
@@ -70,20 +70,11 @@ class CheckpointSaver:
             self._finalize(blocking=True)
 
     def _finalize(self, blocking: bool) -> None:
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        pending, errors, done = self.in_flight, [], []
-        try:
-            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
-        except (Exception, CheckpointException) as err:  # every rank raises (DCP finalize)
-            errors.append(_first_line(err))
-        error = _everywhere(errors)
-        if error:
-            self.in_flight = None
-            raise pending.failed(error)
-        if done:
-            self.in_flight = None
+        pending, self.in_flight = self.in_flight, None  # a failed save is not retried
+        if finalize_async(self.queue, pending, blocking):
             self._commit(pending, self._before_commit)
+        else:
+            self.in_flight = pending
 
     def _commit(self, pending: PendingSave, before_commit) -> None:
         saved = commit_save(pending, before_commit)
