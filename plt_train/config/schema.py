@@ -124,6 +124,16 @@ class DecayStyle(enum.StrEnum):
     linear = "linear"
     constant = "constant"
     inverse_square_root = "inverse-square-root"
+    wsd = "WSD"  # warmup-stable-decay: max lr until the last optim.wsd_decay_steps, then decay
+
+
+class WsdDecayStyle(enum.StrEnum):
+    """The shape of WSD's final decay (megatron-core's ``lr_wsd_decay_style``)."""
+
+    linear = "linear"
+    cosine = "cosine"
+    exponential = "exponential"
+    minus_sqrt = "minus_sqrt"
 
 
 class WandbMode(enum.StrEnum):
@@ -422,6 +432,12 @@ class OptimConfig(_Section):
     decay_style: DecayStyle = DecayStyle.cosine
     decay_steps: Optional[int] = None
     """None: train.steps."""
+    wsd_decay_steps: Optional[int] = None
+    """``decay_style=wsd``: the last this many of the decay steps anneal to ``min_lr`` (the
+    others stay at ``lr``).  On resume a WSD run always takes the config's schedule (its length
+    is what one decides late: extend the stable phase by raising ``train.steps``, or anneal
+    from any stable checkpoint by giving the new end and ``wsd_decay_steps``)."""
+    wsd_decay_style: WsdDecayStyle = WsdDecayStyle.linear
     override_schedule_on_resume: bool = False
     """On resume megatron takes the lr schedule (lr, min_lr, warmup, decay steps and style)
     from the checkpoint, and we print what differs from the config.  True makes the config's

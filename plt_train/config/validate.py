@@ -9,7 +9,7 @@ beside that family: ``plt_train.models.validate`` runs these checks and then tho
 from __future__ import annotations
 
 from plt_train.config.errors import ConfigError
-from plt_train.config.schema import MLPLayer, RunConfig, check_choices
+from plt_train.config.schema import DecayStyle, MLPLayer, RunConfig, check_choices
 
 
 def derived_data_parallel(cfg: RunConfig, world_size: int) -> int:
@@ -186,6 +186,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} is not below the decay "
                           f"steps ({decay}: optim.decay_steps, else train.steps)",
                           f"use at most {decay - 1} warmup steps")
+    if o.decay_style == DecayStyle.wsd and not (
+            o.wsd_decay_steps is not None and 1 <= o.wsd_decay_steps <= decay - o.warmup_steps):
+        raise ConfigError("optim.wsd_decay_steps", f"{o.wsd_decay_steps} with "
+                          "decay_style=wsd: must be between 1 and the decay steps after warmup "
+                          f"({decay} - {o.warmup_steps})", "e.g. a tenth to a fifth of the run")
     if o.weight_decay < 0:
         raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}",
                           "use e.g. 0.1, or 0 for none")

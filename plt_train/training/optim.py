@@ -27,8 +27,15 @@ def build_optimizer(chunks, optim: OptimConfig, parallel: ParallelConfig, dtype:
 
 
 def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
-    """Linear warmup from 0, then ``decay_style`` down to ``min_lr`` (in optimizer steps)."""
+    """Linear warmup from 0, then ``decay_style`` down to ``min_lr`` (in optimizer steps).
+
+    A WSD schedule always takes the config's values on resume (megatron does not even save
+    ``wsd_decay_steps``): the point of WSD is that the run's end is chosen late."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from plt_train.config.schema import DecayStyle
+
+    override = optim.override_schedule_on_resume or optim.decay_style == DecayStyle.wsd
 
     return OptimizerParamScheduler(
         optimizer,
@@ -42,6 +49,8 @@ def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
         end_wd=optim.weight_decay,
         wd_incr_steps=train_steps,
         wd_incr_style="constant",
-        override_opt_param_scheduler=optim.override_schedule_on_resume,
-        use_checkpoint_opt_param_scheduler=not optim.override_schedule_on_resume,
+        wsd_decay_steps=optim.wsd_decay_steps,
+        lr_wsd_decay_style=str(optim.wsd_decay_style),
+        override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override,
     )
