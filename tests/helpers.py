@@ -87,3 +87,23 @@ def assert_clean_failure(proc, *words):
         assert w in text, text[-3000:]
     bad = [f for f in traceback_frames(text) if "megatron" in f or "plt_train" in f]
     assert not bad, bad
+
+
+def checkpoint_tensors(step_dir: Path, tmp_path: Path) -> dict:
+    """A saved checkpoint's tensors by dotted name, read with torch's own DCP reader
+    (megatron's torch_dist format is DCP underneath), without building a model."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+    walk("", torch.load(out, weights_only=False))
+    return flat

@@ -266,6 +266,16 @@ class MoEConfig(_Section):
     in megatron-core; over-capacity assignments with the lowest router probability drop.
     None: dropless (every assignment is computed)."""
     router_score_function: RouterScore = RouterScore.softmax
+    expert_bias: bool = False
+    """Auxiliary-loss-free load balancing (DeepSeek-V3; megatron-core's
+    ``moe_router_enable_expert_bias``): a per-expert bias added to the routing scores when
+    choosing the top-k (not to the combine weights), moved by ``bias_update_rate`` after every
+    optimizer step, up for experts that got fewer tokens than the mean of the global batch and
+    down for those that got more (counts summed over TP x DP, expert-parallel ranks included).
+    A buffer, saved in checkpoints.  Needs ``router_score_function=sigmoid`` (as megatron);
+    usually with ``aux_loss_coeff`` 0 or small."""
+    bias_update_rate: float = 1e-3
+    """The expert bias's step per optimizer step (DeepSeek-V3's gamma)."""
     router_pre_softmax: bool = False
     """Softmax over all experts before top-k (else after)."""
     expert_gemm: ExpertGemm = ExpertGemm.auto

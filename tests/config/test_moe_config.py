@@ -59,6 +59,9 @@ def test_unknown_moe_choices_fail_at_composition(override, allowed):
     (["moe=bigmac", "model.moe.expert_gemm=te"], 2, "model.moe.expert_gemm", "not installed"),
     (["moe=bigmac", "model.moe.capacity_factor=0"], 2, "model.moe.capacity_factor", "> 0"),
     (["moe=bigmac", "parallel.tensor=2"], 2, "parallel.sequence_parallel", "sequence parallel"),
+    (["moe=bigmac", "model.moe.expert_bias=true"], 2, "model.moe.expert_bias", "sigmoid"),
+    (["moe=bigmac", "model.moe.expert_bias=true", "model.moe.router_score_function=sigmoid",
+      "model.moe.bias_update_rate=0"], 2, "model.moe.bias_update_rate", "> 0"),
 ])
 def test_invalid_moe_configs_name_the_field(overrides, world, field, words):
     # One change to the dense GPT baseline (the default config is the EP=2 flagship).

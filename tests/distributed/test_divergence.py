@@ -9,32 +9,15 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEBUG_ARGS, assert_clean_failure, read_metrics, run_train
+from tests.helpers import (
+    DEBUG_ARGS, assert_clean_failure, checkpoint_tensors, read_metrics, run_train,
+)
 
 TWO_RANKS = DEBUG_ARGS + ["parallel=data", "train.global_batch_size=4",
                           "train.micro_batch_size=1", "optim.warmup_steps=4"]
 
 
 # -- real runs: 2 ranks, data parallel --------------------------------------------------------
-def _checkpoint_tensors(step_dir, tmp_path):
-    """A saved checkpoint's tensors, read with torch's own DCP reader (megatron's torch_dist
-    format is DCP underneath), without building a model."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp_path / f"{step_dir.name}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-    walk("", torch.load(out, weights_only=False))
-    return flat
-
-
 def test_one_nan_gradient_skips_one_step_on_every_rank(tmp_path, data_cache):
     """Rank 0's gradients of step 3 are NaN: every rank skips step 3 (no update, the lr
     schedule does not advance), then training goes on and ends normally."""
@@ -47,7 +30,7 @@ def test_one_nan_gradient_skips_one_step_on_every_rank(tmp_path, data_cache):
     assert rows[3]["skipped_steps"] == rows[5]["skipped_steps"] == 1
     assert "skipped_steps" not in rows[2]
     ckpt = tmp_path / "checkpoints"
-    before, after = (_checkpoint_tensors(ckpt / f"step_{s:07d}", tmp_path) for s in (2, 3))
+    before, after = (checkpoint_tensors(ckpt / f"step_{s:07d}", tmp_path) for s in (2, 3))
     weights = [k for k in before if "optimizer" not in k and "rng" not in k
                and before[k].is_floating_point()]
     # Exact on any CPU or layout: a skipped step runs no arithmetic on the weights at all, so
@@ -55,7 +38,7 @@ def test_one_nan_gradient_skips_one_step_on_every_rank(tmp_path, data_cache):
     assert weights and all(torch.equal(before[k], after[k]) for k in weights)
     # And step 4 updates (AdamW at lr > 0 moves every weight by about lr): only "something
     # differs" is asserted, never a value.
-    later = _checkpoint_tensors(ckpt / f"step_{4:07d}", tmp_path)
+    later = checkpoint_tensors(ckpt / f"step_{4:07d}", tmp_path)
     assert any(not torch.equal(after[k], later[k]) for k in weights)
 
 
@@ -89,7 +72,7 @@ def test_runaway_learning_rate_stops_with_one_line(tmp_path, data_cache):
     ckpt = tmp_path / "checkpoints"
     latest = ckpt / (ckpt / "latest.txt").read_text().strip()
     assert f"the last good checkpoint is {latest}" in line[0]
-    tensors = _checkpoint_tensors(latest, tmp_path)
+    tensors = checkpoint_tensors(latest, tmp_path)
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert json.loads(json.dumps(rows[-1]))  # metrics stay valid JSON
 

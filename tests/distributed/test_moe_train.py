@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics
 from tests.distributed._moe_launch import torchrun_script
@@ -83,3 +84,25 @@ def test_checkpoint_resumes_and_reshards_across_expert_parallel_sizes(runs):
     for step in ep2:
         assert ep1[step] == pytest.approx(ep2[step], rel=1e-5), step
     assert ep2[STEPS + 1] < losses_by_step(runs / "bigmac_ep2")[1] - 1.0  # weights were loaded
+
+
+def test_expert_bias_is_updated_each_step_and_checkpointed(tmp_path, data_cache):
+    """Auxiliary-loss-free balancing in a real run (EP=2): every MoE layer's router carries an
+    expert bias in the checkpoint, moved by +-bias_update_rate once per optimizer step (so a
+    multiple of the rate, at most steps x rate), not left at zero."""
+    from tests.helpers import checkpoint_tensors, run_train
+
+    steps, rate = 4, 1e-3
+    run_train(tmp_path, COMMON[:1] + [a for a in COMMON[1:] if not a.startswith("train.")] + [
+        f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "train.eval_interval=0", "moe=fine_grained", "parallel.expert=2",
+        "model.moe.router_score_function=sigmoid", "model.moe.expert_bias=true",
+        f"model.moe.bias_update_rate={rate}", "model.moe.aux_loss_coeff=0",
+        "checkpoint.save_at_end=true"], nproc=2)
+    saved = checkpoint_tensors(tmp_path / "checkpoints" / f"step_{steps:07d}", tmp_path)
+    (bias,) = [v for k, v in saved.items() if k.endswith("router.expert_bias")]
+    assert bias.shape == (4, 8)  # megatron stacks the layers: 4 MoE layers x 8 experts
+    steps_taken = bias / rate
+    assert torch.allclose(steps_taken, steps_taken.round(), atol=1e-3)
+    assert steps_taken.abs().max() <= steps
+    assert (steps_taken.abs().sum(dim=1) > 0).all()  # every layer's bias moved

@@ -392,3 +392,40 @@ def test_te_backend_keeps_the_moe_layer(one_rank, monkeypatch, layer):
                                            "bigmac": "BigMacMoE"}[layer]
         assert sub.pre_mlp_layernorm is TENorm
         assert sub.self_attention is fused.submodules.self_attention
+
+
+# --- auxiliary-loss-free balancing ----------------------------------------------------------
+
+@pytest.mark.parametrize("layer_type", ["fine_grained", "bigmac"])
+def test_expert_bias_moves_the_routed_counts_toward_balance(one_rank, layer_type):
+    """A router skewed toward expert 0: with ``model.moe.expert_bias`` megatron's update (the
+    one ``finalize_model_grads`` runs after every step) lowers the over-loaded experts' bias
+    until the load spreads; without it nothing moves.  The bias is a checkpointed buffer."""
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias, reset_model_temporary_tensors,
+    )
+
+    def imbalance(biased: bool) -> list[float]:
+        model = _model(layer_type, router_score_function="sigmoid", expert_bias=biased,
+                       bias_update_rate=0.02)
+        layer = _layer(one_rank, model)
+        w = layer.router.weight.detach()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, H, generator=g) * 0.1 + 2.0 * w[0] / w[0].norm()  # likes expert 0
+        loads = []
+        for _ in range(100):
+            _, rmap = layer.router(x)  # grad enabled: counted, as in a training step
+            counts = rmap.sum(0).float()
+            loads.append((counts.max() / counts.mean()).item())
+            if biased:
+                _update_router_expert_bias([layer], layer.config)
+                reset_model_temporary_tensors(layer.config, [layer])
+        if biased:
+            assert "router.expert_bias" in layer.state_dict()
+        return loads
+
+    off, on = imbalance(False), imbalance(True)
+    assert off[0] == on[0] > 2.0  # the same skewed start: expert 0 takes most tokens
+    assert off[-1] == off[0]  # no bias: the routing never changes
+    # The sign update oscillates around the balance it drives toward: judge the last 20 steps.
+    assert sum(on[-20:]) / 20 < 0.7 * on[0] and max(on[-20:]) < on[0], on[::10]

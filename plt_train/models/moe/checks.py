@@ -40,6 +40,13 @@ def validate_moe(cfg: RunConfig) -> None:
                           "use e.g. 1.2, or null for dropless routing")
     if moe.aux_loss_coeff < 0:
         raise ConfigError("model.moe.aux_loss_coeff", "must be >= 0", "the paper uses 1e-3")
+    if moe.expert_bias and str(moe.router_score_function) != "sigmoid":
+        raise ConfigError("model.moe.expert_bias", "needs router_score_function=sigmoid "
+                          f"(megatron-core's expert bias), got {moe.router_score_function}",
+                          "set model.moe.router_score_function=sigmoid")
+    if moe.expert_bias and not moe.bias_update_rate > 0:
+        raise ConfigError("model.moe.bias_update_rate", f"must be > 0, got "
+                          f"{moe.bias_update_rate}", "DeepSeek-V3 uses 1e-3")
     if moe.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts", "must be >= 0", "0 disables them")
     if p.tensor > 1 and not p.sequence_parallel:

@@ -27,6 +27,8 @@ def moe_transformer_kwargs(model: ModelConfig) -> dict:
         moe_pad_expert_input_to_capacity=False,
         moe_router_score_function=str(moe.router_score_function),
         moe_router_pre_softmax=moe.router_pre_softmax,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
         moe_shared_expert_intermediate_size=(moe.num_shared_experts * width
