@@ -115,6 +115,11 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
               f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
               f"start step={state.step}", flush=True)
+        if p.overlap_grad_reduce:
+            buckets = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups)
+                          for c in chunks)
+            print(f"[plt_train] gradient reduce overlapped with the backward pass: {buckets} "
+                  "bucket(s)", flush=True)
         print(f"[plt_train] unigram entropy of the corpus: {unigram_entropy(prepared.prefix):.4f}"
               " nats/token (the loss of a model that ignores context)", flush=True)
 

@@ -393,6 +393,16 @@ class ParallelConfig(_Section):
     """Not wired into the training step yet: validation refuses > 1."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's all-reduce (reduce-scatter with the distributed optimizer)
+    during the backward pass, once every parameter in it has its gradient of the step
+    (megatron-core DDP; Megatron-LM's --overlap-grad-reduce).  A looped model's block gets its
+    gradients from several loops: megatron counts each parameter's gradient-ready events in
+    the first step and waits for as many in later ones, so no bucket leaves before the last
+    loop's gradient is in (tests/distributed/test_plt_parity.py)."""
+    bucket_size: Optional[int] = None
+    """Parameters per gradient bucket with ``overlap_grad_reduce`` (megatron's
+    ``bucket_size``); None: megatron's default, max(40M, 1M x data-parallel size)."""
     data: Optional[int] = None
     """Optional check: if set, must equal the derived data-parallel size."""
     timeout_s: float = 600.0

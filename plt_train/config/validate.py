@@ -106,6 +106,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if m.num_layers % p.pipeline:
         raise ConfigError("parallel.pipeline", f"{p.pipeline} stages do not divide "
                           f"model.num_layers={m.num_layers}", "use a divisor of num_layers")
+    if p.bucket_size is not None and p.bucket_size < 1:
+        raise ConfigError("parallel.bucket_size", f"must be >= 1, got {p.bucket_size}",
+                          "null for megatron's default")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel", "needs tensor parallelism",
                           "set parallel.tensor>1 or parallel.sequence_parallel=false")

@@ -11,7 +11,8 @@ def wrap_data_parallel(chunks, tconfig, parallel: ParallelConfig) -> list:
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        bucket_size=parallel.bucket_size,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return [
