@@ -53,6 +53,7 @@ def test_default_config_is_valid_for_two_processes():
     (["train.seed=-1"], 2, "train.seed", ">= 0"),
     (["data.num_workers=-2"], 2, "data.num_workers", ">= 0"),
     (["parallel.timeout_s=0"], 2, "parallel.timeout_s", "> 0"),
+    (["parallel.bucket_size=0"], 2, "parallel.bucket_size", ">= 1"),
     (["checkpoint.save_timeout_s=-5"], 2, "checkpoint.save_timeout_s", "> 0"),
     (["optim.decay_style=wsd"], 2, "optim.wsd_decay_steps", "between 1 and"),
     (["optim.decay_style=wsd", "train.steps=100", "optim.warmup_steps=20",
