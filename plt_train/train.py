@@ -24,6 +24,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     from plt_train.data import build_data_iterator, build_datasets, check_data, prepare_data
     from plt_train.data.stats import unigram_entropy
     from plt_train.models import get_family, validate
+    from plt_train.models.parallelize import gather_params
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
     from plt_train.runtime.device import resolve_dtype
     from plt_train.runtime.hangs import StackDumpOnSignal, flight_recorder_env
@@ -171,6 +172,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             interval = cfg.checkpoint.save_interval
             if stop or (interval and state.step % interval == 0) or (
                     state.step == t.steps and cfg.checkpoint.save_at_end):
+                gather_params(chunks)  # overlap_param_gather leaves other ranks' shards stale
                 if not weights_are_finite(chunks, device.device):  # never save a broken model
                     saver.finish()
                     raise TrainingDiverged(
@@ -197,6 +199,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         loggers.close()
     if cfg.sample.prompt and state.step >= t.steps:
         from plt_train.inference import sample_after_training
+        gather_params(chunks)
         text = sample_after_training(model.modules, prepared.tokenizer, cfg.sample, cfg.model)
         if logging_rank:
             print(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None

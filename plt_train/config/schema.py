@@ -400,6 +400,11 @@ class ParallelConfig(_Section):
     gradients from several loops: megatron counts each parameter's gradient-ready events in
     the first step and waits for as many in later ones, so no bucket leaves before the last
     loop's gradient is in (tests/distributed/test_plt_parity.py)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: gather the updated parameters bucket by bucket from
+    inside the next forward pass instead of all at once after the optimizer step (Megatron-LM's
+    --overlap-param-gather).  Checkpoints, the finite-weights check and the end-of-run sample
+    gather them first (``models.parallelize.gather_params``)."""
     bucket_size: Optional[int] = None
     """Parameters per gradient bucket with ``overlap_grad_reduce`` (megatron's
     ``bucket_size``); None: megatron's default, max(40M, 1M x data-parallel size)."""

@@ -106,6 +106,11 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if m.num_layers % p.pipeline:
         raise ConfigError("parallel.pipeline", f"{p.pipeline} stages do not divide "
                           f"model.num_layers={m.num_layers}", "use a divisor of num_layers")
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+        raise ConfigError("parallel.overlap_param_gather", "needs the distributed optimizer "
+                          "and overlapped gradient reduce (as in Megatron-LM)",
+                          "also set parallel.use_distributed_optimizer=true and "
+                          "parallel.overlap_grad_reduce=true")
     if p.bucket_size is not None and p.bucket_size < 1:
         raise ConfigError("parallel.bucket_size", f"must be >= 1, got {p.bucket_size}",
                           "null for megatron's default")

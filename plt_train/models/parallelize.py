@@ -12,6 +12,7 @@ def wrap_data_parallel(chunks, tconfig, parallel: ParallelConfig) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
         bucket_size=parallel.bucket_size,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
@@ -19,3 +20,15 @@ def wrap_data_parallel(chunks, tconfig, parallel: ParallelConfig) -> list:
         DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk)
         for chunk in chunks
     ]
+
+
+def gather_params(chunks) -> None:
+    """Finish the distributed optimizer's parameter all-gather now.  With
+    ``parallel.overlap_param_gather`` it is deferred to the next forward pass (each module's
+    pre-hook gathers its bucket), so between an optimizer step and that forward every rank
+    holds only its own shard up to date: anything reading the weights outside a forward (a
+    checkpoint, the finite-weights check, the sample) calls this first, as Megatron-LM does
+    before its saves.  A no-op otherwise.  Collective."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)

@@ -54,6 +54,8 @@ def test_default_config_is_valid_for_two_processes():
     (["data.num_workers=-2"], 2, "data.num_workers", ">= 0"),
     (["parallel.timeout_s=0"], 2, "parallel.timeout_s", "> 0"),
     (["parallel.bucket_size=0"], 2, "parallel.bucket_size", ">= 1"),
+    (["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=true"], 2,
+     "parallel.overlap_param_gather", "distributed optimizer"),
     (["checkpoint.save_timeout_s=-5"], 2, "checkpoint.save_timeout_s", "> 0"),
     (["optim.decay_style=wsd"], 2, "optim.wsd_decay_steps", "between 1 and"),
     (["optim.decay_style=wsd", "train.steps=100", "optim.warmup_steps=20",
