@@ -68,9 +68,20 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in rows if r["kind"] == kind]
 
 
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """Last logged train loss per step (a resumed run re-logs the steps it repeats)."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+def losses_by_step(run_dir: Path, kind: str = "train") -> dict[int, float]:
+    """Last logged loss per step (a resumed run re-logs the steps it repeats); ``kind``
+    "valid" for the validation losses."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, kind)}
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def traceback_frames(text: str) -> list[str]:

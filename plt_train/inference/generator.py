@@ -93,7 +93,7 @@ class Generator:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         attn = self.model.decoder.layers[0].self_attention
-        if self.one_pass and self.model.opts.shared_kv:  # later loops: a window with G-SWA
+        if self.model.shares_kv:  # later loops keep a window (with G-SWA), no full cache
             full, windows = [0], list(range(1, self.loops)) if self.model.opts.gswa else []
         else:  # looped, vanilla, and PLT without shared K/V: a full cache per loop
             full, windows = list(range(self.loops)), []

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import DEBUG_ARGS, checkpoint_tensors, read_metrics, run_train
+from tests.helpers import DEBUG_ARGS, checkpoint_tensors, losses_by_step, run_train
 
 ARGS = DEBUG_ARGS + ["parallel=data", "parallel.use_distributed_optimizer=true",
                      "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=4",
@@ -21,16 +21,12 @@ OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=t
            "parallel.bucket_size=20000"]
 
 
-def _losses(run_dir, kind):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir, kind)}
-
-
 def test_overlapped_param_gather_matches_and_its_checkpoints_resume(tmp_path, data_cache):
     plain, overlap = tmp_path / "plain", tmp_path / "overlap"
     run_train(plain, ARGS, nproc=2)
     run_train(overlap, ARGS + OVERLAP, nproc=2)
     for kind in ("train", "valid"):
-        ref, got = _losses(plain, kind), _losses(overlap, kind)
+        ref, got = losses_by_step(plain, kind), losses_by_step(overlap, kind)
         assert sorted(got) == sorted(ref) and len(ref) >= 2, kind
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-6), (kind, step)
@@ -44,9 +40,9 @@ def test_overlapped_param_gather_matches_and_its_checkpoints_resume(tmp_path, da
     for key in weights:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
     # And a resume from it reproduces steps 3-4.
-    reference = _losses(overlap, "train")
+    reference = losses_by_step(overlap, "train")
     shutil.rmtree(overlap / "checkpoints" / "step_0000004")
     run_train(overlap, ARGS + OVERLAP, nproc=2)
-    resumed = _losses(overlap, "train")
+    resumed = losses_by_step(overlap, "train")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step

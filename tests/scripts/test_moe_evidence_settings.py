@@ -4,24 +4,16 @@ equal-wall-time arithmetic of compare_moe: steps that fit in fine_grained's time
 off the validation curve."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from plt_train.models import validate
-from tests.helpers import REPO, compose_run
+from tests.helpers import compose_run, load_script
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare_moe = load("compare_moe")
-bench_cluster = load("bench_cluster")
+compare_moe = load_script("compare_moe")
+bench_cluster = load_script("bench_cluster")
 
 
 def without_run_dir(overrides: list[str]) -> list[str]:

@@ -4,7 +4,6 @@ claims: the same shared block for vanilla-L, looped-2 and the PLT variants, twic
 for vanilla-2L, one example per training sequence."""
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import fields
 
 import pytest
@@ -12,11 +11,9 @@ import pytest
 from plt_train.config.schema import LoopConfig
 from plt_train.data.synthetic import VariableChains
 from plt_train.models import validate
-from tests.helpers import REPO, compose_run
+from tests.helpers import compose_run, load_script
 
-spec = importlib.util.spec_from_file_location("plt_quality", REPO / "scripts" / "plt_quality.py")
-plt_quality = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plt_quality)
+plt_quality = load_script("plt_quality")
 
 
 def _args(*argv):
@@ -51,9 +48,7 @@ def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     assert m.loop.detach_kv == (model != "plt-2-grad-kv")
 
 
-spec = importlib.util.spec_from_file_location("compare_loops", REPO / "scripts" / "compare_loops.py")
-compare_loops = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_loops)
+compare_loops = load_script("compare_loops")
 
 
 @pytest.mark.parametrize("model", list(compare_loops.MODELS))

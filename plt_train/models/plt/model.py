@@ -64,6 +64,7 @@ class LoopedGPTModel(GPTModel):
         self.kind = model.name
         self.loops = 1 if model.name == ModelName.vanilla else model.loops
         self.parallel_loops = model.parallel_loops
+        self.shares_kv = model.shares_kv  # later loops read loop 1's K/V (its cache only)
         self.opts = model.loop
         # Under pipeline parallelism each loop is a virtual chunk of its own (pipeline.py),
         # with its own backward pass.
