@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000,
                         help="tokenizer vocabulary (before padding)")
     parser.add_argument("--fp32", action="store_true", help="size for fp32 instead of bf16")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="size activations for this device's kernels (default cuda)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for plt_train.train")
     args = parser.parse_args(argv)
     if args.world_size < 1:
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose_config(args.overrides)
         from plt_train.models.plan import format_plan, plan
-        result = plan(cfg, args.world_size, args.vocab_size, bf16=not args.fp32)
+        result = plan(cfg, args.world_size, args.vocab_size, bf16=not args.fp32,
+                      device=args.device)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         # Hydra / omegaconf: an unknown key, a wrong type or an unknown choice (the cause
         # names the key and the allowed values).

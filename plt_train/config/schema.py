@@ -102,6 +102,23 @@ class Backend(enum.StrEnum):
     te = "te"  # Transformer Engine
 
 
+class Recompute(enum.StrEnum):
+    """Activation recomputation (``model.recompute.granularity``)."""
+
+    none = "none"  # keep every activation the backward pass needs
+    selective = "selective"  # recompute the parts named in ``model.recompute.modules``
+    full = "full"  # keep only each layer's input; rerun the layer in the backward pass
+
+
+class RecomputeModule(enum.StrEnum):
+    """What ``selective`` recomputes (megatron-core's ``recompute_modules`` names)."""
+
+    core_attn = "core_attn"  # the attention proper (softmax(QK^T)V; G-SWA's two branches)
+    layernorm = "layernorm"  # the input and pre-MLP norms
+    mlp = "mlp"  # the dense MLP
+    moe = "moe"  # the whole MoE layer (router, all-to-alls, experts)
+
+
 class Switch(enum.StrEnum):
     """An optional speed-up: the device's default, or forced."""
 
@@ -229,6 +246,25 @@ class LoopConfig(_Section):
 
 
 @dataclass
+class RecomputeConfig(_Section):
+    """Activation recomputation: trade compute for activation memory (megatron-core's
+    ``recompute_granularity`` / ``recompute_method`` / ``recompute_num_layers`` /
+    ``recompute_modules``; torchtitan's ``activation_checkpoint.mode``).  Looped models
+    recompute per layer per loop (``models/plt/recompute.py``); loss and gradients are those
+    of the run without it, dropout included (megatron's checkpoint restores the RNG states)."""
+
+    group_path: ClassVar[str] = "model.recompute"
+
+    granularity: Recompute = Recompute.none
+    modules: list = field(default_factory=lambda: ["core_attn"])
+    """With ``selective``: any of core_attn, layernorm, mlp, moe (``RecomputeModule``)."""
+    num_layers: Optional[int] = None
+    """With ``full``: recompute only the first this many layers of each pipeline stage
+    (megatron's ``block`` method), keeping the rest; None: every layer (megatron's
+    ``uniform`` method, one layer per unit)."""
+
+
+@dataclass
 class MoEConfig(_Section):
     """Mixture-of-experts MLPs (BigMac, arXiv 2502.16927). ``layer: dense`` keeps the SwiGLU MLP.
 
@@ -300,6 +336,7 @@ class ModelConfig(_Section):
     """R: passes through the shared block (looped and plt; 1 for gpt and vanilla)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4

@@ -9,7 +9,9 @@ beside that family: ``plt_train.models.validate`` runs these checks and then tho
 from __future__ import annotations
 
 from plt_train.config.errors import ConfigError
-from plt_train.config.schema import DecayStyle, MLPLayer, RunConfig, check_choices
+from plt_train.config.schema import (
+    DecayStyle, MLPLayer, Recompute, RecomputeModule, RunConfig, check_choices,
+)
 
 
 def derived_data_parallel(cfg: RunConfig, world_size: int) -> int:
@@ -64,10 +66,40 @@ def _check_ranges(cfg: RunConfig) -> None:
                               "1 samples from the whole distribution")
 
 
+def _check_recompute(cfg: RunConfig) -> None:
+    rc, m = cfg.model.recompute, cfg.model
+    key = "model.recompute"
+    allowed = ", ".join(x.value for x in RecomputeModule)
+    for name in rc.modules:
+        if name not in RecomputeModule.__members__:
+            raise ConfigError(f"{key}.modules", f"unknown module {name!r}", f"use any of {allowed}")
+    if rc.granularity == Recompute.selective and not rc.modules:
+        raise ConfigError(f"{key}.modules", "is empty with granularity=selective",
+                          f"name some of {allowed}, or granularity=none")
+    if rc.granularity == Recompute.selective:
+        dense = m.moe.layer == MLPLayer.dense
+        wrong = "moe" if dense and "moe" in rc.modules else (
+            "mlp" if not dense and "mlp" in rc.modules else None)
+        if wrong:
+            kind = "dense MLPs" if dense else "MoE layers"
+            raise ConfigError(f"{key}.modules", f"{wrong!r} does not apply: the model has {kind}",
+                              "use 'mlp' for dense layers, 'moe' for MoE layers")
+    if rc.num_layers is not None:
+        if rc.granularity != Recompute.full:
+            raise ConfigError(f"{key}.num_layers", "applies to granularity=full only",
+                              "set granularity=full, or num_layers=null")
+        per_stage = m.num_layers // max(cfg.parallel.pipeline, 1)
+        if not 1 <= rc.num_layers <= per_stage:
+            raise ConfigError(f"{key}.num_layers", f"must be in [1, {per_stage}] (the layers "
+                              f"of a pipeline stage), got {rc.num_layers}",
+                              "null recomputes every layer")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Raise ConfigError for the first problem found."""
     check_choices(cfg)
     _check_ranges(cfg)
+    _check_recompute(cfg)
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     for name in ("tensor", "pipeline", "context", "expert"):
         if getattr(p, name) < 1:

@@ -71,9 +71,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, tokenizer_vocab: i
     Returns (chunks, transformer_config, padded_vocab_size).
     """
     from plt_train.models.common.backends import resolve_backend
+    from plt_train.models.common.recompute_fix import fix_checkpoint_without_output
     from plt_train.models.init import init_weights
     from plt_train.models.transformer_config import to_transformer_config
 
+    fix_checkpoint_without_output()
     tconfig = to_transformer_config(model, parallel, dtype, device_kwargs)
     vocab = model.padded_vocab_size(tokenizer_vocab)
     chunk = get_family(model.name).build(model, tconfig, vocab, resolve_backend(model.backend))

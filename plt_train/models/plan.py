@@ -12,19 +12,23 @@ laptop.  The memory figures are an estimate for planning, not a measurement:
 * gradients: fp32 ``main_grad`` buffers (megatron DDP with ``grad_reduce_in_fp32``);
 * optimizer: Adam's two fp32 moments, plus fp32 master weights when training in bf16; divided
   by the data-parallel size with the distributed optimizer;
-* activations (no recomputation; SDPA/flash attention, so no s^2 score matrix): Korthikanti et
-  al. 2022's ``s*b*h*(10 + 24/t)`` bytes per layer for 16-bit activations (``34*s*b*h/t`` with
-  sequence parallelism), times the micro-batches a 1F1B first stage keeps in flight.  That
-  is the dense layer's count: MoE layers keep their routed rows too (top-k of them per
-  token), so for them it is a lower bound.
+* activations: what one micro-batch keeps for the backward pass, counted tensor by tensor
+  for our layers (``models/activation_memory.py``: loops, PLT's shared K/V and G-SWA, MoE
+  routed rows, ``model.recompute``; checked against a measurement in
+  ``scripts/bench_memory.py``), times the micro-batches in flight: a 1F1B first stage keeps
+  ``min(PP, micro-batches)`` of them, the last stage one plus the LM head's; a looped model
+  under PP runs each loop as a virtual chunk (megatron's interleaved schedule), which keeps
+  ``1 + (PP - 1) / (PP * R)`` times as much (Korthikanti et al. 2022).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from plt_train.config import RunConfig, derived_data_parallel
-from plt_train.config.schema import MLPLayer
+from plt_train.config.schema import MLPLayer, ModelName
 from plt_train.models import get_family, validate
+from plt_train.models.activation_memory import Device, activation_bytes
 
 GiB = 1024**3
 
@@ -46,14 +50,19 @@ class RankPlan:
     grads_gib: float
     optimizer_gib: float
     activations_gib: float
+    activation_bytes: float
+    """One micro-batch on the stage with the LM head (``models/activation_memory.py``)."""
+    recompute: str
 
     @property
     def total_gib(self) -> float:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
 
 
-def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> RankPlan:
-    """Validate ``cfg`` for ``world_size`` ranks (raises ConfigError) and size one rank."""
+def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True,
+         device: str = "cuda") -> RankPlan:
+    """Validate ``cfg`` for ``world_size`` ranks (raises ConfigError) and size one rank of a
+    run on ``device`` (cuda or cpu: what the fused kernels keep for backward differs)."""
     validate(cfg, world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = derived_data_parallel(cfg, world_size)
@@ -71,10 +80,14 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
     if p.use_distributed_optimizer:
         optimizer_bytes /= dp
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-    s, b, h = m.seq_length // p.context, t.micro_batch_size, m.hidden_size
-    per_layer = 34 * s * b * h / p.tensor if p.sequence_parallel else s * b * h * (10 + 24 / p.tensor)
-    per_layer *= weight_bytes / 2
+    act = partial(activation_bytes, m, p, t.micro_batch_size, layers, vocab,
+                  bytes_per_element=weight_bytes, device=Device(device))
     in_flight = min(p.pipeline, micro_batches)
+    first = act(head=p.pipeline == 1) * in_flight
+    if p.pipeline > 1 and m.name in (ModelName.looped, ModelName.plt) and m.loops > 1:
+        first *= 1 + (p.pipeline - 1) / (p.pipeline * m.loops)
+    per_micro_batch = act(head=True)
+    activations = max(first, per_micro_batch)
     return RankPlan(
         world=world_size, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, dp=dp,
         layers_per_stage=layers, micro_batches=micro_batches,
@@ -82,7 +95,9 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) ->
         total_params=total, params_per_rank=per_rank,
         weights_gib=per_rank * weight_bytes / GiB, grads_gib=per_rank * 4 / GiB,
         optimizer_gib=optimizer_bytes / GiB,
-        activations_gib=per_layer * layers * in_flight / GiB,
+        activations_gib=activations / GiB, activation_bytes=per_micro_batch,
+        recompute=str(m.recompute.granularity) if m.recompute.granularity != "selective"
+        else "selective (" + ", ".join(m.recompute.modules) + ")",
     )
 
 
@@ -100,6 +115,8 @@ def format_plan(r: RankPlan) -> str:
         ("memory / rank: weights", f"{r.weights_gib:.2f} GiB"),
         ("memory / rank: fp32 grads", f"{r.grads_gib:.2f} GiB"),
         ("memory / rank: optimizer", f"{r.optimizer_gib:.2f} GiB"),
+        ("activation recompute", r.recompute),
+        ("activations / micro-batch (est.)", f"{r.activation_bytes / GiB:.3f} GiB"),
         ("memory / rank: activations (est.)", f"{r.activations_gib:.2f} GiB"),
         ("memory / rank: total (est.)", f"{r.total_gib:.2f} GiB"),
     ]

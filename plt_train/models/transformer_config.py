@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plt_train.config.schema import ModelConfig, ParallelConfig, Switch
+from plt_train.config.schema import ModelConfig, ParallelConfig, Recompute, Switch
 from plt_train.models.moe.config import moe_transformer_kwargs
 
 
@@ -45,6 +45,24 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: t
         # Loss = sum over tokens / tokens in the global batch, whatever the DP/micro-batching.
         calculate_per_token_loss=True,
         deallocate_pipeline_outputs=True,
+        **recompute_kwargs(model),
         **moe_transformer_kwargs(model),
         **device_kwargs,
     )
+
+
+def recompute_kwargs(model: ModelConfig) -> dict:
+    """``model.recompute`` as megatron-core's fields.  The gpt model's ``TransformerBlock``
+    reads them as they are; looped models run their layers themselves and read
+    ``recompute_granularity`` / ``recompute_num_layers`` in ``models/plt/recompute.py``
+    (selective recompute happens inside the layers for every model)."""
+    rc = model.recompute
+    if rc.granularity == Recompute.none:
+        return {}
+    if rc.granularity == Recompute.selective:
+        return dict(recompute_granularity="selective", recompute_modules=list(rc.modules))
+    if rc.num_layers is None:  # every layer, each its own unit
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    return dict(recompute_granularity="full", recompute_method="block",
+                recompute_num_layers=rc.num_layers)

@@ -282,6 +282,11 @@ def install() -> None:
 
     DistributedOptimizer.__init__ = _init_on_cpu
 
+    # Activation recompute (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``) saves
+    # and restores the CPU generator, the tracker's states and the CUDA generator through
+    # these two; without CUDA there is no CUDA generator to save.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.model_parallel_cuda_manual_seed = _model_parallel_cuda_manual_seed

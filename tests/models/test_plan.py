@@ -98,9 +98,14 @@ def test_cli_refuses_bad_arguments_in_one_line(argv, words):
 
 def test_cli_prints_the_plan():
     proc = subprocess.run([sys.executable, "-m", "plt_train.dryrun", "--world-size", "1024",
-                           *BIG], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           *BIG, "model.name=plt", "model.loops=2",
+                           "model.recompute.granularity=selective",
+                           "model.recompute.modules=[core_attn,mlp]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "8 x 4 x 1 x 32" in proc.stdout and "memory / rank: total" in proc.stdout
+    assert "selective (core_attn, mlp)" in proc.stdout  # the recompute mode
+    assert "activations / micro-batch (est.)" in proc.stdout
 
 
 def test_installed_entry_point_works_outside_the_repo(tmp_path):
@@ -111,3 +116,23 @@ def test_installed_entry_point_works_outside_the_repo(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "layers per pipeline stage" in proc.stdout
+
+
+def test_activation_estimate_counts_loops_and_recompute():
+    """The plan's activation memory grows with the loops (every loop keeps its activations),
+    PLT's later loops keep a little more (G-SWA's second branch), and recompute shrinks it;
+    ``scripts/bench_memory.py`` checks the same figures against a measurement
+    (tests/scripts/test_bench_memory.py)."""
+    def act(*extra):
+        return plan(compose_run(BIG + list(extra)), 1024, 32000).activation_bytes
+
+    gpt = act()
+    looped, plt2 = act("model.name=looped", "model.loops=2"), act("model.name=plt", "model.loops=2")
+    assert 1.8 < looped / gpt < 2.0  # two loops of the block, one LM head
+    assert looped < plt2 < 1.1 * looped
+    full = act("model.recompute.granularity=full")
+    first = act("model.recompute.granularity=full", "model.recompute.num_layers=1")
+    selective = act("model.recompute.granularity=selective", "model.recompute.modules=[mlp]")
+    assert full < first < gpt and full < selective < gpt
+    plt_full = act("model.name=plt", "model.loops=2", "model.recompute.granularity=full")
+    assert plt_full < 0.3 * plt2

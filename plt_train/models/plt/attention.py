@@ -21,9 +21,11 @@ loops of a decode step as one batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -83,13 +85,17 @@ class LoopAttention(SelfAttention):
                 self._stash_shared_kv(k, v)
             if cache is not None and cache.has_full(loop):
                 cache.store_full(loop, self.layer_number, k, v)
-            return ops.causal_attention(q, k, v, self.scale, valid)
+            return self._core(ops.causal_attention, q, k, v, scale=self.scale, key_valid=valid)
         k_shared, v_shared = self._shared_kv(loop)
         if cache is not None and self.opts.gswa:
             cache.store_window(loop, self.layer_number, k, v)
         if not self.opts.gswa:
-            return ops.causal_attention(q, k_shared, v_shared, self.scale, valid)
+            return self._core(ops.causal_attention, q, k_shared, v_shared, scale=self.scale,
+                              key_valid=valid)
         g = self.gswa_gate(q, hidden_states)
+        return self._core(self._gswa, q, k_shared, v_shared, k, v, g, valid=valid)
+
+    def _gswa(self, q, k_shared, v_shared, k, v, g, valid=None):
         if valid is None and use_triton(self.opts.kernel, q.device):
             from plt_train.kernels import gswa  # imports Triton: only where it is selected
 
@@ -97,6 +103,16 @@ class LoopAttention(SelfAttention):
                 return gswa.gswa_attention(q, k_shared, v_shared, k, v, g, self.scale,
                                            self.opts.window)
         return ops.gswa(q, k_shared, v_shared, k, v, g, self.scale, self.opts.window, valid)
+
+    def _core(self, attend, *tensors, **options):
+        """``attend(*tensors, **options)``, the attention proper.  Under selective recompute
+        of ``core_attn`` (megatron's ``checkpoint_core_attention``) in training, what it
+        saves for backward is dropped and recomputed in the backward pass, as megatron's
+        ``Attention._checkpointed_attention_forward`` does for its core attention."""
+        if self.checkpoint_core_attention and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(functools.partial(attend, **options), False,
+                                              *tensors)
+        return attend(*tensors, **options)
 
     def _stash_shared_kv(self, k, v):
         """Queue loop 1's K/V once for each later loop (a FIFO per (layer, loop)).
@@ -109,10 +125,12 @@ class LoopAttention(SelfAttention):
         flows on through loop 1's graph; otherwise the later loops' backward would run
         through loop 1's graph early and free it before loop 1's own backward.
         """
+        if self.state.held is not None:  # under full recompute: the wrapper queues them
+            self.state.held[self.layer_number] = (k, v)
+            return
         if self.state.split_loops and not self.opts.detach_kv and k.requires_grad:
             k, v = (self._hand_over_grad(t) for t in (k, v))
-        for loop in range(1, self.loops):
-            self.state.shared_kv.setdefault((self.layer_number, loop), []).append((k, v))
+        self.queue_shared_kv(k, v)
 
     @staticmethod
     def _hand_over_grad(t):
@@ -120,12 +138,24 @@ class LoopAttention(SelfAttention):
         t.register_hook(lambda g: g if leaf.grad is None else g + leaf.grad)
         return leaf
 
+    def queue_shared_kv(self, k, v):
+        """Queue (K, V) as they are for every later loop of this layer."""
+        for loop in range(1, self.loops):
+            self.state.shared_kv.setdefault((self.layer_number, loop), []).append((k, v))
+
     def _shared_kv(self, loop: int):
         """Loop 1's K/V of this layer for the sequence loop ``loop`` is processing."""
-        k, v = self.state.shared_kv[(self.layer_number, loop)].pop(0)
+        if self.state.held is not None:  # under full recompute: handed in by the wrapper
+            k, v = self.state.held.pop(self.layer_number)
+        else:
+            k, v = self.take_shared_kv(loop)
         if self.opts.detach_kv:
             k, v = k.detach(), v.detach()
         return k, v
+
+    def take_shared_kv(self, loop: int):
+        """Pop loop 1's queued (K, V) for ``loop`` (oldest first), as queued."""
+        return self.state.shared_kv[(self.layer_number, loop)].pop(0)
 
     # -- one new position per sequence against the cache -----------------------------------
     def _decode(self, q, k, v, hidden_states):

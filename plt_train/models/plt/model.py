@@ -34,6 +34,7 @@ from plt_train.models.gpt.specs import decoder_block_spec, local_self_attention_
 from plt_train.models.moe import mlp_spec
 from plt_train.models.plt.attention import LoopAttention
 from plt_train.models.plt.ops import shift_one
+from plt_train.models.plt.recompute import recomputed_layer, recomputed_layers, should_recompute
 from plt_train.models.plt.state import LoopState
 
 LOOPED = (ModelName.vanilla, ModelName.looped, ModelName.plt)  # the names this model builds
@@ -122,8 +123,16 @@ class LoopedGPTModel(GPTModel):
         return self.embedding(input_ids=input_ids, position_ids=position_ids)
 
     def run_block(self, x, rope):
-        for layer in self.decoder.layers:
-            x, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+        """The shared block's layers of this stage, for the current loop.  Under full
+        recompute (``model.recompute``) the first ``recomputed_layers`` of them keep only
+        their input and run again in the backward pass (``recompute.py``)."""
+        layers = self.decoder.layers
+        recompute = recomputed_layers(self.config, len(layers)) if should_recompute(self) else 0
+        for i, layer in enumerate(layers):
+            if i < recompute:
+                x = recomputed_layer(layer, self.loop_state, x, rope)
+            else:
+                x, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
         return x
 
     def between_loops(self, h):

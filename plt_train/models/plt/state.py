@@ -29,6 +29,10 @@ class LoopState:
     # (pipeline.py), so gradients into loop 1's K/V are handed over by a hook (attention.py).
     # Set by the model when it is built with PP > 1 and R > 1.
     split_loops: bool = False
+    # A layer being run under full recompute (recompute.py): {layer number: (K, V)} handed
+    # between the layer's attention and the recompute wrapper instead of the queues above:
+    # loop 1 leaves its K/V here, a later loop finds loop 1's here.  None otherwise.
+    held: Optional[dict] = None
 
     def begin(self, loop: int = 0, *, key_valid=None, cache=None, decoding=False) -> None:
         self.row_loops = [loop]
