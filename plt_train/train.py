@@ -21,7 +21,9 @@ from plt_train.config.store import CONFIG_DIR, hydra_argv_for_rank, register_con
 
 def run(cfg: RunConfig, run_dir: str) -> dict:
     """Train according to ``cfg``; returns the final metrics (on every rank)."""
-    from plt_train.data import build_data_iterator, build_datasets, check_data, prepare_data
+    from plt_train.data import (
+        build_data_iterator, build_datasets, check_data, mixture_proportions, prepare_data,
+    )
     from plt_train.data.stats import unigram_entropy
     from plt_train.models import get_family, validate
     from plt_train.models.parallelize import gather_params
@@ -121,8 +123,15 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                           for c in chunks)
             print(f"[plt_train] gradient reduce overlapped with the backward pass: {buckets} "
                   "bucket(s)", flush=True)
-        print(f"[plt_train] unigram entropy of the corpus: {unigram_entropy(prepared.prefix):.4f}"
-              " nats/token (the loss of a model that ignores context)", flush=True)
+        if prepared.mixture:
+            shares = ", ".join(f"{prefix} {share:.3f} (weight {weight:.3f})" for (prefix, share),
+                               (_, weight) in zip(mixture_proportions(train_ds), prepared.mixture))
+            print(f"[plt_train] data mixture, realised shares of the {len(train_ds)} training "
+                  f"samples: {shares}", flush=True)
+        else:
+            print(f"[plt_train] unigram entropy of the corpus: "
+                  f"{unigram_entropy(prepared.prefix):.4f} nats/token (the loss of a model that "
+                  "ignores context)", flush=True)
 
     # 7. The loop.  The signal handlers and the loggers are released also when it fails
     # (Hydra's multirun goes on to its next job in this process).  A stop signal also dumps

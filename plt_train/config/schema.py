@@ -27,7 +27,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, List, Optional
 
 from plt_train.config.errors import ConfigError
 
@@ -454,6 +454,16 @@ class ParallelConfig(_Section):
 
 
 @dataclass
+class MixtureMember:
+    """One dataset of a mixture: Megatron-LM's ``--data-path WEIGHT PREFIX`` pair."""
+
+    prefix: str = ""
+    """Megatron indexed dataset prefix (<prefix>.bin / .idx)."""
+    weight: float = 1.0
+    """Relative share of the samples (the weights of a mixture are normalised)."""
+
+
+@dataclass
 class DataConfig(_Section):
     """Where tokens come from.
 
@@ -465,6 +475,15 @@ class DataConfig(_Section):
 
     prefix: Optional[str] = None
     """Megatron indexed dataset prefix (<prefix>.bin / .idx)."""
+    mixture: List[MixtureMember] = field(default_factory=list)
+    """Instead of ``prefix``: several datasets drawn at the given weights (Megatron-LM's
+    ``--data-path w1 p1 w2 p2``, through megatron-core's ``BlendedDataset``); ``split`` splits
+    each member, so validation mixes the members' validation splits at the same weights.
+    ``data.mixture='[{prefix: data/web, weight: 0.7}, {prefix: data/code, weight: 0.3}]'``."""
+    valid_mixture: List[MixtureMember] = field(default_factory=list)
+    """Validation from these datasets instead of a split of the training data (Megatron-LM's
+    ``--valid-data-path``); the training data (``prefix`` or ``mixture``) is then used whole
+    and ``split`` is not read."""
     tokenizer: Optional[str] = None
     """A HuggingFace tokenizer.json; None with prefix None: trained on the embedded corpus."""
     vocab_size: int = 8192

@@ -95,11 +95,33 @@ def _check_recompute(cfg: RunConfig) -> None:
                               "null recomputes every layer")
 
 
+def _check_mixtures(cfg: RunConfig) -> None:
+    """The shape of ``data.mixture`` / ``data.valid_mixture`` (the files: ``check_data``)."""
+    d = cfg.data
+    if d.prefix and d.mixture:
+        raise ConfigError("data.mixture", "is set together with data.prefix",
+                          "use one: data.prefix=null for a mixture, or data.mixture=[]")
+    if d.valid_mixture and not (d.prefix or d.mixture):
+        raise ConfigError("data.valid_mixture", "needs training data from data.prefix or "
+                          "data.mixture (the embedded corpus has its own tokenizer)",
+                          "set data.prefix or data.mixture, or data.valid_mixture=[]")
+    for name in ("mixture", "valid_mixture"):
+        for i, member in enumerate(getattr(d, name)):
+            key = f"data.{name}[{i}]"
+            if not member.prefix:
+                raise ConfigError(f"{key}.prefix", "is empty", "give the dataset's prefix "
+                                  "(<prefix>.bin / .idx), as written by plt-preprocess")
+            if not member.weight > 0:
+                raise ConfigError(f"{key}.weight", f"must be > 0, got {member.weight}",
+                                  "drop the member to leave it out")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Raise ConfigError for the first problem found."""
     check_choices(cfg)
     _check_ranges(cfg)
     _check_recompute(cfg)
+    _check_mixtures(cfg)
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     for name in ("tensor", "pipeline", "context", "expert"):
         if getattr(p, name) < 1:

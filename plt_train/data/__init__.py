@@ -30,6 +30,7 @@ _LAZY = (
     "build_data_iterator",
     "build_datasets",
     "check_data",
+    "mixture_proportions",
     "prepare_data",
 )
 __all__ = [
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
         build_data_iterator,
         build_datasets,
         check_data,
+        mixture_proportions,
         prepare_data,
     )
 

@@ -49,8 +49,21 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class PreparedData:
-    prefix: str  # megatron indexed-dataset prefix (<prefix>.bin / <prefix>.idx)
+    prefix: str  # megatron indexed-dataset prefix (<prefix>.bin / <prefix>.idx); a mixture's first
     tokenizer: Tokenizer
+    mixture: tuple = ()  # ((prefix, normalised weight), ...) of data.mixture; () for one dataset
+    valid_mixture: tuple = ()  # the same for data.valid_mixture; (): a split of the training data
+
+    def train_blend(self) -> tuple[list[str], Optional[list[float]]]:
+        """megatron's ``blend`` of the training data."""
+        if not self.mixture:
+            return [self.prefix], None
+        return [p for p, _ in self.mixture], [w for _, w in self.mixture]
+
+    def valid_blend(self) -> Optional[tuple[list[str], list[float]]]:
+        if not self.valid_mixture:
+            return None
+        return [p for p, _ in self.valid_mixture], [w for _, w in self.valid_mixture]
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ def _fix_hint(prefix: str) -> str:
     )
 
 
-def read_index(prefix: str) -> IndexInfo:
+def read_index(prefix: str, key: str = "data.prefix") -> IndexInfo:
     """Parse and cross-check ``<prefix>.idx`` against ``<prefix>.bin`` without megatron.
 
     Megatron only asserts on the magic bytes and then memory-maps whatever sizes the header
@@ -82,7 +95,7 @@ def read_index(prefix: str) -> IndexInfo:
     missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
     if missing:
         raise DataError(
-            f"data.prefix={prefix}: missing {' and '.join(missing)} (an indexed dataset is the "
+            f"{key}={prefix}: missing {' and '.join(missing)} (an indexed dataset is the "
             f"pair .bin + .idx). {_fix_hint(prefix)}"
         )
     idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
@@ -119,7 +132,7 @@ def read_index(prefix: str) -> IndexInfo:
         raise DataError(f"{bad}: inconsistent tables. {_fix_hint(prefix)}")
     tokens = int(lengths.sum(dtype=np.int64))
     if n_doc == 1 or tokens == 0:
-        raise DataError(f"data.prefix={prefix}: the dataset has no tokens. {_fix_hint(prefix)}")
+        raise DataError(f"{key}={prefix}: the dataset has no tokens. {_fix_hint(prefix)}")
     if bin_size != tokens * dtype.itemsize:
         what = "truncated" if bin_size < tokens * dtype.itemsize else "longer than its index"
         raise DataError(
@@ -130,17 +143,29 @@ def read_index(prefix: str) -> IndexInfo:
     return IndexInfo(dtype=dtype, sequence_lengths=lengths, documents=n_doc - 1, tokens=tokens)
 
 
+def data_sources(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(config key, expanded prefix) of every dataset ``cfg`` names: ``prefix`` or the
+    members of ``mixture``, then those of ``valid_mixture``.  Empty: the embedded corpus."""
+    out = [("data.prefix", os.path.expanduser(cfg.prefix))] if cfg.prefix else []
+    for name in ("mixture", "valid_mixture"):
+        out += [(f"data.{name}[{i}]", os.path.expanduser(m.prefix))
+                for i, m in enumerate(getattr(cfg, name))]
+    return out
+
+
 def _tokenizer_path(cfg: DataConfig) -> Optional[str]:
+    """``data.tokenizer``, else the one beside the (first) training dataset."""
     if cfg.tokenizer:
         return os.path.expanduser(cfg.tokenizer)
-    if cfg.prefix:
-        return f"{os.path.expanduser(cfg.prefix)}.tokenizer.json"
-    return None
+    sources = data_sources(cfg)
+    return f"{sources[0][1]}.tokenizer.json" if sources else None
 
 
 def _load_tokenizer(path: str, cfg: DataConfig) -> Tokenizer:
     if not os.path.isfile(path):
-        given = f"data.tokenizer={cfg.tokenizer}" if cfg.tokenizer else f"data.prefix={cfg.prefix}"
+        sources = data_sources(cfg)
+        given = (f"data.tokenizer={cfg.tokenizer}" if cfg.tokenizer
+                 else f"{sources[0][0]}={sources[0][1]}" if sources else "data.tokenizer")
         raise DataError(
             f"{given}: tokenizer file {path} not found. Set data.tokenizer=<tokenizer.json> "
             "(a HuggingFace tokenizer.json) or place it next to the data as "
@@ -155,22 +180,40 @@ def _load_tokenizer(path: str, cfg: DataConfig) -> Tokenizer:
 def _checked_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
     """The checks of ``check_data``; returns the configured tokenizer (None: to be trained)."""
     path = _tokenizer_path(cfg)
-    if cfg.prefix is None:
+    sources = data_sources(cfg)
+    if not sources:
         return None if path is None else _load_tokenizer(path, cfg)
-    prefix = os.path.expanduser(cfg.prefix)
-    info = read_index(prefix)
-    tok = _load_tokenizer(path, cfg)  # type: ignore[arg-type]  # prefix set => path set
-    if tok.vocab_size > np.iinfo(info.dtype).max + 1:
-        raise DataError(
-            f"data.prefix={prefix} stores {info.dtype.name} tokens but tokenizer {path} has "
-            f"{tok.vocab_size} ids: the data was not made with this tokenizer."
-        )
-    top = max_token_id(prefix, info.dtype, cache_root(cfg))
-    if top >= tok.vocab_size:
-        raise DataError(
-            f"data.prefix={prefix} holds token id {top}, beyond tokenizer {path}'s "
-            f"{tok.vocab_size} ids: the data was not made with this tokenizer."
-        )
+    tok = _load_tokenizer(path, cfg)  # type: ignore[arg-type]  # sources set => path set
+    first_dtype = None
+    for key, prefix in sources:
+        info = read_index(prefix, key)
+        if tok.vocab_size > np.iinfo(info.dtype).max + 1:
+            raise DataError(
+                f"{key}={prefix} stores {info.dtype.name} tokens but tokenizer {path} has "
+                f"{tok.vocab_size} ids: the data was not made with this tokenizer."
+            )
+        top = max_token_id(prefix, info.dtype, cache_root(cfg))
+        if top >= tok.vocab_size:
+            raise DataError(
+                f"{key}={prefix} holds token id {top}, beyond tokenizer {path}'s "
+                f"{tok.vocab_size} ids: the data was not made with this tokenizer."
+            )
+        own = f"{prefix}.tokenizer.json"
+        if os.path.isfile(own) and os.path.abspath(own) != os.path.abspath(path) \
+                and Tokenizer.load(own).sha256 != tok.sha256:
+            raise DataError(
+                f"{key}={prefix} was made with another tokenizer ({own}) than {path}: the "
+                "datasets of a run must share one tokenizer (re-run plt-preprocess with "
+                "--tokenizer <the run's tokenizer.json>)."
+            )
+        if first_dtype is not None and info.dtype != first_dtype:
+            raise DataError(
+                f"{key}={prefix} stores {info.dtype.name} tokens, {sources[0][0]} "
+                f"{first_dtype.name}: the datasets of a run must be made alike (same tokenizer "
+                "and plt-preprocess settings)."
+            )
+        if first_dtype is None:
+            first_dtype = info.dtype
     return tok
 
 
@@ -203,8 +246,9 @@ def check_data(cfg: DataConfig, model_vocab_size: Optional[int] = None) -> None:
     """Validate ``cfg`` cheaply (file reads, and one cached scan of the token ids); raise
     DataError (or ConfigError for ``model.vocab_size``) with a fix on problems.
 
-    ``prefix=None`` selects the embedded corpus, which is built on demand and always passes
-    (a given ``tokenizer`` must still exist and load).
+    ``prefix=None`` with no ``mixture`` selects the embedded corpus, which is built on demand
+    and always passes (a given ``tokenizer`` must still exist and load).  Every dataset named
+    (``prefix`` or each mixture member) must be whole and made with the run's tokenizer.
     """
     tok = _checked_tokenizer(cfg)
     if tok is not None and model_vocab_size is not None and model_vocab_size < tok.vocab_size:
@@ -291,9 +335,11 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     needs no process group (nodes that do not share ``cache_dir`` each build their own copy).
     """
     tok = _checked_tokenizer(cfg)
-    if cfg.prefix is not None:
-        assert tok is not None  # a prefix always resolves a tokenizer (or raised)
-        return PreparedData(prefix=os.path.expanduser(cfg.prefix), tokenizer=tok)
+    if cfg.prefix is not None or cfg.mixture:
+        assert tok is not None  # a dataset always resolves a tokenizer (or raised)
+        mixture, valid = (_normalised(members) for members in (cfg.mixture, cfg.valid_mixture))
+        prefix = os.path.expanduser(cfg.prefix) if cfg.prefix else mixture[0][0]
+        return PreparedData(prefix=prefix, tokenizer=tok, mixture=mixture, valid_mixture=valid)
     root = embedded_dir(cfg)
     if not (root / "done.json").exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -308,6 +354,12 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     return PreparedData(
         prefix=prefix, tokenizer=tok or _load_tokenizer(f"{prefix}.tokenizer.json", cfg)
     )
+
+
+def _normalised(members) -> tuple:
+    """((prefix, weight / total), ...): Megatron-LM normalises a blend's weights too."""
+    total = sum(m.weight for m in members)
+    return tuple((os.path.expanduser(m.prefix), m.weight / total) for m in members)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -347,32 +399,53 @@ def build_datasets(
     num_samples: tuple[int, int],
     path_to_cache: str,
 ) -> tuple[GPTDataset, Optional[GPTDataset]]:
-    """Train and valid GPTDatasets through megatron-core's BlendedMegatronDatasetBuilder.
+    """Train and valid datasets through megatron-core's BlendedMegatronDatasetBuilder: a
+    GPTDataset for one dataset, a BlendedDataset over the members of a mixture.
 
     ``num_samples`` = (train, valid) samples to provide; megatron repeats (re-shuffled) epochs
     to reach them. Must be called on every rank: with a process group, rank 0 builds the index
     cache in ``path_to_cache`` and the others load it after a barrier. ``valid`` is None when
-    the split gives it weight 0.
+    the split gives it weight 0.  With ``prepared.valid_mixture`` the training data is used
+    whole and validation reads the valid mixture (megatron's ``blend_per_split``).
     """
-    _check_split(prepared.prefix, split)
+    per_split = prepared.valid_blend()
+    if per_split is None:
+        for prefix in prepared.train_blend()[0]:
+            _check_split(prefix, split)
+        sources = dict(blend=prepared.train_blend(), split=split)
+    else:
+        sources = dict(blend_per_split=[prepared.train_blend(), per_split, None])
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([prepared.prefix], None),
-        split=split,
         path_to_cache=os.path.expanduser(path_to_cache),
         tokenizer=prepared.tokenizer,  # type: ignore[arg-type]  # duck-typed, see tokenizer.py
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
+        **sources,
     )
+    # No test set is read; megatron wants a size (0) rather than None for a weighted blend.
+    test_size = None if prepared.train_blend()[1] is None and per_split is None else 0
     train, valid, _test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples[0], num_samples[1], None], lambda: True, config
+        GPTDataset, [num_samples[0], num_samples[1], test_size], lambda: True, config
     ).build()
     if train is None:
         raise DataError(f"data.split={split!r} gives the train split weight 0")
     return train, valid
+
+
+def mixture_proportions(dataset: Any, samples: Optional[int] = None) -> list[tuple[str, float]]:
+    """(prefix, share of the first ``samples`` samples) per member of a blended dataset (all
+    of them by default); a single dataset is one member with share 1."""
+    datasets = getattr(dataset, "datasets", None)
+    if datasets is None:
+        return [(dataset.dataset.path_prefix, 1.0)]
+    index = dataset.dataset_index[:samples] if samples else dataset.dataset_index
+    counts = np.bincount(index, minlength=len(datasets))
+    return [(d.dataset.path_prefix, float(c) / max(len(index), 1))
+            for d, c in zip(datasets, counts)]
 
 
 # --------------------------------------------------------------------------- sampling
