@@ -25,12 +25,14 @@ setup(
         "tokenizers>=0.20",
         "wandb>=0.19",
         "tqdm",
+        "safetensors",  # plt-export writes Hugging Face checkpoints
     ],
     extras_require={
         # triton: the kernel tests run each Triton kernel through its CPU interpreter (about
         # 1 GB installed, so only here; CUDA builds of torch bring their own).
+        # transformers: the export tests load the exported model with it.
         "dev": ["pytest>=8", "matplotlib", "hydra-submitit-launcher==1.2.0", "submitit==1.5.4",
-                "triton>=3.6"],
+                "triton>=3.6", "transformers>=4.46"],
         # Hydra sweeps submitted to Slurm (hydra/launcher=submitit_slurm).
         "slurm": ["hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
         # Transformer Engine builds against CUDA: GPU machines only. apex is used when present
@@ -43,6 +45,7 @@ setup(
             "plt-preprocess=plt_train.preprocess:main",
             "plt-dryrun=plt_train.dryrun:main",
             "plt-generate=plt_train.generate:main",
+            "plt-export=plt_train.export:main",
         ],
     },
 )

@@ -23,16 +23,18 @@ class GenerateError(ValueError):
     """A bad argument or run directory; the message is one line for the user."""
 
 
-def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None,
-                        cuda_graph: str = "auto", kernel: str | None = None):
-    """(Generator, Tokenizer) for a run directory; starts a one-process group if needed.
-    ``kernel`` (auto | triton | torch) replaces the saved ``model.loop.kernel``."""
+def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None,
+                 model_for=None, before_build=None):
+    """(model chunk, RunConfig, Tokenizer) of a run directory's latest (or the given)
+    checkpoint, in this process, whatever layout it was trained with (distributed checkpoints
+    reshard); starts a one-process group if needed.  ``model_for(ModelConfig)`` may replace
+    the model config that is built (same weights); ``before_build(ModelConfig)`` may refuse
+    it (raising) before anything is loaded."""
     from omegaconf import OmegaConf
 
     from plt_train.config import RunConfig
     from plt_train.config.schema import ParallelConfig
     from plt_train.data import prepare_data
-    from plt_train.inference import Generator, decoding_config
     from plt_train.models import build_model
     from plt_train.runtime import detect_device, init_distributed
     from plt_train.runtime.device import megatron_device_kwargs, resolve_dtype
@@ -49,10 +51,9 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
                             "the run_dir a training run wrote")
     saved = OmegaConf.load(saved_config)
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
-    trained_as = cfg.model.name
-    cfg.model = decoding_config(cfg.model)  # gpt: its vanilla twin, the same weights
-    if kernel is not None:
-        cfg.model.loop.kernel = kernel
+    if before_build is not None:
+        before_build(cfg.model)
+    model = model_for(cfg.model) if model_for is not None else cfg.model
     ckpt = resolve_load(checkpoint) if checkpoint else \
         latest_checkpoint(cfg.checkpoint.dir or run_dir / "checkpoints")
     if not ckpt:
@@ -65,11 +66,27 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
         init_distributed(device)
     tokenizer = prepare_data(cfg.data).tokenizer
     dtype = resolve_dtype(cfg.train.precision, device)
-    chunks, _, _ = build_model(cfg.model, ParallelConfig(), tokenizer.vocab_size, dtype,
+    chunks, _, _ = build_model(model, ParallelConfig(), tokenizer.vocab_size, dtype,
                                megatron_device_kwargs(device), cfg.train.seed, device.device)
     load_model_weights(ckpt, chunks)
-    generator = Generator(chunks[0], cuda_graph=cuda_graph)
-    generator.trained_as = trained_as
+    return chunks[0], cfg, tokenizer
+
+
+def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None,
+                        cuda_graph: str = "auto", kernel: str | None = None):
+    """(Generator, Tokenizer) for a run directory; starts a one-process group if needed.
+    ``kernel`` (auto | triton | torch) replaces the saved ``model.loop.kernel``."""
+    from plt_train.inference import Generator, decoding_config
+
+    def model_for(model):
+        model = decoding_config(model)  # gpt: its vanilla twin, the same weights
+        if kernel is not None:
+            model.loop.kernel = kernel
+        return model
+
+    chunk, cfg, tokenizer = load_trained(run_dir, checkpoint, model_for=model_for)
+    generator = Generator(chunk, cuda_graph=cuda_graph)
+    generator.trained_as = cfg.model.name
     return generator, tokenizer
 
 

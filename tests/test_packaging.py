@@ -69,6 +69,8 @@ def test_console_scripts_work_from_any_directory(installed, tmp_path):
     assert "name: debug" in job.stdout and "hidden_size: 64" in job.stdout
     assert "usage: plt-generate" in _run([str(installed / "bin" / "plt-generate"), "--help"],
                                          tmp_path, env).stdout
+    assert "usage: plt-export" in _run([str(installed / "bin" / "plt-export"), "--help"],
+                                       tmp_path, env).stdout
 
 
 def test_a_same_named_kernels_package_cannot_shadow_ours(tmp_path):
