@@ -1,5 +1,7 @@
 """``scripts/bench_memory.py`` end to end at a tiny size: the measured activation bytes and
-``plt-dryrun``'s estimate agree within 15 % for every model and recompute mode."""
+``plt-dryrun``'s estimate agree within 15 % for every recompute mode, on the dense gpt and
+on PLT-2 with BigMac layers (the loops, G-SWA and the MoE rows; the other models of the
+script's table fall between the two)."""
 from __future__ import annotations
 
 import json
@@ -16,12 +18,12 @@ def test_bench_memory_tiny(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "scripts/bench_memory.py", "--tiny", "--out", str(out),
-                           "--plot", str(plot)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "scripts/bench_memory.py", "--tiny", "--models",
+                           "gpt,looped-2,plt-2-bigmac", "--out", str(out), "--plot", str(plot)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     records = json.loads(out.read_text())
-    models = {"gpt", "gpt-bigmac", "looped-2", "plt-2", "plt-2-bigmac"}
+    models = {"gpt", "looped-2", "plt-2-bigmac"}
     modes = {"none", "core_attn", "selective", "selective+ln", "full"}
     assert {(r["model"], r["mode"]) for r in records} == {(m, k) for m in models for k in modes}
     by = {(r["model"], r["mode"]): r["measured_bytes"] for r in records}
