@@ -63,55 +63,53 @@ def llama_config(model: ModelConfig, vocab: int, eos_token_id: int) -> dict:
     }
 
 
+# Parameters that keep their values, (ours, Llama's): whole-model, then per layer.
+_SAME_TOP = (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+             ("decoder.final_layernorm.weight", "model.norm.weight"))
+_SAME_LAYER = (("input_layernorm.weight", "input_layernorm.weight"),
+               ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+               ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+               ("mlp.linear_fc2.weight", "mlp.down_proj.weight"))
+
+
+def _same_names(model: ModelConfig) -> list[tuple[str, str]]:
+    pairs = list(_SAME_TOP)
+    if not model.tie_embeddings:
+        pairs.append(("output_layer.weight", "lm_head.weight"))
+    for i in range(model.num_layers):
+        pairs += [(f"decoder.layers.{i}.{a}", f"model.layers.{i}.{b}") for a, b in _SAME_LAYER]
+    return pairs
+
+
 def to_llama(state: dict, model: ModelConfig) -> dict:
     """Our (one-process, local-backend) parameters -> Llama's names and layouts."""
     n, g, d, f = model.num_attention_heads, model.query_groups, model.head_dim, model.ffn_size
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if not model.tie_embeddings:
-        out["lm_head.weight"] = state["output_layer.weight"]
+    out = {theirs: state[ours] for ours, theirs in _same_names(model)}
     for i in range(model.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = state[ours + "self_attention.linear_qkv.weight"]
-        qkv = qkv.view(g, (n // g + 2) * d, model.hidden_size)
-        q, k, v = qkv.split([n // g * d, d, d], dim=1)
+        q, k, v = qkv.view(g, (n // g + 2) * d, model.hidden_size).split([n // g * d, d, d], 1)
         fc1 = state[ours + "mlp.linear_fc1.weight"]
-        out.update({
-            theirs + "input_layernorm.weight": state[ours + "input_layernorm.weight"],
-            theirs + "self_attn.q_proj.weight": q.reshape(n * d, -1),
-            theirs + "self_attn.k_proj.weight": k.reshape(g * d, -1),
-            theirs + "self_attn.v_proj.weight": v.reshape(g * d, -1),
-            theirs + "self_attn.o_proj.weight": state[ours + "self_attention.linear_proj.weight"],
-            theirs + "post_attention_layernorm.weight": state[ours + "pre_mlp_layernorm.weight"],
-            theirs + "mlp.gate_proj.weight": fc1[:f],
-            theirs + "mlp.up_proj.weight": fc1[f:],
-            theirs + "mlp.down_proj.weight": state[ours + "mlp.linear_fc2.weight"],
-        })
+        out.update({theirs + "self_attn.q_proj.weight": q.reshape(n * d, -1),
+                    theirs + "self_attn.k_proj.weight": k.reshape(g * d, -1),
+                    theirs + "self_attn.v_proj.weight": v.reshape(g * d, -1),
+                    theirs + "mlp.gate_proj.weight": fc1[:f],
+                    theirs + "mlp.up_proj.weight": fc1[f:]})
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
 def from_llama(tensors: dict, model: ModelConfig) -> dict:
     """The inverse of ``to_llama``: Llama's parameters -> ours."""
-    n, g, d = model.num_attention_heads, model.query_groups, model.head_dim
-    out = {"embedding.word_embeddings.weight": tensors["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": tensors["model.norm.weight"]}
-    if not model.tie_embeddings:
-        out["output_layer.weight"] = tensors["lm_head.weight"]
+    n, g, d, h = model.num_attention_heads, model.query_groups, model.head_dim, model.hidden_size
+    out = {ours: tensors[theirs] for ours, theirs in _same_names(model)}
     for i in range(model.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        h = model.hidden_size
         q = tensors[theirs + "self_attn.q_proj.weight"].view(g, n // g * d, h)
         k = tensors[theirs + "self_attn.k_proj.weight"].view(g, d, h)
         v = tensors[theirs + "self_attn.v_proj.weight"].view(g, d, h)
-        out.update({
-            ours + "input_layernorm.weight": tensors[theirs + "input_layernorm.weight"],
-            ours + "self_attention.linear_qkv.weight": torch.cat([q, k, v], 1).reshape(-1, h),
-            ours + "self_attention.linear_proj.weight": tensors[theirs + "self_attn.o_proj.weight"],
-            ours + "pre_mlp_layernorm.weight": tensors[theirs + "post_attention_layernorm.weight"],
-            ours + "mlp.linear_fc1.weight": torch.cat([tensors[theirs + "mlp.gate_proj.weight"],
-                                                       tensors[theirs + "mlp.up_proj.weight"]]),
-            ours + "mlp.linear_fc2.weight": tensors[theirs + "mlp.down_proj.weight"],
-        })
+        out[ours + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, h)
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat([tensors[theirs + "mlp.gate_proj.weight"],
+                                                         tensors[theirs + "mlp.up_proj.weight"]])
     return out
 
 

@@ -73,10 +73,10 @@ def _check_recompute(cfg: RunConfig) -> None:
     for name in rc.modules:
         if name not in RecomputeModule.__members__:
             raise ConfigError(f"{key}.modules", f"unknown module {name!r}", f"use any of {allowed}")
-    if rc.granularity == Recompute.selective and not rc.modules:
-        raise ConfigError(f"{key}.modules", "is empty with granularity=selective",
-                          f"name some of {allowed}, or granularity=none")
     if rc.granularity == Recompute.selective:
+        if not rc.modules:
+            raise ConfigError(f"{key}.modules", "is empty with granularity=selective",
+                              f"name some of {allowed}, or granularity=none")
         dense = m.moe.layer == MLPLayer.dense
         wrong = "moe" if dense and "moe" in rc.modules else (
             "mlp" if not dense and "mlp" in rc.modules else None)

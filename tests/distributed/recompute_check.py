@@ -4,10 +4,11 @@ writes a JSON report.
     torchrun --standalone --nproc-per-node=2 tests/distributed/recompute_check.py OUT.json
 
 For each layout (TP=2 with sequence parallelism, PP=2), each model (gpt, looped-2, PLT-2 with
-BigMac MoE layers, PLT-2 with gradients into loop 1's K/V) and each ``model.recompute`` mode (none, full, selective), one training
-step's forward and backward through megatron's schedule (two micro-batches, hidden dropout
-0.1, the same seed before each), as ``training/step.py`` runs it.  Reported against mode
-none on every rank: the loss, every gradient (megatron DDP's ``main_grad`` after
+BigMac MoE layers, PLT-2 with gradients into loop 1's K/V) and each ``model.recompute`` mode
+(none, full, selective), one training step's forward and backward through megatron's
+schedule (two micro-batches, hidden dropout 0.1, the same seed before each), as
+``training/step.py`` runs it; also mode none without dropout.  Reported against mode none on
+every rank: the loss, every gradient (megatron DDP's ``main_grad`` after
 ``finalize_model_grads``), and how many times megatron's ``tensor_parallel.checkpoint`` ran,
 so a mode that silently recomputes nothing cannot pass.
 """
