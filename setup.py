@@ -26,6 +26,8 @@ setup(
         "wandb>=0.19",
         "tqdm",
         "safetensors",  # plt-export writes Hugging Face checkpoints
+        "pyarrow",  # plt-preprocess reads Parquet and Hugging Face datasets folders
+        "zstandard",  # plt-preprocess reads .jsonl.zst
     ],
     extras_require={
         # triton: the kernel tests run each Triton kernel through its CPU interpreter (about

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import struct
 import sys
 import time
 from contextlib import contextmanager
@@ -29,17 +28,16 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 
 from plt_train.config.schema import DataConfig
 from plt_train.config import ConfigError
 from plt_train.config.validate import split_weights
 from plt_train.data.corpus import ensure_corpus, read_jsonl_texts
+from plt_train.data.indexed import DTYPE_CODES, HEADER, MAGIC
 from plt_train.data.preprocess import preprocess
 from plt_train.data.tokenizer import Tokenizer, train_bpe
 
 _EMBEDDED_FORMAT = 1  # bump when corpus rules or the build change, to invalidate old caches
-_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
 _SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -100,26 +98,25 @@ def read_index(prefix: str, key: str = "data.prefix") -> IndexInfo:
         )
     idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
     bad = f"{idx_path} is not a valid megatron index"
-    if idx_size < _HEADER.size:
+    if idx_size < HEADER.size:
         raise DataError(f"{bad}: {idx_size} bytes, shorter than the header. {_fix_hint(prefix)}")
     with open(idx_path, "rb") as f:
-        magic, version, code, n_seq, n_doc = _HEADER.unpack(f.read(_HEADER.size))
-    if magic != _INDEX_HEADER or version != 1:
+        magic, version, code, n_seq, n_doc = HEADER.unpack(f.read(HEADER.size))
+    if magic != MAGIC or version != 1:
         raise DataError(f"{bad}: wrong magic bytes or version. {_fix_hint(prefix)}")
-    try:
-        dtype = np.dtype(DType.dtype_from_code(code))
-    except ValueError:
-        raise DataError(f"{bad}: unknown token dtype code {code}. {_fix_hint(prefix)}") from None
-    expected = _HEADER.size + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 docs
+    dtype = next((d for d, c in DTYPE_CODES.items() if c == code), None)
+    if dtype is None:
+        raise DataError(f"{bad}: unknown token dtype code {code}. {_fix_hint(prefix)}")
+    expected = HEADER.size + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 docs
     if idx_size not in (expected, expected + n_seq):  # + n_seq: optional int8 sequence modes
         raise DataError(
             f"{bad}: its header describes {n_seq} sequences / {n_doc - 1} documents "
             f"({expected} bytes) but the file has {idx_size} bytes (truncated or corrupt). "
             f"{_fix_hint(prefix)}"
         )
-    lengths = np.fromfile(idx_path, dtype=np.int32, count=n_seq, offset=_HEADER.size)
-    pointers = np.fromfile(idx_path, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
-    docs = np.fromfile(idx_path, dtype=np.int64, count=n_doc, offset=_HEADER.size + 12 * n_seq)
+    lengths = np.fromfile(idx_path, dtype=np.int32, count=n_seq, offset=HEADER.size)
+    pointers = np.fromfile(idx_path, dtype=np.int64, count=n_seq, offset=HEADER.size + 4 * n_seq)
+    docs = np.fromfile(idx_path, dtype=np.int64, count=n_doc, offset=HEADER.size + 12 * n_seq)
     starts = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * dtype.itemsize
     if (
         n_doc < 1

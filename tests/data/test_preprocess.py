@@ -115,6 +115,7 @@ def test_progress_goes_to_stderr(
     preprocess(inputs, tok, str(tmp_path / "p"))
     err = capsys.readouterr().err
     assert "docs/s" in err and "M tokens" in err
+    assert "100%" in err and "preprocess" in err  # bytes of the inputs read, as a percentage
 
 
 def test_cli_train_then_reuse_tokenizer(tmp_path: Path, inputs: list[str]) -> None:
@@ -173,3 +174,95 @@ def test_cli_non_utf8_names_file_and_line_and_leaves_nothing(tmp_path: Path) -> 
                   "--vocab-size", "300"])
         assert f"{path}:{line}: not UTF-8" in str(exc.value.code)
         assert list(out.iterdir()) == []  # no tokenizer, .bin or .idx left behind
+
+
+# --------------------------------------------------------------------------- formats, writer
+
+
+@pytest.mark.parametrize("vocab", [300, 70000], ids=["uint16", "int32"])
+def test_writer_is_byte_identical_to_megatrons_builder(tmp_path: Path, vocab: int) -> None:
+    """plt-preprocess writes megatron's format without importing megatron-core."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from plt_train.data.indexed import IndexedWriter, optimal_dtype
+
+    dtype = optimal_dtype(vocab)
+    assert dtype == np.dtype(DType.optimal_dtype(vocab))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, min(vocab, 65535), size=n) for n in (5, 1, 300, 17)]
+    ours = IndexedWriter(str(tmp_path / "ours.bin"), dtype)
+    theirs = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=dtype.type)
+    for d in docs:
+        ours.add_document(d)
+        theirs.add_document(np.asarray(d, dtype=dtype), [len(d)])
+    ours.finalize(str(tmp_path / "ours.idx"))
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes()
+
+
+def _write_inputs(folder: Path, texts: list[str]) -> dict[str, str]:
+    """The same documents as .jsonl, .jsonl.gz, .jsonl.zst, .parquet (two row groups) and a
+    Hugging Face ``save_to_disk`` folder (Arrow stream files listed in state.json)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folder.mkdir()
+    lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+    (folder / "d.jsonl").write_bytes(lines)
+    (folder / "d.jsonl.gz").write_bytes(gzip.compress(lines))
+    (folder / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    pq.write_table(table, folder / "d.parquet", row_group_size=2)
+    hf = folder / "hf"
+    hf.mkdir()
+    for i, part in enumerate((table.slice(0, 2), table.slice(2))):
+        with pa.OSFile(str(hf / f"data-0000{i}-of-00002.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, part.schema) as writer:
+                writer.write_table(part, max_chunksize=1)
+    (hf / "state.json").write_text(json.dumps({"_data_files": [
+        {"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}))
+    (hf / "dataset_info.json").write_text("{}")
+    return {"jsonl": str(folder / "d.jsonl"), "gz": str(folder / "d.jsonl.gz"),
+            "zst": str(folder / "d.jsonl.zst"), "parquet": str(folder / "d.parquet"),
+            "hf": str(hf)}
+
+
+def test_every_input_format_gives_the_same_dataset(tmp_path: Path, tok: Tokenizer) -> None:
+    texts = DOCS_JSONL + ["", "one more\n"]  # the empty document is skipped everywhere
+    inputs = _write_inputs(tmp_path / "in", texts)
+    outputs = {}
+    for name, path in inputs.items():
+        stats = preprocess([path], tok, str(tmp_path / name / "x"))
+        assert stats.documents == 4 and stats.skipped_empty == 1, name
+        outputs[name] = [Path(f"{tmp_path / name / 'x'}{e}").read_bytes() for e in (".bin", ".idx")]
+    assert all(out == outputs["jsonl"] for out in outputs.values())
+    docs = _read(str(tmp_path / "jsonl" / "x"))
+    assert [tok.detokenize(d[:-1].tolist()) for d in docs] == [t for t in texts if t]
+
+
+def test_glob_patterns_and_a_text_column(tmp_path: Path, tok: Tokenizer) -> None:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, text in enumerate(DOCS_JSONL):
+        (parts / f"p{i}.jsonl").write_text(json.dumps({"content": text}) + "\n")
+    assert main(["--input", str(parts / "p*.jsonl"), "--output-prefix", str(tmp_path / "g"),
+                 "--train-tokenizer", "--vocab-size", "300", "--text-key", "content"]) == 0
+    g = Tokenizer.load(f"{tmp_path / 'g'}.tokenizer.json")
+    assert [g.detokenize(d[:-1].tolist()) for d in _read(str(tmp_path / "g"))] == DOCS_JSONL
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", str(parts / "q*.jsonl"), "--output-prefix", str(tmp_path / "h"),
+              "--train-tokenizer"])
+    assert "no input matches the pattern" in str(exc.value.code)
+
+
+def test_a_missing_column_names_the_columns(tmp_path: Path, tok: Tokenizer) -> None:
+    inputs = _write_inputs(tmp_path / "in", DOCS_JSONL)
+    for name in ("parquet", "hf"):
+        with pytest.raises(ValueError, match=r"no column 'body' \(columns: id, text"):
+            preprocess([inputs[name]], tok, str(tmp_path / name), json_key="body")
+    with pytest.raises(ValueError, match="not a Hugging Face datasets folder"):
+        preprocess([str(tmp_path)], tok, str(tmp_path / "o"))
