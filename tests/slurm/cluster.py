@@ -202,6 +202,8 @@ class SlurmCluster:
         raise TimeoutError(f"timed out waiting for {what}")
 
     def _slurm_conf(self, munge_socket: Path, ctl_port: int, node_ports: list[int]) -> str:
+        """``cred_expire=30``: a requeued job waits out its old credential's lifetime (120 s by
+        default) before it can start again; 30 s is still ample for a step to launch here."""
         r = self.root
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} State=UNKNOWN"
@@ -211,7 +213,7 @@ ClusterName=plt_test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctl_port}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=30
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

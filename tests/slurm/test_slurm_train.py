@@ -43,16 +43,7 @@ def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_pat
         assert time.monotonic() < deadline, _job_output(tmp_path, "pre") + cluster.logs()
         time.sleep(0.5)
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))
-    # The job checkpoints and requeues itself.  Slurm 22.05 then holds it for about two
-    # minutes (its begin time) before the backfill scheduler starts it again; we release it
-    # at once, as an admin may, so the test does not wait for nothing.
-    released, deadline = False, time.monotonic() + 400
-    while (state := cluster.job_state(job)) is not None:
-        assert time.monotonic() < deadline, _job_output(tmp_path, "pre") + cluster.logs()
-        if state == "PENDING" and not released:
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-            released = True
-        time.sleep(0.5)
+    cluster.wait_gone(job, timeout=400)
 
     out = _job_output(tmp_path, "pre")
     assert "requeueing job" in out and "restart 1" in out, out[-4000:]
