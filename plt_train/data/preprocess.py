@@ -215,7 +215,12 @@ def iter_texts(inputs: Sequence[str], text_key: str = "text",
                advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
     """Yield document texts from the inputs (``expand_inputs``), in order; ``advance(n)`` is
     told how many more bytes of the inputs have been read."""
-    for p in expand_inputs(inputs):
+    return _texts(expand_inputs(inputs), text_key, advance)
+
+
+def _texts(paths: Sequence[str], text_key: str, advance: Callable[[int], None]) -> Iterator[str]:
+    """``iter_texts`` over inputs already expanded and checked."""
+    for p in paths:
         if os.path.isdir(p):
             yield from _arrow_folder_texts(p, text_key, advance)
         elif p.endswith(TEXT_SUFFIXES):
@@ -262,7 +267,7 @@ def preprocess(
                unit_divisor=1024, desc="preprocess", file=sys.stderr,
                mininterval=_PROGRESS_EVERY_S, dynamic_ncols=True)
     try:
-        for batch in _batched(iter_texts(paths, json_key, bar.update), _BATCH_DOCS):
+        for batch in _batched(_texts(paths, json_key, bar.update), _BATCH_DOCS):
             texts = [t for t in batch if t]
             empty += len(batch) - len(texts)
             for ids in tokenizer.tokenize_batch(texts):
