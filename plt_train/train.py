@@ -118,6 +118,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
               f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
               f"start step={state.step}", flush=True)
+        if cfg.model.compile:
+            from plt_train.models.compile import compiled_layers
+            print(f"[plt_train] model.compile: {compiled_layers(chunks)} transformer layer(s) "
+                  "compiled with torch.compile", flush=True)
         if p.overlap_grad_reduce:
             buckets = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups)
                           for c in chunks)

@@ -79,11 +79,11 @@ def launch_dcca() -> None:
         return torch.empty(*shape, dtype=BF16, requires_grad=True)
 
     x, w_down, w_up = leaf(T, h), leaf(rh, h), leaf(h, rh)
-    z = dcca._DescendPermute.apply(x, w_down, dest, n_out, True)
+    z = dcca._descend_permute_op(x, w_down, dest, n_out, True)
     z.backward(torch.empty_like(z))
-    out = dcca._Combine.apply(leaf(n_out, rh), probs, dest, w_up, True)
+    out = dcca._combined(leaf(n_out, rh), probs, dest, w_up, True)
     out.backward(torch.empty_like(out))
-    full = dcca._Combine.apply(leaf(n_out, h), probs, dest, None, True)  # fine-grained
+    full = dcca._combined(leaf(n_out, h), probs, dest, None, True)  # fine-grained
     full.backward(torch.empty_like(full))
 
 

@@ -337,6 +337,10 @@ class ModelConfig(_Section):
     loop: LoopConfig = field(default_factory=LoopConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    compile: bool = False
+    """Compile each transformer layer with ``torch.compile`` (torchtitan's per-block compile;
+    ``models/compile.py``).  Not part of the model's identity: a run may resume with it
+    switched.  On CPU inductor builds C++ (a compiler must be installed)."""
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4

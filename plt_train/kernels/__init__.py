@@ -25,7 +25,6 @@ Triton version or GPU never breaks a run that did not ask for the kernel.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -35,14 +34,21 @@ import torch
 from plt_train.config.schema import KernelChoice
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: dict = {}  # {"error": str | None} once tried
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising at import
-        return f"triton does not import ({type(exc).__name__}: {exc})"
-    return None
+    """Why triton does not import, or None; tried once per process.  A plain dict, not
+    ``functools.lru_cache``: torch.compile traces through the cache wrapper of a function it
+    meets in a compiled layer, and warns each time it does."""
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_IMPORT["error"] = None
+        except Exception as exc:  # ImportError, or a broken install raising at import
+            _TRITON_IMPORT["error"] = f"triton does not import ({type(exc).__name__}: {exc})"
+    return _TRITON_IMPORT["error"]
 
 
 def interpreting() -> bool:
@@ -90,6 +96,10 @@ def verified(name: str, device, check) -> bool:
     """``check(device) -> max relative error ok?`` once per (kernel, device, process)."""
     key = (name, str(device))
     if key not in _VERIFIED:
+        if torch.compiler.is_compiling():  # the check runs a backward: not inside a graph
+            raise RuntimeError(f"the {name} kernel's first-use check must run before "
+                               f"torch.compile traces it (models.compile.compile_layers runs "
+                               f"it)")
         try:
             ok, why = bool(check(device)), "it disagreed with its reference"
         except Exception as exc:  # compile errors of a Triton version we never ran

@@ -33,6 +33,8 @@ at most one slot.  ``*_reference`` are the same maps in plain torch (``index_add
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -108,7 +110,7 @@ def descend_permute(x, w_down, dest, n_out: int, rows_covered: bool = False):
     otherwise it is zero-filled first.  Inputs the kernel does not take use the reference."""
     if not _kernel_takes(x, w_down):
         return descend_permute_reference(x, w_down, dest, n_out)
-    return _DescendPermute.apply(x, w_down, dest, int(n_out), rows_covered)
+    return _descend_permute_op(x, w_down, dest.contiguous(), int(n_out), rows_covered)
 
 
 def combine_ascend(y, slot_probs, dest, w_up, rows_covered: bool = False):
@@ -116,7 +118,7 @@ def combine_ascend(y, slot_probs, dest, w_up, rows_covered: bool = False):
     ``rows_covered`` as for ``descend_permute`` (then ``dy`` needs no zero fill)."""
     if not _kernel_takes(y, w_up):
         return combine_ascend_reference(y, slot_probs, dest, w_up)
-    return _Combine.apply(y, slot_probs, dest, w_up, rows_covered)
+    return _combined(y, slot_probs, dest, w_up, rows_covered)
 
 
 def combine(y, slot_probs, dest, rows_covered: bool = False):
@@ -124,7 +126,7 @@ def combine(y, slot_probs, dest, rows_covered: bool = False):
     un-permutation (megatron's ``unpermute``), ``combine_ascend`` without the projection."""
     if not _kernel_takes(y, y):
         return combine_reference(y, slot_probs, dest)
-    return _Combine.apply(y, slot_probs, dest, None, rows_covered)
+    return _combined(y, slot_probs, dest, None, rows_covered)
 
 
 def self_check(device) -> bool:
@@ -321,65 +323,119 @@ def _new_rows(n: int, width: int, like: torch.Tensor, rows_covered: bool) -> tor
     return make(n, width, dtype=like.dtype, device=like.device)
 
 
-class _DescendPermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_down, dest, n_out, rows_covered):
-        dest = dest.contiguous()
-        num_tokens, top_k = dest.shape
-        latent, hidden = w_down.shape
-        out = _new_rows(n_out, latent, x, rows_covered)
-        if num_tokens and latent and n_out:
-            cfg = _gemm_blocks(x)
-            tiles = triton.cdiv(num_tokens, cfg["BLOCK_T"]) * triton.cdiv(latent, cfg["BLOCK_N"])
-            _descend_permute_kernel[(tiles,)](
-                x, w_down, dest, out, num_tokens, latent, hidden, x.stride(0), x.stride(1),
-                w_down.stride(0), w_down.stride(1), out.stride(0), TOPK=top_k,
-                PREC=_precision(x.dtype), UPCAST=interpreting() and x.dtype == torch.bfloat16,
-                **cfg)
-        ctx.save_for_backward(x, w_down, dest)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, w_down, dest = ctx.saved_tensors
-        grad = _gather_sum(dout, dest, None, dout.dtype)  # [T, r*h]: d latent
-        dx = grad @ w_down if ctx.needs_input_grad[0] else None
-        dw = grad.t() @ x if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None
+# -- the ops: torch.library custom ops, so torch.compile keeps them in its graph (opaque
+# launches with fake implementations for the shapes) -----------------------------------------
+@torch.library.custom_op("plt_train::descend_permute", mutates_args=())
+def _descend_permute_op(x: torch.Tensor, w_down: torch.Tensor, dest: torch.Tensor, n_out: int,
+                        rows_covered: bool) -> torch.Tensor:
+    num_tokens, top_k = dest.shape
+    latent, hidden = w_down.shape
+    out = _new_rows(n_out, latent, x, rows_covered)
+    if num_tokens and latent and n_out:
+        cfg = _gemm_blocks(x)
+        tiles = triton.cdiv(num_tokens, cfg["BLOCK_T"]) * triton.cdiv(latent, cfg["BLOCK_N"])
+        _descend_permute_kernel[(tiles,)](
+            x, w_down, dest, out, num_tokens, latent, hidden, x.stride(0), x.stride(1),
+            w_down.stride(0), w_down.stride(1), out.stride(0), TOPK=top_k,
+            PREC=_precision(x.dtype), UPCAST=interpreting() and x.dtype == torch.bfloat16,
+            **cfg)
+    return out
 
 
-class _Combine(torch.autograd.Function):
-    """The gate-weighted gather-sum, then ``W_up`` when given (``combine_ascend``) or nothing
-    (``combine``)."""
+@_descend_permute_op.register_fake
+def _(x, w_down, dest, n_out, rows_covered):
+    return x.new_empty(n_out, w_down.shape[0])
 
-    @staticmethod
-    def forward(ctx, y, slot_probs, dest, w_up, rows_covered):
-        dest = dest.contiguous()
-        slot_probs = slot_probs.float().contiguous()
-        combined = _gather_sum(y, dest, slot_probs, y.dtype)  # [T, N]
-        ctx.save_for_backward(y, slot_probs, dest, w_up, combined if w_up is not None else None)
-        ctx.rows_covered = rows_covered
-        return combined if w_up is None else combined @ w_up.t()
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, slot_probs, dest, w_up, combined = ctx.saved_tensors
-        dw_up = dout.t() @ combined if ctx.needs_input_grad[3] else None
-        dy = dprobs = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            y = _unit_rows(y)
-            dc = _unit_rows(dout if w_up is None else dout @ w_up)  # [T, N]
-            num_tokens, top_k = dest.shape
-            dy = _new_rows(y.shape[0], y.shape[1], y, ctx.rows_covered)
-            dprobs = torch.zeros(num_tokens, top_k, dtype=torch.float32, device=y.device)
-            if num_tokens and y.shape[1]:
-                block_t, block_n, warps = _row_blocks(y, y.shape[1])
-                _combine_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
-                    y, dc, slot_probs, dest, dy, dprobs, num_tokens, y.shape[1], y.stride(0),
-                    dc.stride(0), dy.stride(0), TOPK=top_k,
-                    TOPK_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_N=block_n,
-                    num_warps=warps)
-        return dy, dprobs, None, dw_up, None
+def _descend_permute_setup(ctx, inputs, output):
+    x, w_down, dest, _, _ = inputs
+    ctx.save_for_backward(x, w_down, dest)
+
+
+def _descend_permute_backward(ctx, dout):
+    x, w_down, dest = ctx.saved_tensors
+    grad = _gather_sum_op(dout, dest, None)  # [T, r*h]: d latent
+    dx = grad @ w_down if ctx.needs_input_grad[0] else None
+    dw = grad.t() @ x if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None, None
+
+
+_descend_permute_op.register_autograd(_descend_permute_backward,
+                                      setup_context=_descend_permute_setup)
+
+
+@torch.library.custom_op("plt_train::gather_sum", mutates_args=())
+def _gather_sum_op(src: torch.Tensor, dest: torch.Tensor,
+                   slot_probs: Optional[torch.Tensor]) -> torch.Tensor:
+    """[T, N] = sum over each token's K slots of ``src`` rows, weighted by ``slot_probs``
+    (fp32, contiguous) if given."""
+    return _gather_sum(src, dest, slot_probs, src.dtype)
+
+
+@_gather_sum_op.register_fake
+def _(src, dest, slot_probs):
+    return src.new_empty(dest.shape[0], src.shape[1])
+
+
+@torch.library.custom_op("plt_train::combine_backward", mutates_args=())
+def _combine_backward_op(y: torch.Tensor, dc: torch.Tensor, slot_probs: torch.Tensor,
+                         dest: torch.Tensor, rows_covered: bool) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(dy [n_out, N], dprobs [T, K] fp32) of the gate-weighted gather-sum, from its output's
+    gradient ``dc`` [T, N]."""
+    y, dc = _unit_rows(y), _unit_rows(dc)
+    num_tokens, top_k = dest.shape
+    dy = _new_rows(y.shape[0], y.shape[1], y, rows_covered)
+    dprobs = torch.zeros(num_tokens, top_k, dtype=torch.float32, device=y.device)
+    if num_tokens and y.shape[1]:
+        block_t, block_n, warps = _row_blocks(y, y.shape[1])
+        _combine_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
+            y, dc, slot_probs, dest, dy, dprobs, num_tokens, y.shape[1], y.stride(0),
+            dc.stride(0), dy.stride(0), TOPK=top_k, TOPK_PAD=triton.next_power_of_2(top_k),
+            BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps)
+    return dy, dprobs
+
+
+@_combine_backward_op.register_fake
+def _(y, dc, slot_probs, dest, rows_covered):
+    return y.new_empty(y.shape), slot_probs.new_empty(dest.shape)
+
+
+@torch.library.custom_op("plt_train::combine", mutates_args=())
+def _combine_op(y: torch.Tensor, slot_probs: torch.Tensor, dest: torch.Tensor,
+                rows_covered: bool) -> torch.Tensor:
+    """The gate-weighted gather-sum with its own backward (``_combine_backward_op``);
+    ``slot_probs`` fp32, ``dest`` contiguous."""
+    return _gather_sum(y, dest, slot_probs, y.dtype)
+
+
+@_combine_op.register_fake
+def _(y, slot_probs, dest, rows_covered):
+    return y.new_empty(dest.shape[0], y.shape[1])
+
+
+def _combine_setup(ctx, inputs, output):
+    y, slot_probs, dest, rows_covered = inputs
+    ctx.save_for_backward(y, slot_probs, dest)
+    ctx.rows_covered = rows_covered
+
+
+def _combine_op_backward(ctx, dc):
+    y, slot_probs, dest = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None
+    dy, dprobs = _combine_backward_op(y, dc, slot_probs, dest, ctx.rows_covered)
+    return dy, dprobs, None, None
+
+
+_combine_op.register_autograd(_combine_op_backward, setup_context=_combine_setup)
+
+
+def _combined(y, slot_probs, dest, w_up, rows_covered):
+    """``combine`` / ``combine_ascend`` through the ops: the projection is a plain matmul
+    (its gradient is autograd's)."""
+    out = _combine_op(y, slot_probs.float().contiguous(), dest.contiguous(), rows_covered)
+    return out if w_up is None else out @ w_up.t()
 
 
 __all__ = ["combine", "combine_ascend", "combine_ascend_reference", "combine_reference",

@@ -32,6 +32,7 @@ Importing this module imports Triton: callers check ``kernels.use_triton`` first
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -99,6 +100,8 @@ def gswa_attention(q, k_shared, v_shared, k, v, gate, scale: float, window: int,
     backward = window_backward or WINDOW_BACKWARD
     if backward not in WINDOW_BACKWARDS:
         raise ValueError(f"window_backward must be one of {WINDOW_BACKWARDS}, not {backward!r}")
+    if torch.compiler.is_compiling():
+        return _compiled_gswa(q, k_shared, v_shared, k, v, gate, scale, window, mode)
     return _GSWA.apply(q, k_shared, v_shared, k, v, gate, scale, window, mode, backward,
                        torch.is_grad_enabled())
 
@@ -475,23 +478,128 @@ def _strides(t):
     return tuple(t.stride())
 
 
+def _launch_forward(q, k1, v1, k, v, g, y_global, scale: float, window: int):
+    """The forward kernel: (y, diff, lse_g, lse_l).  ``y_global`` None runs loop 1's branch
+    here too (``triton``); else it is read (``sdpa``) and ``lse_g`` is an empty placeholder.
+    ``g`` is the gate as [s, b, heads] fp32, contiguous."""
+    S, B, HQ, D = q.shape
+    HK = k.shape[2]
+    fused_global = y_global is None
+    if HQ % HK:
+        raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
+    if k1.shape[2] != HK:
+        raise ValueError(f"loop 1's K/V have {k1.shape[2]} heads, the loop's own {HK}")
+    y = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+    diff = torch.empty_like(y)
+    lse_l = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
+    lse_g = torch.empty_like(lse_l) if fused_global else lse_l.new_empty(0)
+    yg_ = y if fused_global else y_global  # a placeholder with GLOBAL
+    cfg = _blocks(q, window_only=not fused_global)
+    bm, bn, warps, stages = cfg["fwd"]
+    if bm % bn:  # the unmasked causal blocks [0, m0) are stepped by BLOCK_N
+        raise ValueError(f"G-SWA forward tiles need BLOCK_M % BLOCK_N == 0, got {bm}, {bn}")
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(S, bm), B * HQ)
+    _gswa_fwd[grid](q, k1, v1, k, v, g, yg_, y, diff, lse_g if fused_global else lse_l, lse_l,
+                    *_strides(q), *_strides(k1), *_strides(v1), *_strides(k),
+                    *_strides(v), *_strides(yg_),
+                    S, B, HQ, HQ // HK, D, window, scale * LOG2E,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], GLOBAL=fused_global,
+                    PREC=prec, num_warps=warps, num_stages=stages)
+    return y, diff, lse_g, lse_l
+
+
+def _launch_backward_rows(dy, q, y, diff, g, fused_global: bool, dy_global_like):
+    """The per-row backward kernel: (delta_g, delta_l, dgate, dy_global).  With ``sdpa``
+    ``dy_global`` = g dy in the layout of ``dy_global_like`` (SDPA's output) and ``delta_g`` is
+    ``delta_l`` (a placeholder: SDPA computes loop 1's delta itself); with ``triton`` it is
+    ``dy`` (a placeholder, not written)."""
+    S, B, HQ, D = q.shape
+    cfg = _blocks(q, window_only=not fused_global)
+    delta_l, dgate = torch.empty_like(g), torch.empty_like(g)
+    if fused_global:
+        delta_g, dy_global = torch.empty_like(g), dy
+    else:
+        delta_g = delta_l
+        dy_global = torch.empty_strided(dy_global_like.shape, dy_global_like.stride(),
+                                        dtype=dy.dtype, device=dy.device)
+    rows = g.numel()
+    block_r = 32 if gpu_tiles(q) else 16
+    _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
+        dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, B, HQ, D,
+        *_strides(dy_global), BLOCK_R=block_r, BLOCK_D=cfg["BLOCK_D"],
+        WRITE_DYG=not fused_global)
+    return delta_g, delta_l, dgate, dy_global
+
+
+def _launch_backward_blocks(dy, q, k1, v1, k, v, g, lse_g, lse_l, delta_g, delta_l, dq,
+                            scale: float, window: int, fused_global: bool,
+                            window_backward: str, need_kv1: bool, need_kv: bool):
+    """The block kernels of the backward: (dq, dk1, dv1, dk, dv).  ``dq`` given (SDPA's, with
+    ``sdpa``) is added to in place; None: written.  dK1/dV1 only with ``triton`` and
+    ``need_kv1``; with the fused window backward dK/dV always come (dQ comes from the same
+    pass), else only with ``need_kv``."""
+    S, B, HQ, D = q.shape
+    HK = k.shape[2]
+    cfg = _blocks(q, window_only=not fused_global)
+    acc_dq = dq is not None
+    if not acc_dq:
+        dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
+    blk, warps, stages = cfg["bwd"]
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    common = dict(BLOCK=blk, BLOCK_D=cfg["BLOCK_D"], PREC=prec, num_warps=warps,
+                  num_stages=stages)
+    args = (S, B, HQ, HQ // HK, D, window, scale * LOG2E, scale)
+
+    def new_kv():
+        return (torch.empty(S, B, HK, D, dtype=k.dtype, device=q.device),
+                torch.empty(S, B, HK, D, dtype=v.dtype, device=q.device))
+
+    dk1 = dv1 = dk = dv = None
+    if not fused_global and window_backward == "fused":
+        dk, dv = new_kv()
+        _gswa_bwd_window[(triton.cdiv(S, blk), B * HK)](
+            q, k, v, dy, g, lse_l, delta_l, dq, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
+            S, B, HQ, HK, HQ // HK, D, window, scale * LOG2E, scale,
+            ACC_DQ=acc_dq, **common)
+        return dq, dk1, dv1, dk, dv
+    _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
+        q, k1, v1, k, v, dy, g, lse_g if fused_global else lse_l, lse_l, delta_g, delta_l, dq,
+        *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
+        *_strides(dq), *args, GLOBAL=fused_global, ACC_DQ=acc_dq, **common)
+
+    def dkdv(kk, vv, lse, delta, local):
+        dk_, dv_ = new_kv()
+        _gswa_bwd_dkdv[(triton.cdiv(S, blk), B * HK)](
+            q, kk, vv, dy, g, lse, delta, dk_, dv_,
+            *_strides(q), *_strides(kk), *_strides(vv),
+            S, B, HQ, HK, HQ // HK, D, window, scale * LOG2E, scale,
+            LOCAL=local, **common)
+        return dk_, dv_
+
+    if fused_global and need_kv1:  # loop 1's K/V are detached in the released recipe
+        dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)
+    if need_kv:
+        dk, dv = dkdv(k, v, lse_l, delta_l, True)
+    return dq, dk1, dv1, dk, dv
+
+
 class _GSWA(torch.autograd.Function):
     """``triton``: loop 1's branch computed here from k1, v1.  ``sdpa``: SDPA computes it in
     the forward, recorded as a small autograd graph of its own (``ctx.sdpa``) whenever a
     gradient is wanted; the backward runs that graph with ``g * dy`` first, then the window
     kernels add their dQ into SDPA's dQ in place, instead of autograd summing two dQ tensors
-    afterwards (three more passes over [s, b, h, d])."""
+    afterwards (three more passes over [s, b, h, d]).  Eager mode only: under torch.compile
+    ``gswa_attention`` composes the custom ops below instead (a graph recorded inside a
+    forward cannot be traced)."""
 
     @staticmethod
     def forward(ctx, q, k1, v1, k, v, gate, scale, window, mode, window_backward, grad_mode):
         S, B, HQ, D = q.shape
-        HK = k.shape[2]
         fused_global = mode == "triton"
-        if HQ % HK:
-            raise ValueError(f"query heads {HQ} are not a multiple of KV heads {HK}")
-        if k1.shape[2] != HK:
-            raise ValueError(f"loop 1's K/V have {k1.shape[2]} heads, the loop's own {HK}")
         ctx.sdpa = None
+        y_global = None
         if not fused_global:
             from plt_train.models.plt import ops
 
@@ -504,23 +612,7 @@ class _GSWA(torch.autograd.Function):
                 ctx.sdpa = (y_global, leaves)
             y_global = y_global.detach()
         g = gate.reshape(S, B, HQ).float().contiguous()
-        y = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
-        diff = torch.empty_like(y)
-        lse_l = torch.empty(S, B, HQ, dtype=torch.float32, device=q.device)
-        lse_g = torch.empty_like(lse_l) if fused_global else lse_l  # unused without GLOBAL
-        yg_ = y if fused_global else y_global  # a placeholder with GLOBAL
-        cfg = _blocks(q, window_only=not fused_global)
-        bm, bn, warps, stages = cfg["fwd"]
-        if bm % bn:  # the unmasked causal blocks [0, m0) are stepped by BLOCK_N
-            raise ValueError(f"G-SWA forward tiles need BLOCK_M % BLOCK_N == 0, got {bm}, {bn}")
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        grid = (triton.cdiv(S, bm), B * HQ)
-        _gswa_fwd[grid](q, k1, v1, k, v, g, yg_, y, diff, lse_g, lse_l,
-                        *_strides(q), *_strides(k1), *_strides(v1), *_strides(k),
-                        *_strides(v), *_strides(yg_),
-                        S, B, HQ, HQ // HK, D, window, scale * LOG2E,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], GLOBAL=fused_global,
-                        PREC=prec, num_warps=warps, num_stages=stages)
+        y, diff, lse_g, lse_l = _launch_forward(q, k1, v1, k, v, g, y_global, scale, window)
         ctx.save_for_backward(q, k1, v1, k, v, g, y, diff, lse_g, lse_l)
         ctx.scale, ctx.window, ctx.gate_shape, ctx.gate_dtype = scale, window, gate.shape, \
             gate.dtype
@@ -530,27 +622,11 @@ class _GSWA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         q, k1, v1, k, v, g, y, diff, lse_g, lse_l = ctx.saved_tensors
-        S, B, HQ, D = q.shape
-        HK = k.shape[2]
-        fused_global = ctx.fused_global
         need = ctx.needs_input_grad
         dy = dy.contiguous()
-        cfg = _blocks(q, window_only=not fused_global)
-        delta_l, dgate = torch.empty_like(g), torch.empty_like(g)
-        if fused_global:
-            delta_g, dy_global = torch.empty_like(g), dy  # dy: a placeholder, not written
-        else:  # SDPA takes g dy, in its output's layout (its backward would copy another)
-            delta_g = delta_l  # a placeholder: SDPA computes loop 1's delta itself
-            out = ctx.sdpa[0] if ctx.sdpa is not None else dy
-            dy_global = torch.empty_strided(out.shape, out.stride(), dtype=dy.dtype,
-                                            device=dy.device)
-        rows = g.numel()
-        block_r = 32 if gpu_tiles(q) else 16
-        _gswa_bwd_pre[(triton.cdiv(rows, block_r),)](
-            dy, y, diff, g, delta_g, delta_l, dgate, dy_global, rows, B, HQ, D,
-            *_strides(dy_global), BLOCK_R=block_r, BLOCK_D=cfg["BLOCK_D"],
-            WRITE_DYG=not fused_global)
-
+        out = ctx.sdpa[0] if ctx.sdpa is not None else dy
+        delta_g, delta_l, dgate, dy_global = _launch_backward_rows(
+            dy, q, y, diff, g, ctx.fused_global, out)
         dq = dk1 = dv1 = None
         if ctx.sdpa is not None:  # SDPA's backward of loop 1's branch, from g * dy
             y_global, leaves = ctx.sdpa
@@ -558,50 +634,100 @@ class _GSWA(torch.autograd.Function):
             wanted = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(y_global, wanted, dy_global))
             dq, dk1, dv1 = (next(grads) if t.requires_grad else None for t in leaves)
-        acc_dq = dq is not None
-        if not acc_dq:
-            dq = torch.empty(S, B, HQ, D, dtype=q.dtype, device=q.device)
-
-        blk, warps, stages = cfg["bwd"]
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        common = dict(BLOCK=blk, BLOCK_D=cfg["BLOCK_D"], PREC=prec, num_warps=warps,
-                      num_stages=stages)
-        args = (S, B, HQ, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale)
-
-        def new_kv():
-            return (torch.empty(S, B, HK, D, dtype=k.dtype, device=q.device),
-                    torch.empty(S, B, HK, D, dtype=v.dtype, device=q.device))
-
-        dk = dv = None
-        if not fused_global and ctx.window_backward == "fused":
-            dk, dv = new_kv()  # computed even when K/V need none: dQ comes from the same pass
-            _gswa_bwd_window[(triton.cdiv(S, blk), B * HK)](
-                q, k, v, dy, g, lse_l, delta_l, dq, dk, dv,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
-                S, B, HQ, HK, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale,
-                ACC_DQ=acc_dq, **common)
-        else:
-            _gswa_bwd_dq[(triton.cdiv(S, blk), B * HQ)](
-                q, k1, v1, k, v, dy, g, lse_g, lse_l, delta_g, delta_l, dq,
-                *_strides(q), *_strides(k1), *_strides(v1), *_strides(k), *_strides(v),
-                *_strides(dq), *args, GLOBAL=fused_global, ACC_DQ=acc_dq, **common)
-
-            def dkdv(kk, vv, lse, delta, local):
-                dk_, dv_ = new_kv()
-                _gswa_bwd_dkdv[(triton.cdiv(S, blk), B * HK)](
-                    q, kk, vv, dy, g, lse, delta, dk_, dv_,
-                    *_strides(q), *_strides(kk), *_strides(vv),
-                    S, B, HQ, HK, HQ // HK, D, ctx.window, ctx.scale * LOG2E, ctx.scale,
-                    LOCAL=local, **common)
-                return dk_, dv_
-
-            if fused_global and (need[1] or need[2]):  # loop 1's K/V are detached in the
-                dk1, dv1 = dkdv(k1, v1, lse_g, delta_g, False)  # released recipe
-            if need[3] or need[4]:
-                dk, dv = dkdv(k, v, lse_l, delta_l, True)
+        dq, dk1_, dv1_, dk, dv = _launch_backward_blocks(
+            dy, q, k1, v1, k, v, g, lse_g, lse_l, delta_g, delta_l, dq, ctx.scale, ctx.window,
+            ctx.fused_global, ctx.window_backward, need[1] or need[2], need[3] or need[4])
+        if ctx.fused_global:
+            dk1, dv1 = dk1_, dv1_
         dgate = dgate.view(ctx.gate_shape).to(ctx.gate_dtype) if need[5] else None
         return (dq if need[0] else None, dk1, dv1, dk if need[3] else None,
                 dv if need[4] else None, dgate, None, None, None, None, None)
+
+
+# -- the same kernels as torch.library custom ops, for torch.compile -------------------------
+# Opaque to dynamo and inductor (a Triton launch on the interpreter, or one inductor would not
+# generate), with fake implementations giving the output shapes, so a compiled PLT layer
+# keeps the kernel in one graph.  The sdpa branch is SDPA in the graph itself; its gradient
+# meets the window branch's dQ in autograd's sum.
+
+
+@torch.library.custom_op("plt_train::gswa_forward", mutates_args=())
+def _gswa_forward_op(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, g: torch.Tensor, y_global: Optional[torch.Tensor],
+                     scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k1, v1, k, v, g, y_global, scale, window)
+
+
+@_gswa_forward_op.register_fake
+def _(q, k1, v1, k, v, g, y_global, scale, window):
+    y = q.new_empty(q.shape)
+    lse_l = g.new_empty(g.shape)
+    return y, torch.empty_like(y), lse_l.new_empty(g.shape if y_global is None else (0,)), lse_l
+
+
+@torch.library.custom_op("plt_train::gswa_backward", mutates_args=())
+def _gswa_backward_op(dy: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor,
+                      diff: torch.Tensor, lse_g: torch.Tensor, lse_l: torch.Tensor,
+                      y_global: Optional[torch.Tensor], scale: float, window: int,
+                      need_kv1: bool) -> list[torch.Tensor]:
+    """(dq, dk1, dv1, dk, dv, dgate, dy_global); dK1/dV1 empty with ``sdpa`` (SDPA's own
+    backward gives them) or without ``need_kv1``, dy_global empty with ``triton``."""
+    fused_global = y_global is None
+    dy = dy.contiguous()
+    delta_g, delta_l, dgate, dy_global = _launch_backward_rows(
+        dy, q, y, diff, g, fused_global, dy if fused_global else y_global)
+    dq, dk1, dv1, dk, dv = _launch_backward_blocks(
+        dy, q, k1, v1, k, v, g, lse_g, lse_l, delta_g, delta_l, None, scale, window,
+        fused_global, WINDOW_BACKWARD, need_kv1, True)
+    def empty():  # a new one per output: outputs may not alias each other
+        return q.new_empty(0)
+
+    return [dq, empty() if dk1 is None else dk1, empty() if dv1 is None else dv1, dk, dv, dgate,
+            empty() if fused_global else dy_global]
+
+
+@_gswa_backward_op.register_fake
+def _(dy, q, k1, v1, k, v, g, y, diff, lse_g, lse_l, y_global, scale, window, need_kv1):
+    kv1 = need_kv1 and y_global is None
+    dy_global = q.new_empty(0) if y_global is None else torch.empty_strided(
+        y_global.shape, y_global.stride(), dtype=dy.dtype, device=dy.device)
+    return [q.new_empty(q.shape), k1.new_empty(k1.shape if kv1 else (0,)),
+            v1.new_empty(v1.shape if kv1 else (0,)), k.new_empty(k.shape),
+            v.new_empty(v.shape), g.new_empty(g.shape), dy_global]
+
+
+def _gswa_setup(ctx, inputs, output):
+    q, k1, v1, k, v, g, y_global, scale, window = inputs
+    y, diff, lse_g, lse_l = output
+    ctx.save_for_backward(q, k1, v1, k, v, g, y, diff, lse_g, lse_l, y_global)
+    ctx.scale, ctx.window = scale, window
+
+
+def _gswa_op_backward(ctx, dy, _ddiff, _dlse_g, _dlse_l):
+    q, k1, v1, k, v, g, y, diff, lse_g, lse_l, y_global = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk1, dv1, dk, dv, dgate, dy_global = _gswa_backward_op(
+        dy, q, k1, v1, k, v, g, y, diff, lse_g, lse_l, y_global, ctx.scale, ctx.window,
+        y_global is None and (need[1] or need[2]))
+    kv1 = y_global is None and (need[1] or need[2])
+    return (dq, dk1 if kv1 else None, dv1 if kv1 else None, dk, dv, dgate,
+            None if y_global is None else dy_global, None, None)
+
+
+_gswa_forward_op.register_autograd(_gswa_op_backward, setup_context=_gswa_setup)
+
+
+def _compiled_gswa(q, k1, v1, k, v, gate, scale: float, window: int, mode: str):
+    """``gswa_attention`` under torch.compile: SDPA (``sdpa``) in the graph, the Triton parts
+    as the custom ops above."""
+    from plt_train.models.plt import ops
+
+    S, B, HQ, _ = q.shape
+    g = gate.reshape(S, B, HQ).float().contiguous()
+    y_global = ops.causal_attention(q, k1, v1, scale) if mode == "sdpa" else None
+    return _gswa_forward_op(q, k1, v1, k, v, g, y_global, scale, window)[0]
 
 
 __all__ = ["fused_applies", "gswa_attention"]

@@ -73,6 +73,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, tokenizer_vocab: i
     from plt_train.models.common.backends import resolve_backend
     from plt_train.models.common.recompute_fix import fix_checkpoint_without_output
     from plt_train.models.init import init_weights
+    from plt_train.models.moe.aux_loss import bind_aux_loss_scale
     from plt_train.models.transformer_config import to_transformer_config
 
     fix_checkpoint_without_output()
@@ -80,6 +81,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, tokenizer_vocab: i
     vocab = model.padded_vocab_size(tokenizer_vocab)
     chunk = get_family(model.name).build(model, tconfig, vocab, resolve_backend(model.backend))
     chunk.to(device)
+    bind_aux_loss_scale([chunk], device)
     init_weights([chunk], seed=seed, std=model.init_method_std, num_layers=model.num_layers)
     return [chunk], tconfig, vocab
 

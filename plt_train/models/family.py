@@ -80,6 +80,9 @@ class ModelFamily:
         modules, tconfig, vocab = build_model(
             cfg.model, cfg.parallel, tokenizer_vocab, dtype, megatron_device_kwargs(device),
             cfg.train.seed, device.device)
+        if cfg.model.compile:
+            from plt_train.models.compile import compile_layers
+            compile_layers(modules, cfg.model, device.device)
         chunks = wrap_data_parallel(modules, tconfig, cfg.parallel)
         # Gradients are finalised over the modules themselves, also when the schedule runs
         # several virtual chunks that share them.

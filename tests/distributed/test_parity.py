@@ -1,7 +1,10 @@
 """Parallel layouts must reproduce the single-process loss curve (fp32, CPU, gloo).
 
 Same seed, same data, same global batch: TP=2, PP=2 (1F1B), DP=2 and TP=2 with sequence
-parallelism are each compared with one process over 5 optimizer steps.
+parallelism are each compared with one process over 5 optimizer steps.  The TP=2 + SP run
+compiles its layers (``model.compile``): the same code traced, so it checks the sequence-
+parallel layout and the compiled layers (inductor, collectives inside) against the eager
+single process at once.
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ def reference(tmp_path_factory, data_cache):
     ["parallel.tensor=2"],
     ["parallel.pipeline=2"],
     [],  # two processes, pure data parallel
-    ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.compile=true"],
     ["parallel.use_distributed_optimizer=true"],  # DP=2 with optimizer state sharded
-], ids=["tp2", "pp2", "dp2", "tp2_sp", "dp2_distopt"])
+], ids=["tp2", "pp2", "dp2", "tp2_sp_compiled", "dp2_distopt"])
 def test_two_process_layout_matches_single_process(layout, reference, tmp_path, data_cache):
-    run_train(tmp_path, COMMON + layout, nproc=2)
+    proc = run_train(tmp_path, COMMON + layout, nproc=2)
+    if "model.compile=true" in layout:  # every layer of the debug model ran compiled
+        assert "model.compile: 4 transformer layer(s) compiled" in proc.stdout
     losses = losses_by_step(tmp_path)
     assert sorted(losses) == sorted(reference)
     for step, ref in reference.items():

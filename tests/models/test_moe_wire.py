@@ -8,7 +8,7 @@ import torch
 
 from plt_train.models.moe import wire
 
-# The casts run on the GPU in training (scripts/device/kernels_gpu_check.sh runs this file).
+# The casts run on the GPU in training (scripts/device/gpu_check.sh runs this file).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: the same casts on the GPU"))]
 

@@ -77,7 +77,7 @@ def test_profile_lists_the_largest_ops_of_gswa_and_each_moe_layer(tmp_path):
         shares = [r["share"] for r in rows]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
         assert all(r["step_ms"] > 0 and r["kernels_ms"] > 0 for r in rows)
-    ours = ("_Combine", "_gather_sum_kernel")  # the op on CPU, the kernel on CUDA
+    ours = ("plt_train::combine", "_gather_sum_kernel")  # the op on CPU, the kernel on CUDA
     for r in records:
         assert any(name in r["op"] for name in ours) <= ("triton" in r["variant"]), r
     assert any(any(name in r["op"] for name in ours) for r in records

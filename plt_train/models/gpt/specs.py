@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer, TransformerLayerSubmodules,
 )
 
+from plt_train.models.common.linear import RowParallelLinear
 from plt_train.models.common.norms import RMSNorm
 from plt_train.models.common.sdpa_attention import SDPAttention
 

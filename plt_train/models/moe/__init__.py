@@ -50,11 +50,12 @@ def moe_spec(model: ModelConfig) -> ModuleSpec | None:
     layer = model.moe.layer
     if layer == MLPLayer.dense:
         return None
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
+    from plt_train.models.common.linear import RowParallelLinear
     from plt_train.models.moe.layer import BigMacMoE, FineGrainedMoE, Router
 
     shared = None

@@ -44,6 +44,8 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     every row stride a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch's meta (tracing) kernel of _grouped_mm takes bf16 only
     if x.is_cuda:
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False

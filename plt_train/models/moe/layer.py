@@ -20,7 +20,9 @@ sorting by local expert).  We replace only:
   was: four copies of the routed tokens per forward+backward for nothing
   (``AccountedAlltoAllDispatcher.sorts_in_place``);
 * the router's aux/z-loss token scaling, which in 0.16.1 shrinks those losses' gradients by
-  1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix);
+  1/TP under sequence parallelism (``Router``; Megatron-LM's later upstream fix), and the
+  autograd function that attaches those losses' gradient (``aux_loss.py``: megatron's reads a
+  class attribute torch.compile cannot trace);
 * optionally, the number format on the wire (``model.moe.wire_format``: bf16, or fp8 dispatch
   as in DeepSeek-V3; ``wire.py``);
 * with ``model.moe.dcca_kernel`` selecting Triton (``plt_train/kernels/dcca.py``): the
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler, save_to_aux_losses_tracker, unpermute, z_loss_func,
+    save_to_aux_losses_tracker, unpermute, z_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -64,6 +66,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from plt_train.config.schema import KernelChoice, WireFormat
 from plt_train.models.common.params import param_device
 from plt_train.models.moe.accounting import A2ACounter, counted_all_to_all
+from plt_train.models.moe.aux_loss import attach_aux_loss
 
 
 def patch_megatron_moe() -> None:
@@ -108,6 +111,8 @@ class Router(TopKRouter):
     # Training-mode calls since the last reset: the denominator of the logged aux losses (a
     # looped model runs each layer R times per micro-batch).  metrics.MoEStepMetrics.
     calls = 0
+    # megatron's aux-loss gradient scale, bound by models.build_model (aux_loss.py).
+    aux_loss_scale: Optional[torch.Tensor] = None
 
     def forward(self, input, padding_mask=None):
         if self.training and torch.is_grad_enabled():
@@ -117,12 +122,19 @@ class Router(TopKRouter):
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group,
                                            reduce_group_has_dp=False, valid_token_count=None):
+        """megatron's, with the token count of the whole TP x CP group (the fix above) and
+        the gradient attached by ``aux_loss.attach_aux_loss`` (traceable by torch.compile)."""
         if self.calculate_per_token_loss and reduce_group is self.tp_cp_group:
             local = activation.shape[0] if valid_token_count is None else valid_token_count
             valid_token_count = local * self.tp_cp_group.size()
-        return super().attach_and_log_load_balancing_loss(
-            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
-            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker(aux_loss_name, aux_loss / aux_loss_coeff, self.layer_number,
+                                   num_layers, reduce_group=reduce_group,
+                                   reduce_group_has_dp=reduce_group_has_dp)
+        if self.calculate_per_token_loss:
+            tokens = activation.shape[0] if valid_token_count is None else valid_token_count
+            aux_loss = aux_loss * tokens
+        return attach_aux_loss(activation, aux_loss, self.aux_loss_scale)
 
     def apply_z_loss(self, logits, padding_mask=None):
         if not (self.calculate_per_token_loss and self.config.moe_z_loss_coeff is not None
@@ -132,7 +144,8 @@ class Router(TopKRouter):
         coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
         z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask)
         local = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
-        logits = MoEAuxLossAutoScaler.apply(logits, z_loss * local * self.tp_cp_group.size())
+        logits = attach_aux_loss(logits, z_loss * local * self.tp_cp_group.size(),
+                                 self.aux_loss_scale)
         # Logged as the mean over the whole TP x CP group's tokens, averaged over DP (megatron
         # logs the last rank's local value, which then depends on the layout).
         size = self.tp_cp_group.size()
