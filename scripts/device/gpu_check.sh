@@ -1,24 +1,105 @@
 #!/usr/bin/env bash
-# The ONE script a GPU session runs (see the device tool's README): installs the carried wheels,
-# runs the GPU tests (bf16/NCCL training, TE-vs-local when TE exists), then the training
-# benchmark (ours vs plain PyTorch, eager and compiled) on the ~1B model.  Everything it
-# measures lands in $OUT; the table prints last.
+# The ONE script a GPU session runs, in one device call (a session has 15 minutes of device
+# time, the machine's start included).  Carry [".whl"] (scripts/device/fetch_wheels.sh),
+# timeout_s 600:
 #
-#   device run, carry [".whl"]:  bash scripts/device/gpu_check.sh
+#   bash scripts/device/gpu_check.sh                 # BUDGET_S=550 seconds of work by default
+#   STAGES="train_dense kernels" bash scripts/device/gpu_check.sh   # a subset, same order
+#   DRY_RUN=1 bash scripts/device/gpu_check.sh       # CPU: list the stages' commands (the test)
+#
+# Stages, in the order of what users compare first; each under its own cap and the overall
+# budget (a stage that no longer fits is skipped and said so), its log and JSON in $W, packed
+# into $OUT/results.tgz as it ends, so a call cut short still returns what finished.  The
+# summary prints last, with the targets of the training-at-scale issue beside the numbers.
+#  peak: the bf16 matmul peak of this card, measured (the MFU denominator below).
+#  train_dense: the 1b shape (bf16, micro-batch 4): ours (dense) vs the plain PyTorch GPT,
+#     eager and compiled, in one process (target: ours >= 1.0x the compiled plain GPT).
+#  train_plt_*: PLT-2 over 8 layers of the 1b shape (kernels auto): eager, compiled layers
+#     (model.compile), full recompute (target: >= 55 % of the measured peak).
+#  train_bigmac_*: BigMac over 4 layers (64 experts, top-8, r = 0.25) at EP=1: eager, compiled
+#     (target: >= 40 %).
+#  gpu_tests: the GPU-only tests, the kernel tests compiled on CUDA, the generator's CUDA-graph
+#     capture, the MoE wire casts, compiled layers on CUDA.
+#  kernels: bench_kernels.py at the issues' shapes (G-SWA, DCCA, decode attention), then the
+#     profile of where their time goes, then the G-SWA tile sweep.
+#  decode: bench_decode.py at the PLT issue's shape: eager vs CUDA graph, torch vs Triton.
+#  quality_moe: dense vs fine-grained vs BigMac at GPU size (compare_moe.py --preset gpu).
+#  quality_plt: the depth task at a size one CPU session cannot train (plt_quality.py task).
 source "$(dirname "$0")/env.sh"
-python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+W=${W:-/tmp/gpu_check}
+mkdir -p "$W"
+[[ -f "$OUT/gpu.txt" ]] && cp "$OUT/gpu.txt" "$W/"
+END=$((SECONDS + ${BUDGET_S:-550}))
+: > "$W/summary.txt"
 
-echo "== GPU tests"
-timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+pack() {
+  tar czf "$OUT/results.tgz.part" -C "$W" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
 
-echo "== training benchmark (~1B, bf16)"
-timeout 300 python3 scripts/bench_train.py --steps 10 --warmup 3 \
-    --out "$OUT/bench_train.json" --plot "$OUT/bench_train.png" 2>&1 | tee "$OUT/bench_train.log" | tail -25
+want() {  # is stage $1 among $STAGES (all when unset)?
+  [[ -z "${STAGES:-}" || " $STAGES " == *" $1 "* ]]
+}
 
-# BigMac's quality at GPU size (equal tokens, one seed; on one GPU the experts are not split,
-# so the all-to-all is local: equal wall time needs the emulated network of
-# scripts/bench_cluster.py and is a CPU measurement).  r*h = 256; ~6.5M tokens per variant.
-echo "== MoE quality at GPU size: dense vs fine_grained vs bigmac (compare_moe --preset gpu)"
-timeout 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --seeds 1 --steps 200 \
-    --eval-interval 25 --out-dir "$OUT/compare_moe_gpu" 2>&1 | tail -8
+stage() {  # name cap-seconds command...: runs it into $W/name.log unless the budget is spent
+  local name=$1 cap=$2; shift 2
+  want "$name" || want "${name%%_*}" || return 0
+  if [[ -n "${DRY_RUN:-}" ]]; then  # one command per line, its words tab-separated
+    (IFS=$'\t'; echo "$name	$*") >> "$W/commands.tsv"; return 0
+  fi
+  local left=$((END - SECONDS - 10))
+  if (( left < 30 )); then
+    echo "$name: skipped, ${left}s of the budget left" | tee -a "$W/summary.txt"; return 0
+  fi
+  (( cap > left )) && cap=$left
+  echo "== $name (cap ${cap}s)"
+  local t0=$SECONDS
+  timeout --kill-after=5 "$cap" "$@" >"$W/$name.log" 2>&1
+  echo "$name: rc=$? in $((SECONDS - t0))s (cap ${cap}s)" | tee -a "$W/summary.txt"
+  pack
+}
+
+[[ -n "${DRY_RUN:-}" ]] && : > "$W/commands.tsv"
+peak_args() {  # --peak-tflops of the measured peak, once the peak stage has written it
+  [[ -s "$W/peak.json" ]] && python3 -c "import json,sys; print('--peak-tflops', \
+json.load(open(sys.argv[1]))[0]['tflops'])" "$W/peak.json"
+}
+train() {  # name layers sets...: bench_train.py, ours only, one model variant
+  local name=$1 layers=$2; shift 2
+  # shellcheck disable=SC2046  # peak_args is two words or none
+  stage "$name" 100 python3 scripts/bench_train.py --which ours --layers "$layers" \
+      --steps 15 --warmup 3 $(peak_args) --out "$W/$name.json" --set "$@"
+}
+
+stage peak 40 python3 scripts/device/matmul_peak.py --out "$W/peak.json"
+# shellcheck disable=SC2046
+stage train_dense 200 python3 scripts/bench_train.py --which ours,plain_eager,plain_compiled \
+    --steps 10 --warmup 3 $(peak_args) --out "$W/train_dense.json" --plot "$W/train_dense.png"
+PLT=(name=plt loops=2)
+BIGMAC=(moe.layer=bigmac moe.num_experts=64 moe.top_k=8 moe.ratio=0.25)
+train train_plt_eager 8 "${PLT[@]}"
+train train_plt_compiled 8 "${PLT[@]}" compile=true
+train train_plt_recompute 8 "${PLT[@]}" recompute.granularity=full
+train train_bigmac_eager 4 "${BIGMAC[@]}"
+train train_bigmac_compiled 4 "${BIGMAC[@]}" compile=true
+stage gpu_tests 120 python3 -m pytest tests/gpu tests/kernels tests/inference/test_generator.py \
+    tests/models/test_moe_wire.py tests/models/test_compile.py -q -rfE \
+    --deselect tests/kernels/test_compile_for_hopper.py
+stage kernels_bench 210 python3 scripts/bench_kernels.py --only gswa,dcca,decode \
+    --out "$W/bench_kernels"
+stage kernels_profile 90 python3 scripts/bench_kernels.py --only profile --warmup 3 --iters 5 \
+    --out "$W/profile"
+stage kernels_tiles 90 python3 scripts/bench_kernels.py --only gswa_tiles --out "$W/gswa_tiles"
+stage decode 150 python3 scripts/bench_decode.py --layers 16 --hidden 2048 --heads 16 \
+    --groups 4 --vocab 32768 --new 64 --cuda-graph off on --kernel torch triton \
+    --out "$W/bench_decode"
+stage quality_moe 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --seeds 1 \
+    --steps 200 --eval-interval 25 --out-dir "$W/compare_moe_gpu"
+stage quality_plt 330 python3 scripts/plt_quality.py task --kind functions --functions 16 \
+    --values 16 --hops 3 --layers 1 --hidden 256 --steps 15000 --batch 64 --eval-every 1500 \
+    --seeds 1 --out "$W/plt_quality" --json "$W/plt_quality.json"
+[[ -n "${DRY_RUN:-}" ]] && { cat "$W/commands.tsv"; exit 0; }
+
+echo; echo "===== summary ($(head -2 "$W/gpu.txt" 2>/dev/null | tail -1))"
+cat "$W/summary.txt"
+python3 scripts/device/summarize.py "$W"
+pack
