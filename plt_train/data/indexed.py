@@ -34,17 +34,30 @@ def optimal_dtype(vocab_size: int) -> np.dtype:
 
 
 class IndexedWriter:
-    """Append one document (one sequence) at a time; ``finalize`` writes the index."""
+    """Append one document (one sequence) at a time, whole (``add_document``) or in pieces
+    (``add_tokens`` ... ``end_document``); ``finalize`` writes the index."""
 
     def __init__(self, bin_path: str, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)
         self.data: BinaryIO = open(bin_path, "wb")
         self.lengths: list[int] = []
+        self._open = 0  # tokens written of a document not yet ended
 
-    def add_document(self, ids) -> None:
+    def add_tokens(self, ids) -> None:
         tokens = np.asarray(ids, dtype=self.dtype)
         self.data.write(tokens.tobytes(order="C"))
-        self.lengths.append(len(tokens))
+        self._open += len(tokens)
+
+    def end_document(self) -> None:
+        if self._open >= 2 ** 31:
+            raise ValueError(f"a document of {self._open} tokens: megatron's index stores "
+                             "lengths as int32; split it (plt-preprocess --txt-documents)")
+        self.lengths.append(self._open)
+        self._open = 0
+
+    def add_document(self, ids) -> None:
+        self.add_tokens(ids)
+        self.end_document()
 
     def finalize(self, idx_path: str) -> None:
         self.data.close()

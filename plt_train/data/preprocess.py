@@ -3,15 +3,20 @@
 Inputs (``--input``: files, directories or glob patterns, read in the given order, a pattern's
 matches sorted):
 
-* ``.txt``: one document per file;
+* ``.txt``: one document per file, per paragraph (blank-line separated) or per line
+  (``--txt-documents``), read as a stream (``_txt_pieces``);
 * ``.jsonl`` / ``.ndjson``, also gzip- (``.gz``) or zstd-compressed (``.zst``, ``.zstd``): one
   document per line, the ``text_key`` field (``--text-key``), read as a stream;
 * ``.parquet``: one document per row of the ``text_key`` column, a row group at a time;
 * a Hugging Face ``datasets`` folder written by ``save_to_disk`` (its ``state.json`` lists the
   Arrow files): one document per row of the ``text_key`` column, a record batch at a time.
 
-Memory stays bounded by the documents of one batch (``_BATCH_DOCS``) and one row group /
-record batch, whatever the input size; a ``.txt`` is read whole (one document).  Each document
+Memory stays bounded by one batch of documents (``_BATCH_DOCS``, ``_BATCH_CHARS``) and one row
+group / record batch, whatever the input size.  A ``.txt`` document longer than ``_TXT_PIECE_BYTES`` is
+read, tokenized and written in pieces, cut where a byte-level BPE pre-tokenizer (ours,
+GPT-2's) splits anyway: between the two newlines of a blank line, else after a newline, else
+before a space; so its ids are those of the whole text (tested).  A tokenizer that merges
+across such places could differ at a cut, at most once per piece.  Each document
 becomes one sequence followed by the eod token, so that the model sees document boundaries
 once GPTDataset packs documents into fixed-length samples; empty documents are skipped.  A
 literal ``<|endoftext|>`` inside a text is encoded as ordinary bytes (``tokenizer.py``), so
@@ -20,7 +25,9 @@ eod appears only at document ends.
 The files are written by ``indexed.IndexedWriter`` (megatron's format without importing
 megatron-core) under temporary names and renamed ``.bin`` first, ``.idx`` last: megatron opens
 the index to find the data, so an ``.idx`` present means a complete pair.  Progress (bytes of
-the inputs read, percentage, ETA, documents and tokens per second) goes to stderr through tqdm.
+the inputs read, percentage, ETA, documents and tokens per second) goes to stderr through tqdm,
+with a bar of its own while ``--train-tokenizer`` reads the inputs (a first pass: the BPE
+trainer needs every text before the first one can be encoded).
 """
 from __future__ import annotations
 
@@ -46,6 +53,9 @@ COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 TEXT_SUFFIXES = (".txt",)
 PARQUET_SUFFIXES = (".parquet",)
 _BATCH_DOCS = 256  # documents per encode_batch call
+_BATCH_CHARS = 4 << 20  # ... and at most about this much text per encode_batch call
+_TXT_PIECE_BYTES = 1 << 20  # a .txt document is read and tokenized in pieces of about this
+TXT_DOCUMENTS = ("file", "paragraphs", "lines")
 _PROGRESS_EVERY_S = 2.0
 _FORMATS = (".txt, .jsonl / .ndjson (optionally .gz, .zst), .parquet, or a Hugging Face "
             "datasets folder (save_to_disk)")
@@ -212,35 +222,117 @@ def _arrow_folder_texts(folder: str, key: str, advance: Callable[[int], None]) -
 
 
 def iter_texts(inputs: Sequence[str], text_key: str = "text",
-               advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
-    """Yield document texts from the inputs (``expand_inputs``), in order; ``advance(n)`` is
-    told how many more bytes of the inputs have been read."""
-    return _texts(expand_inputs(inputs), text_key, advance)
+               advance: Callable[[int], None] = lambda n: None,
+               txt_documents: str = "file") -> Iterator[str]:
+    """Yield the inputs' texts (``expand_inputs``), in order: one per document, a long .txt
+    document in pieces cut at pre-token boundaries (which is all a BPE trainer needs);
+    ``advance(n)`` is told how many more bytes of the inputs have been read."""
+    return (text for text, _ in _pieces(expand_inputs(inputs), text_key, advance,
+                                        txt_documents))
 
 
-def _texts(paths: Sequence[str], text_key: str, advance: Callable[[int], None]) -> Iterator[str]:
-    """``iter_texts`` over inputs already expanded and checked."""
+def _pieces(paths: Sequence[str], text_key: str, advance: Callable[[int], None],
+            txt_documents: str) -> Iterator[tuple[str, bool]]:
+    """(text, ends a document) over inputs already expanded and checked: every document is
+    one piece except long .txt ones."""
     for p in paths:
         if os.path.isdir(p):
-            yield from _arrow_folder_texts(p, text_key, advance)
+            texts = _arrow_folder_texts(p, text_key, advance)
         elif p.endswith(TEXT_SUFFIXES):
-            yield _decode(Path(p).read_bytes(), p)
-            advance(os.path.getsize(p))
+            yield from _txt_pieces(p, txt_documents, advance)
+            continue
         elif p.endswith(PARQUET_SUFFIXES):
-            yield from _parquet_texts(p, text_key, advance)
+            texts = _parquet_texts(p, text_key, advance)
         else:
-            yield from _jsonl_texts(p, text_key, advance)
+            texts = _jsonl_texts(p, text_key, advance)
+        yield from ((text, True) for text in texts)
 
 
-def _batched(it: Iterator[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
+def _cut(buf: bytes) -> int:
+    """Where to end a piece of ``buf``: between the newlines of its last blank line, else after
+    its last newline, else before its last space, else at its last UTF-8 character start
+    (every one a boundary of a byte-level BPE pre-tokenizer, but the last)."""
+    blank = buf.rfind(b"\n\n")
+    if blank > 0:
+        return blank + 1
+    for found in (buf.rfind(b"\n") + 1, buf.rfind(b" ")):
+        if found > 0:
+            return found
+    start = len(buf) - 1  # the last character's first byte (it may be incomplete)
+    while start > 0 and buf[start] & 0xC0 == 0x80:
+        start -= 1
+    return start or len(buf)
+
+
+def _txt_pieces(path: str, documents: str, advance: Callable[[int], None],
+                piece_bytes: Optional[int] = None) -> Iterator[tuple[str, bool]]:
+    """A .txt as (text, ends a document) pieces of at most about ``piece_bytes``: the file
+    is one document (``file``), or each run of lines between blank lines is (``paragraphs``),
+    or each line is (``lines``; its newline dropped).  Line endings are kept otherwise."""
+    if documents not in TXT_DOCUMENTS:
+        raise ValueError(f"txt documents must be one of {TXT_DOCUMENTS}, not {documents!r}")
+    limit = piece_bytes or _TXT_PIECE_BYTES
+    buf, line_no, started = b"", 1, False  # line_no: buf's first line; started: a piece of
+    # the current document has been yielded
+
+    def emit(raw: bytes, ends: bool) -> tuple[str, bool]:
+        nonlocal line_no, started
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = line_no + raw.count(b"\n", 0, e.start)
+            raise ValueError(f"{path}:{bad}: not UTF-8 ({e.reason}, byte "
+                             f"0x{raw[e.start]:02x}); convert it, e.g. iconv -f latin1 -t "
+                             "utf-8") from None
+        line_no += raw.count(b"\n")
+        started = not ends
+        return text, ends
+
+    with open(path, "rb") as f:
+        for line in f:
+            advance(len(line))
+            if documents == "lines":
+                text, _ = emit(line, True)
+                yield text.rstrip("\r\n"), True
+                continue
+            if documents == "paragraphs" and not line.strip():  # a blank line ends one
+                if buf or started:  # (blank lines are never in buf)
+                    yield emit(buf, True)
+                line_no += line.count(b"\n")
+                buf = b""
+                continue
+            buf += line
+            while len(buf) > limit:
+                cut = _cut(buf[:limit])
+                yield emit(buf[:cut], False)
+                buf = buf[cut:]
+    if documents == "file" or (documents == "paragraphs" and (buf or started)):
+        yield emit(buf, True)
+
+
+def _batched(pieces: Iterator[tuple[str, bool]], n: int,
+             max_chars: int = _BATCH_CHARS) -> Iterator[list]:
+    """Lists of at most ``n`` pieces and about ``max_chars`` characters (their ids are held
+    as Python ints until written: bounded, whatever the documents' sizes)."""
+    batch: list = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if len(batch) == n or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _progress(paths: Sequence[str], what: str):
+    """A tqdm bar over the inputs' bytes on stderr (percentage, rate, ETA)."""
+    from tqdm import tqdm
+
+    return tqdm(total=sum(_input_bytes(p) for p in paths), unit="B", unit_scale=True,
+                unit_divisor=1024, desc=what, file=sys.stderr, mininterval=_PROGRESS_EVERY_S,
+                dynamic_ncols=True)
 
 
 def preprocess(
@@ -249,11 +341,11 @@ def preprocess(
     output_prefix: str,
     json_key: str = "text",
     append_eod: bool = True,
+    txt_documents: str = "file",
 ) -> PreprocessStats:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (see module docstring);
-    ``json_key``: the field (JSON lines) or column (Parquet, Arrow) holding the text."""
-    from tqdm import tqdm
-
+    ``json_key``: the field (JSON lines) or column (Parquet, Arrow) holding the text;
+    ``txt_documents``: what a document of a .txt is (``TXT_DOCUMENTS``)."""
     paths = expand_inputs(inputs)
     dtype = optimal_dtype(tokenizer.vocab_size)
     prefix = str(output_prefix)
@@ -263,19 +355,27 @@ def preprocess(
     t0 = time.perf_counter()
     docs = tokens = empty = 0
     writer = IndexedWriter(tmp_bin, dtype)
-    bar = tqdm(total=sum(_input_bytes(p) for p in paths), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="preprocess", file=sys.stderr,
-               mininterval=_PROGRESS_EVERY_S, dynamic_ncols=True)
+    bar = _progress(paths, "preprocess")
+    pending = 0  # tokens of a document whose later pieces are still to come
     try:
-        for batch in _batched(_texts(paths, json_key, bar.update), _BATCH_DOCS):
-            texts = [t for t in batch if t]
-            empty += len(batch) - len(texts)
-            for ids in tokenizer.tokenize_batch(texts):
+        pieces = _pieces(paths, json_key, bar.update, txt_documents)
+        for batch in _batched(pieces, _BATCH_DOCS):
+            encoded = tokenizer.tokenize_batch([text for text, _ in batch])
+            for ids, (_, ends) in zip(encoded, batch):
+                if not ends:
+                    writer.add_tokens(ids)
+                    pending += len(ids)
+                    continue
+                if not ids and not pending:
+                    empty += 1
+                    continue
                 if append_eod:
                     ids.append(tokenizer.eod)
-                writer.add_document(ids)
+                writer.add_tokens(ids)
+                writer.end_document()
                 docs += 1
-                tokens += len(ids)
+                tokens += pending + len(ids)
+                pending = 0
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{docs} docs ({docs / elapsed:.0f} docs/s), {tokens / 1e6:.2f}M "
                                 f"tokens ({tokens / elapsed / 1e6:.2f}M tok/s)", refresh=False)
@@ -320,6 +420,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", "--json-key", dest="json_key", default="text",
                    help="the field (JSON lines) or column (Parquet, Arrow) holding the text")
     p.add_argument("--no-eod", action="store_true", help="do not append eod after documents")
+    p.add_argument("--txt-documents", choices=TXT_DOCUMENTS, default="file",
+                   help="a .txt document: the whole file (default), each paragraph "
+                        "(separated by blank lines), or each line")
     return p
 
 
@@ -337,9 +440,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.train_tokenizer:
             tok_path = f"{args.output_prefix}.tokenizer.json"
             t0 = time.perf_counter()
-            tokenizer = train_bpe(
-                iter_texts(args.input, args.json_key), args.vocab_size or 8192, tok_path
-            )
+            with _progress(expand_inputs(args.input), "train tokenizer") as bar:
+                tokenizer = train_bpe(
+                    iter_texts(args.input, args.json_key, bar.update, args.txt_documents),
+                    args.vocab_size or 8192, tok_path
+                )
             print(
                 f"plt-preprocess: trained BPE vocab {tokenizer.vocab_size} in "
                 f"{time.perf_counter() - t0:.1f} s -> {tok_path}",
@@ -348,7 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             tokenizer = Tokenizer.load(args.tokenizer)
         stats = preprocess(
-            args.input, tokenizer, args.output_prefix, args.json_key, append_eod=not args.no_eod
+            args.input, tokenizer, args.output_prefix, args.json_key, append_eod=not args.no_eod,
+            txt_documents=args.txt_documents,
         )
     except (OSError, ValueError) as e:
         for o in set(outputs) - existed:  # a failed run leaves nothing half-made behind
