@@ -62,16 +62,58 @@ class IndexedWriter:
     def finalize(self, idx_path: str) -> None:
         self.data.close()
         lengths = np.asarray(self.lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-        pointers *= self.dtype.itemsize
-        documents = np.arange(len(lengths) + 1, dtype=np.int64)
-        with open(idx_path, "wb") as f:
-            f.write(HEADER.pack(MAGIC, 1, DTYPE_CODES[self.dtype], len(lengths), len(documents)))
-            f.write(lengths.tobytes(order="C"))
-            f.write(pointers.tobytes(order="C"))
-            f.write(documents.tobytes(order="C"))
+        write_index(idx_path, self.dtype, lengths, np.arange(len(lengths) + 1, dtype=np.int64))
 
     def close(self) -> None:
         self.data.close()
+
+
+def write_index(idx_path: str, dtype: np.dtype, lengths: np.ndarray,
+                documents: np.ndarray) -> None:
+    """The ``.idx`` of sequences of ``lengths`` stored back to back, documents starting at the
+    sequence indices ``documents`` (first 0, last the sequence count)."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= dtype.itemsize
+    documents = np.asarray(documents, dtype=np.int64)
+    with open(idx_path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, 1, DTYPE_CODES[dtype], len(lengths), len(documents)))
+        f.write(lengths.tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(documents.tobytes(order="C"))
+
+
+def _read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+    """(dtype, sequence lengths, document starts) of an ``.idx``."""
+    with open(idx_path, "rb") as f:
+        magic, _, code, sequences, documents = HEADER.unpack(f.read(HEADER.size))
+    if magic != MAGIC:
+        raise ValueError(f"{idx_path}: not a megatron index (magic {magic!r})")
+    dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
+    lengths = np.fromfile(idx_path, dtype=np.int32, count=sequences, offset=HEADER.size)
+    starts = np.fromfile(idx_path, dtype=np.int64, count=documents,
+                         offset=HEADER.size + 12 * sequences)
+    return dtype, lengths, starts
+
+
+def merge(prefixes, bin_path: str, idx_path: str) -> None:
+    """Concatenate the datasets ``<prefix>.bin/.idx`` (one dtype), in order, into ``bin_path``
+    and ``idx_path``: megatron's ``IndexedDatasetBuilder.add_index`` over each, then
+    ``finalize``."""
+    import shutil
+
+    lengths, starts, dtype = [], [np.zeros(1, dtype=np.int64)], None
+    with open(bin_path, "wb") as out:
+        for prefix in prefixes:
+            part_dtype, part_lengths, part_starts = _read_index(f"{prefix}.idx")
+            if dtype is not None and part_dtype != dtype:
+                raise ValueError(f"{prefix}: {part_dtype} tokens, the others' are {dtype}")
+            dtype = part_dtype
+            starts.append(part_starts[1:] + sum(len(x) for x in lengths))
+            lengths.append(part_lengths)
+            with open(f"{prefix}.bin", "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    write_index(idx_path, dtype, np.concatenate(lengths), np.concatenate(starts))

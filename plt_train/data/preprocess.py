@@ -22,6 +22,12 @@ once GPTDataset packs documents into fixed-length samples; empty documents are s
 literal ``<|endoftext|>`` inside a text is encoded as ordinary bytes (``tokenizer.py``), so
 eod appears only at document ends.
 
+``workers`` > 1 splits the input files into that many runs of about equal size, each written
+by a process of its own as a shard, then concatenated in input order (``indexed.merge``): the
+same bytes as one process.  The tokenizer already uses every core for one process's batches,
+so this pays where reading and parsing, not encoding, is the bottleneck (on 2 cores and 75.6
+MB of JSONL in 6 files: 11.1 s with 2 workers, 11.0 s with one).
+
 The files are written by ``indexed.IndexedWriter`` (megatron's format without importing
 megatron-core) under temporary names and renamed ``.bin`` first, ``.idx`` last: megatron opens
 the index to find the data, so an ``.idx`` present means a complete pair.  Progress (bytes of
@@ -342,23 +348,116 @@ def preprocess(
     json_key: str = "text",
     append_eod: bool = True,
     txt_documents: str = "file",
+    workers: int = 1,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (see module docstring);
     ``json_key``: the field (JSON lines) or column (Parquet, Arrow) holding the text;
-    ``txt_documents``: what a document of a .txt is (``TXT_DOCUMENTS``)."""
+    ``txt_documents``: what a document of a .txt is (``TXT_DOCUMENTS``); ``workers``:
+    processes over the input files (``_in_parallel``), the same output."""
     paths = expand_inputs(inputs)
-    dtype = optimal_dtype(tokenizer.vocab_size)
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    groups = _groups(paths, workers)
+    if len(groups) > 1:
+        return _in_parallel(groups, tokenizer, prefix, json_key, append_eod, txt_documents)
+    return _write(paths, tokenizer, prefix, json_key, append_eod, txt_documents)
+
+
+def _groups(paths: Sequence[str], n: int) -> list[list[str]]:
+    """At most ``n`` runs of consecutive paths with about equal bytes each: a file goes to the
+    group its middle byte falls in."""
+    n = max(1, min(n, len(paths)))
+    sizes = [_input_bytes(p) for p in paths]
+    target = max(sum(sizes) / n, 1)
+    groups: list[list[str]] = [[]]
+    done = 0
+    for path, size in zip(paths, sizes):
+        if groups[-1] and min(int((done + size / 2) // target), n - 1) >= len(groups):
+            groups.append([])
+        groups[-1].append(path)
+        done += size
+    return groups
+
+
+_SHARED_BYTES = None  # a worker's counter of input bytes read (_in_parallel)
+
+
+def _start_worker(counter, threads: int) -> None:
+    global _SHARED_BYTES
+    _SHARED_BYTES = counter
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # the tokenizer's pool: cores / workers
+
+
+def _advance_shared(n: int) -> None:
+    with _SHARED_BYTES.get_lock():
+        _SHARED_BYTES.value += n
+
+
+def _write_shard(paths, tokenizer, prefix, json_key, append_eod, txt_documents):
+    return _write(paths, tokenizer, prefix, json_key, append_eod, txt_documents,
+                  advance=_advance_shared)
+
+
+def _in_parallel(groups: list[list[str]], tokenizer: Tokenizer, prefix: str, json_key: str,
+                 append_eod: bool, txt_documents: str) -> PreprocessStats:
+    """Each group of input files in a process of its own (spawned: the tokenizer's thread
+    pool does not survive a fork), written as a shard ``<prefix>.shard<i>-<pid>``; then the
+    shards are concatenated in input order (``indexed.merge``) and removed: the bytes of a
+    one-process run.  One progress bar over all the inputs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from plt_train.data.indexed import merge
+
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    shards = [f"{prefix}.shard{i}-{os.getpid()}" for i in range(len(groups))]
+    tag = f".tmp-{os.getpid()}"
+    made = [f"{s}.{ext}" for s in shards for ext in ("bin", "idx")] + \
+        [f"{prefix}.bin{tag}", f"{prefix}.idx{tag}"]
+    bar = _progress([p for g in groups for p in g], "preprocess")
+    try:
+        with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_start_worker,
+                                 initargs=(counter, threads)) as pool:
+            futures = [pool.submit(_write_shard, group, tokenizer, shard, json_key, append_eod,
+                                   txt_documents) for group, shard in zip(groups, shards)]
+            while wait(futures, timeout=_PROGRESS_EVERY_S / 4).not_done:
+                bar.update(counter.value - bar.n)
+            bar.update(counter.value - bar.n)
+            parts = [f.result() for f in futures]  # a worker's error is raised here
+        if sum(s.documents for s in parts) == 0:
+            raise ValueError(f"no non-empty documents in {', '.join(p for g in groups for p in g)}")
+        merge(shards, made[-2], made[-1])
+        os.replace(made[-2], f"{prefix}.bin")
+        os.replace(made[-1], f"{prefix}.idx")
+    finally:
+        bar.close()
+        for path in made:
+            if os.path.exists(path):
+                os.unlink(path)
+    return PreprocessStats(
+        documents=sum(s.documents for s in parts), tokens=sum(s.tokens for s in parts),
+        skipped_empty=sum(s.skipped_empty for s in parts), dtype=parts[0].dtype,
+        seconds=time.perf_counter() - t0, prefix=prefix)
+
+
+def _write(paths: Sequence[str], tokenizer: Tokenizer, prefix: str, json_key: str,
+           append_eod: bool, txt_documents: str,
+           advance: Optional[Callable[[int], None]] = None) -> PreprocessStats:
+    """One process's ``preprocess`` of ``paths`` (expanded); ``advance``: report the bytes
+    read there instead of to a progress bar of its own (a shard: no documents is no error)."""
+    dtype = optimal_dtype(tokenizer.vocab_size)
     tag = f".tmp-{os.getpid()}"
     tmp_bin, tmp_idx = f"{prefix}.bin{tag}", f"{prefix}.idx{tag}"
     t0 = time.perf_counter()
     docs = tokens = empty = 0
     writer = IndexedWriter(tmp_bin, dtype)
-    bar = _progress(paths, "preprocess")
+    bar = _progress(paths, "preprocess") if advance is None else None
     pending = 0  # tokens of a document whose later pieces are still to come
     try:
-        pieces = _pieces(paths, json_key, bar.update, txt_documents)
+        pieces = _pieces(paths, json_key, advance or bar.update, txt_documents)
         for batch in _batched(pieces, _BATCH_DOCS):
             encoded = tokenizer.tokenize_batch([text for text, _ in batch])
             for ids, (_, ends) in zip(encoded, batch):
@@ -377,15 +476,18 @@ def preprocess(
                 tokens += pending + len(ids)
                 pending = 0
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{docs} docs ({docs / elapsed:.0f} docs/s), {tokens / 1e6:.2f}M "
-                                f"tokens ({tokens / elapsed / 1e6:.2f}M tok/s)", refresh=False)
-        if docs == 0:
-            raise ValueError(f"no non-empty documents in {', '.join(inputs)}")
+            if bar is not None:
+                bar.set_postfix_str(f"{docs} docs ({docs / elapsed:.0f} docs/s), "
+                                    f"{tokens / 1e6:.2f}M tokens "
+                                    f"({tokens / elapsed / 1e6:.2f}M tok/s)", refresh=False)
+        if docs == 0 and advance is None:
+            raise ValueError(f"no non-empty documents in {', '.join(paths)}")
         writer.finalize(tmp_idx)
         os.replace(tmp_bin, f"{prefix}.bin")
         os.replace(tmp_idx, f"{prefix}.idx")
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         writer.close()  # no-op after finalize; frees the handle on errors
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
@@ -420,6 +522,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", "--json-key", dest="json_key", default="text",
                    help="the field (JSON lines) or column (Parquet, Arrow) holding the text")
     p.add_argument("--no-eod", action="store_true", help="do not append eod after documents")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes over the input files (runs of files of about equal size), "
+                        "each writing a shard; the shards are merged in input order into the "
+                        "same dataset one process writes")
     p.add_argument("--txt-documents", choices=TXT_DOCUMENTS, default="file",
                    help="a .txt document: the whole file (default), each paragraph "
                         "(separated by blank lines), or each line")
@@ -432,6 +538,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.vocab_size is not None and not args.train_tokenizer:
         parser.error("--vocab-size only applies with --train-tokenizer")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     outputs = [f"{args.output_prefix}{suffix}" for suffix in
                (".bin", ".idx", ".tokenizer.json" if args.train_tokenizer else ".bin")]
     existed = {o for o in outputs if os.path.exists(o)}
@@ -454,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tokenizer = Tokenizer.load(args.tokenizer)
         stats = preprocess(
             args.input, tokenizer, args.output_prefix, args.json_key, append_eod=not args.no_eod,
-            txt_documents=args.txt_documents,
+            txt_documents=args.txt_documents, workers=args.workers,
         )
     except (OSError, ValueError) as e:
         for o in set(outputs) - existed:  # a failed run leaves nothing half-made behind

@@ -337,3 +337,49 @@ def test_memory_stays_bounded_on_a_large_single_document_txt(tmp_path: Path) -> 
     assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
     (doc,) = _read(str(out))
     assert len(doc) > 1_000_000
+
+
+def test_workers_write_shards_merged_into_the_one_process_bytes(
+        tmp_path: Path, inputs: list[str], tok: Tokenizer) -> None:
+    """Two processes over four files (runs of files of about equal size), each a shard,
+    merged in input order: byte-identical to one process, and no shard left behind."""
+    from plt_train.data.preprocess import _groups
+
+    more = tmp_path / "more.txt"
+    more.write_text(LONG_TXT, encoding="utf-8")
+    files = inputs + [str(more)]
+    assert [len(g) for g in _groups(files, 2)] == [3, 1]  # more.txt is most of the bytes
+    groups = _groups(files * 4, 3)
+    sizes = [sum(os.path.getsize(f) for f in g) for g in groups]
+    assert sum(groups, []) == files * 4 and len(groups) == 3
+    assert max(sizes) - min(sizes) <= max(os.path.getsize(f) for f in files)
+    one = preprocess(files, tok, str(tmp_path / "one" / "d"))
+    two = preprocess(files, tok, str(tmp_path / "two" / "d"), workers=2)
+    for ext in (".bin", ".idx"):
+        assert Path(f"{tmp_path}/one/d{ext}").read_bytes() == \
+            Path(f"{tmp_path}/two/d{ext}").read_bytes()
+    assert (two.documents, two.tokens, two.skipped_empty) == \
+        (one.documents, one.tokens, one.skipped_empty)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["d.bin", "d.idx"]
+
+
+def test_merge_concatenates_datasets_as_megatrons_builder_does(tmp_path: Path) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from plt_train.data.indexed import IndexedWriter, merge
+
+    parts = [[[1, 2, 3], [4]], [[5, 6]], [[7], [8, 9, 10, 11]]]
+    for i, docs in enumerate(parts):
+        w = IndexedWriter(str(tmp_path / f"p{i}.bin"), np.uint16)
+        for d in docs:
+            w.add_document(d)
+        w.finalize(str(tmp_path / f"p{i}.idx"))
+    merge([str(tmp_path / f"p{i}") for i in range(3)], str(tmp_path / "m.bin"),
+          str(tmp_path / "m.idx"))
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for i in range(3):
+        builder.add_index(str(tmp_path / f"p{i}"))
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"m.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()
+    assert [a.tolist() for a in _read(str(tmp_path / "m"))] == [d for p in parts for d in p]
