@@ -13,8 +13,9 @@ What a graph is specialised on (dynamo guards), and so how many graphs a model c
 * looped models: one per (layer, loop), since a loop's attention reads the loop index and its
   layer's entry of the shared K/V queue (``LoopState``); times two for the no-grad forward of
   full recompute and evaluation;
-* MoE layers: the dispatcher cuts each layer into several graphs at its host syncs
-  (``graph_breaks`` lists them; docs/benchmarks.md has the counts).
+* MoE layers: the attention half compiles as above; the MoE MLP runs eagerly inside the
+  compiled layer (``keep_moe_eager``: one break, at its call).  Traced through, its dispatch
+  breaks at the host syncs named in ``MOE_HOST_SYNCS`` and recompiles every step.
 
 Dynamo falls back to eager for a function once it has compiled ``recompile_limit`` (8)
 variants of it, and every layer runs the same ``__call__``: ``compile_layers`` raises the

@@ -6,7 +6,9 @@ the gradient ``main_loss_backward_scale``, a tensor kept as a class attribute th
 schedule updates in place each micro-batch (``set_loss_scale``).  Dynamo cannot read an
 attribute of an ``autograd.Function`` class (torch 2.13: "GetAttrVariable(
 AutogradFunctionVariable(), main_loss_backward_scale) does not implement python_type()"), so
-with ``model.compile`` every MoE layer broke its graph there, six times per forward.
+an MoE layer traced by torch.compile broke its graph there, six times per forward, besides its
+dispatcher's host syncs (``models/compile.py``; compiled layers now keep the MoE MLP eager for
+another reason, its recompilations, and a compiled dispatch will need this).
 
 ``AuxLossScaler`` is the same function with the scale handed in as an argument: the very
 tensor megatron's class attribute holds (``bind_aux_loss_scale`` creates it on the model's
