@@ -20,6 +20,8 @@
 #     (target: >= 40 %).
 #  gpu_tests: the GPU-only tests, the kernel tests compiled on CUDA, the generator's CUDA-graph
 #     capture, the MoE wire casts, compiled layers on CUDA.
+#  compile_breaks: scripts/bench_compile.py on CUDA (graph breaks with the bf16 grouped GEMM
+#     and the real Triton kernels; compiled vs eager at a small shape).
 #  kernels: bench_kernels.py at the issues' shapes (G-SWA, DCCA, decode attention), then the
 #     profile of where their time goes, then the G-SWA tile sweep.
 #  decode: bench_decode.py at the PLT issue's shape: eager vs CUDA graph, torch vs Triton.
@@ -84,6 +86,8 @@ train train_bigmac_compiled 4 "${BIGMAC[@]}" compile=true
 stage gpu_tests 120 python3 -m pytest tests/gpu tests/kernels tests/inference/test_generator.py \
     tests/models/test_moe_wire.py tests/models/test_compile.py -q -rfE \
     --deselect tests/kernels/test_compile_for_hopper.py
+stage compile_breaks 120 python3 scripts/bench_compile.py --out "$W/bench_compile.json" \
+    --plot "$W/bench_compile.png"
 stage kernels_bench 210 python3 scripts/bench_kernels.py --only gswa,dcca,decode \
     --out "$W/bench_kernels"
 stage kernels_profile 90 python3 scripts/bench_kernels.py --only profile --warmup 3 --iters 5 \

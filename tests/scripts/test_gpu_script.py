@@ -33,6 +33,7 @@ def test_stages_in_order_and_every_one_starts(tmp_path):
     assert [n for n in names if n.startswith("train_")][1:] == [
         "train_plt_eager", "train_plt_compiled", "train_plt_recompute", "train_bigmac_eager",
         "train_bigmac_compiled"]
+    assert "compile_breaks" in names  # scripts/bench_compile.py's arguments checked below
     assert names.index("train_bigmac_compiled") < names.index("kernels_bench") \
         < names.index("quality_moe")
     check = subprocess.run([sys.executable, "scripts/device/check_stages.py",
