@@ -128,13 +128,13 @@ def _input_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def _decode(raw: bytes, path: str, lineno: Optional[int] = None) -> str:
-    """UTF-8 text, or a ValueError naming the file and line.  ``lineno``: ``raw`` is that
-    line of a .jsonl (None: ``raw`` is a whole .txt file)."""
+def _decode(raw: bytes, path: str, first_line: int) -> str:
+    """UTF-8 text, or a ValueError naming the file and line; ``raw`` starts on line
+    ``first_line`` of ``path`` (a .jsonl line, or a piece of a .txt)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = lineno if lineno is not None else 1 + raw.count(b"\n", 0, e.start)
+        line = first_line + raw.count(b"\n", 0, e.start)
         raise ValueError(f"{path}:{line}: not UTF-8 ({e.reason}, byte 0x{raw[e.start]:02x}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
@@ -283,13 +283,7 @@ def _txt_pieces(path: str, documents: str, advance: Callable[[int], None],
 
     def emit(raw: bytes, ends: bool) -> tuple[str, bool]:
         nonlocal line_no, started
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad = line_no + raw.count(b"\n", 0, e.start)
-            raise ValueError(f"{path}:{bad}: not UTF-8 ({e.reason}, byte "
-                             f"0x{raw[e.start]:02x}); convert it, e.g. iconv -f latin1 -t "
-                             "utf-8") from None
+        text = _decode(raw, path, line_no)
         line_no += raw.count(b"\n")
         started = not ends
         return text, ends
@@ -415,8 +409,8 @@ def _in_parallel(groups: list[list[str]], tokenizer: Tokenizer, prefix: str, jso
     threads = max(1, (os.cpu_count() or 1) // len(groups))
     shards = [f"{prefix}.shard{i}-{os.getpid()}" for i in range(len(groups))]
     tag = f".tmp-{os.getpid()}"
-    made = [f"{s}.{ext}" for s in shards for ext in ("bin", "idx")] + \
-        [f"{prefix}.bin{tag}", f"{prefix}.idx{tag}"]
+    tmp_bin, tmp_idx = f"{prefix}.bin{tag}", f"{prefix}.idx{tag}"
+    made = [f"{s}.{ext}" for s in shards for ext in ("bin", "idx")] + [tmp_bin, tmp_idx]
     bar = _progress([p for g in groups for p in g], "preprocess")
     try:
         with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_start_worker,
@@ -429,9 +423,9 @@ def _in_parallel(groups: list[list[str]], tokenizer: Tokenizer, prefix: str, jso
             parts = [f.result() for f in futures]  # a worker's error is raised here
         if sum(s.documents for s in parts) == 0:
             raise ValueError(f"no non-empty documents in {', '.join(p for g in groups for p in g)}")
-        merge(shards, made[-2], made[-1])
-        os.replace(made[-2], f"{prefix}.bin")
-        os.replace(made[-1], f"{prefix}.idx")
+        merge(shards, tmp_bin, tmp_idx)
+        os.replace(tmp_bin, f"{prefix}.bin")  # .bin first: an .idx means a complete pair
+        os.replace(tmp_idx, f"{prefix}.idx")
     finally:
         bar.close()
         for path in made:
