@@ -10,7 +10,9 @@ setup(
     # package as plt_train/configs (plt_train.config.store.config_dir finds either).
     packages=find_packages(include=["plt_train", "plt_train.*"]) + ["plt_train.configs"],
     package_dir={"plt_train.configs": "configs"},
-    package_data={"plt_train.configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"plt_train.configs": ["*.yaml", "*/*.yaml"],
+                  # the lm-eval tasks that ship with plt_train (plt_train/evaluation/tasks.py)
+                  "plt_train.evaluation": ["tasks/*.yaml", "tasks/*.jsonl"]},
     # Install torch first, pinned (a bare `torch` requirement pulls a multi-GB CUDA build on
     # CPU machines): `pip install torch==2.13.0` then `pip install -e .`.
     install_requires=[
@@ -33,8 +35,11 @@ setup(
         # triton: the kernel tests run each Triton kernel through its CPU interpreter (about
         # 1 GB installed, so only here; CUDA builds of torch bring their own).
         # transformers: the export tests load the exported model with it.
+        # lm-eval: plt-eval and the in-training downstream evaluation (plt_train/evaluation).
         "dev": ["pytest>=8", "matplotlib", "hydra-submitit-launcher==1.2.0", "submitit==1.5.4",
-                "triton>=3.6", "transformers>=4.46"],
+                "triton>=3.6", "transformers>=4.46", "lm_eval>=0.4.13,<0.5"],
+        # lm-evaluation-harness: its TemplateLM API is what PltLM implements (0.4.x).
+        "eval": ["lm_eval>=0.4.13,<0.5"],
         # Hydra sweeps submitted to Slurm (hydra/launcher=submitit_slurm).
         "slurm": ["hydra-submitit-launcher==1.2.0", "submitit==1.5.4"],
         # Transformer Engine builds against CUDA: GPU machines only. apex is used when present
@@ -48,6 +53,7 @@ setup(
             "plt-dryrun=plt_train.dryrun:main",
             "plt-generate=plt_train.generate:main",
             "plt-export=plt_train.export:main",
+            "plt-eval=plt_train.evaluate:main",
         ],
     },
 )

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     from plt_train.training.integrity import CheckpointError
 
     try:
-        chunk, cfg, tokenizer = load_trained(args.run_dir, args.checkpoint,
+        chunk, cfg, tokenizer, _ = load_trained(args.run_dir, args.checkpoint,
                                              before_build=check_exportable)
         out = export_llama(chunk, cfg.model, tokenizer, args.out_dir)
     except (ExportError, GenerateError, CheckpointError) as err:

@@ -17,17 +17,25 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 class GenerateError(ValueError):
     """A bad argument or run directory; the message is one line for the user."""
 
 
+class Trained(NamedTuple):
+    chunk: object  # the model, one chunk holding every layer
+    cfg: object  # the run's RunConfig
+    tokenizer: object
+    checkpoint: Path  # the step directory its weights came from
+
+
 def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None,
-                 model_for=None, before_build=None):
-    """(model chunk, RunConfig, Tokenizer) of a run directory's latest (or the given)
-    checkpoint, in this process, whatever layout it was trained with (distributed checkpoints
-    reshard); starts a one-process group if needed.  ``model_for(ModelConfig)`` may replace
+                 model_for=None, before_build=None) -> Trained:
+    """(model chunk, RunConfig, Tokenizer, checkpoint) of a run directory's latest (or the
+    given) checkpoint, in this process, whatever layout it was trained with (distributed
+    checkpoints reshard); starts a one-process group if needed.  ``model_for(ModelConfig)`` may replace
     the model config that is built (same weights); ``before_build(ModelConfig)`` may refuse
     it (raising) before anything is loaded."""
     from omegaconf import OmegaConf
@@ -69,7 +77,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None,
     chunks, _, _ = build_model(model, ParallelConfig(), tokenizer.vocab_size, dtype,
                                megatron_device_kwargs(device), cfg.train.seed, device.device)
     load_model_weights(ckpt, chunks)
-    return chunks[0], cfg, tokenizer
+    return Trained(chunks[0], cfg, tokenizer, Path(ckpt))
 
 
 def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = None,
@@ -84,7 +92,7 @@ def load_for_generation(run_dir: str | os.PathLike, checkpoint: str | None = Non
             model.loop.kernel = kernel
         return model
 
-    chunk, cfg, tokenizer = load_trained(run_dir, checkpoint, model_for=model_for)
+    chunk, cfg, tokenizer, _ = load_trained(run_dir, checkpoint, model_for=model_for)
     generator = Generator(chunk, cuda_graph=cuda_graph)
     generator.trained_as = cfg.model.name
     return generator, tokenizer

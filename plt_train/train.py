@@ -1,9 +1,10 @@
 """Pretraining entry point: ``torchrun ... -m plt_train.train [hydra overrides]``.
 
 Reads top to bottom: configure -> validate -> start processes -> data -> model -> optimizer
--> resume -> loop (train step, log, validate, checkpoint) -> final checkpoint.  Everything
-architecture-specific lives behind the model family (``plt_train.models``: its checks and
-``prepare_for_training``, which hands back a ``TrainingModel``).
+-> resume -> loop (train step, log, validate, downstream tasks, checkpoint) -> final
+checkpoint.  Everything architecture-specific lives behind the model family
+(``plt_train.models``: its checks and ``prepare_for_training``, which hands back a
+``TrainingModel``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         build_data_iterator, build_datasets, check_data, mixture_proportions, prepare_data,
     )
     from plt_train.data.stats import unigram_entropy
+    from plt_train.evaluation.downstream import DownstreamHook, check_tasks
     from plt_train.models import get_family, validate
     from plt_train.models.parallelize import gather_params
     from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
@@ -46,6 +48,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     check_data(cfg.data, cfg.model.vocab_size)
+    check_tasks(cfg.downstream)  # the harness knows downstream.tasks (when they are set)
     if cfg.checkpoint.load:
         resolve_load(cfg.checkpoint.load)  # a missing or wrong path: one line, now
     t, p = cfg.train, cfg.parallel
@@ -97,6 +100,11 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         os.path.join(run_dir, "data_cache"))
     train_iter = build_data_iterator(train_ds, state.consumed_samples, t.micro_batch_size,
                                      dims.dp_rank, dp, cfg.data.num_workers)
+
+    downstream = None
+    if cfg.downstream.tasks and cfg.downstream.interval:  # lm-eval tasks on the live model
+        downstream = DownstreamHook(cfg.downstream, chunks, cfg.model, prepared.tokenizer,
+                                    t.seed)
 
     def validation_loss() -> float:
         it = build_data_iterator(valid_ds, 0, t.micro_batch_size, dims.dp_rank, dp, 0)
@@ -180,6 +188,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                 phase = f"the validation at step {state.step}"
                 last["val_loss"] = validation_loss()
                 loggers.log(state.step, {"loss": last["val_loss"]}, kind="valid")
+            if downstream is not None and downstream.due(state.step, t.steps):
+                phase = f"the downstream evaluation at step {state.step}"
+                gather_params(chunks)  # overlap_param_gather leaves other ranks' shards stale
+                loggers.log(state.step, downstream.run(), kind="downstream")
             fault.after_step(state.step, dims.rank)
             stop = preemption.should_stop(device.device if device.is_cuda else torch.device("cpu"))
             interval = cfg.checkpoint.save_interval

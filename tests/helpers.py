@@ -14,9 +14,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
-# Small, fast runs: the debug model, no wandb, no validation unless asked.
+# Small, fast runs: the debug model, no wandb, no validation unless asked, and the MFU
+# denominator given (measuring it takes half a second of matmuls in every process).
 DEBUG_ARGS = ["experiment=debug", "logging.wandb=false", "train.eval_interval=0",
-              "checkpoint.save_at_end=false", "checkpoint.save_interval=0"]
+              "checkpoint.save_at_end=false", "checkpoint.save_interval=0",
+              "logging.peak_tflops=1"]
 
 # One change to the dense GPT baseline (the default config is the EP=2 flagship).
 DENSE_BASELINE = ["model=small", "moe=dense", "parallel=data"]
@@ -60,6 +62,34 @@ def run_process_group(cmd: list[str], env: dict, timeout: int,
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def torchrun_script(script: str, arg: str, nproc: int,
+                    timeout: int = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=nproc script arg`` from the repository root;
+    fails the test on error."""
+    cmd = TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", script, arg]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = run_process_group(cmd, env, timeout)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_many(root: Path, runs: dict, nproc: int, timeout: int = 600) -> dict[str, str]:
+    """Several trainings, ``{run_dir: Hydra overrides}``, one after another in ONE torchrun
+    launch (``tests/distributed/train_many.py``: a launch's start-up, ~5 s, paid once);
+    returns ``{run_dir: the logging rank's output of that run}``."""
+    spec = Path(root) / "runs.json"
+    spec.write_text(json.dumps({str(k): list(v) for k, v in runs.items()}))
+    proc = torchrun_script("tests/distributed/train_many.py", str(spec), nproc, timeout)
+    out, current = {str(k): [] for k in runs}, None
+    for line in proc.stdout.splitlines():
+        if line.startswith("[train_many] "):
+            current = line.removeprefix("[train_many] ")
+        elif current is not None:
+            out[current].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -100,7 +100,7 @@ def test_a_tp2_run_exports_from_the_command_line(one_rank, tmp_path, data_cache)
 
     from plt_train.generate import load_trained
 
-    chunk, cfg, _ = load_trained(run)
+    chunk, cfg, _, _ = load_trained(run)
     tokens = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(1))
     ours, theirs = ours_and_hf_logits(chunk.eval(), tmp_path / "hf", tokens)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

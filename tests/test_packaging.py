@@ -49,6 +49,9 @@ def installed(tmp_path_factory) -> Path:
                    for n in names), group
     assert not any(n.startswith("kernels/") for n in names)  # no top-level `kernels`
     assert "plt_train/kernels/gswa.py" in names
+    for name in ("plt_tiny_mc.yaml", "plt_tiny_mc.jsonl", "plt_tiny_gen.yaml",
+                 "plt_tiny_gen.jsonl"):  # the shipped lm-eval tasks
+        assert f"plt_train/evaluation/tasks/{name}" in names, name
     target = root / "site"
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
           str(wheel)], cwd=root)
@@ -71,6 +74,12 @@ def test_console_scripts_work_from_any_directory(installed, tmp_path):
                                          tmp_path, env).stdout
     assert "usage: plt-export" in _run([str(installed / "bin" / "plt-export"), "--help"],
                                        tmp_path, env).stdout
+    assert "usage: plt-eval" in _run([str(installed / "bin" / "plt-eval"), "--help"],
+                                     tmp_path, env).stdout
+    data = _run([sys.executable, "-c", "from plt_train.evaluation.tasks import shipped_config; "
+                 "print(shipped_config('plt_tiny_mc')['dataset_kwargs']['data_files']['test'])"],
+                tmp_path, env).stdout.strip()
+    assert data == str(installed / "plt_train/evaluation/tasks/plt_tiny_mc.jsonl")
 
 
 def test_a_same_named_kernels_package_cannot_shadow_ours(tmp_path):

@@ -611,6 +611,27 @@ class SampleConfig(_Section):
 
 
 @dataclass
+class DownstreamConfig(_Section):
+    """lm-evaluation-harness tasks run on the live model during training (OLMo-core's
+    downstream evaluator): every ``interval`` steps and at the last step, logged as
+    ``downstream/<task>/<metric>``.  TP = PP = 1 (other layouts: ``plt-eval`` on a
+    checkpoint).  ``plt_train/evaluation/downstream.py``."""
+
+    group_path: ClassVar[str] = "downstream"
+
+    tasks: list[str] = field(default_factory=list)
+    """Shipped (plt_tiny_mc, plt_tiny_gen) or lm-evaluation-harness task names; empty: off."""
+    interval: int = 0
+    """Steps between evaluations; 0: off."""
+    limit: Optional[int] = None
+    """Documents per task (the first ones); None: all."""
+    num_fewshot: Optional[int] = None
+    """None: each task's own default."""
+    batch_size: int = 8
+    """Sequences per forward."""
+
+
+@dataclass
 class RunConfig(_Section):
     name: str = "default"
     run_dir: Optional[str] = None
@@ -623,3 +644,4 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)

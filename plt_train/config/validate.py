@@ -116,12 +116,32 @@ def _check_mixtures(cfg: RunConfig) -> None:
                                   "drop the member to leave it out")
 
 
+def _check_downstream(cfg: RunConfig) -> None:
+    """The in-training evaluation's numbers and layout (its task names need the harness:
+    ``evaluation.downstream.check_tasks``, called by train.py beside the data checks)."""
+    d, p = cfg.downstream, cfg.parallel
+    if not d.tasks:
+        return
+    _at_least("downstream.interval", d.interval, 0, "0 turns the evaluation off")
+    _at_least("downstream.batch_size", d.batch_size, 1, "use e.g. 8")
+    if d.limit is not None:
+        _at_least("downstream.limit", d.limit, 1, "null evaluates every document")
+    if d.num_fewshot is not None:
+        _at_least("downstream.num_fewshot", d.num_fewshot, 0, "null keeps each task's own")
+    if d.interval and (p.tensor > 1 or p.pipeline > 1):
+        raise ConfigError("downstream.tasks", f"the in-training evaluation needs whole layers "
+                          f"on every rank (TP = PP = 1), got TP={p.tensor}, PP={p.pipeline}",
+                          "evaluate the run's checkpoints with plt-eval RUN_DIR --tasks ..., "
+                          "or downstream.interval=0")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Raise ConfigError for the first problem found."""
     check_choices(cfg)
     _check_ranges(cfg)
     _check_recompute(cfg)
     _check_mixtures(cfg)
+    _check_downstream(cfg)
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     for name in ("tensor", "pipeline", "context", "expert"):
         if getattr(p, name) < 1:

@@ -176,9 +176,8 @@ class Generator:
         state.begin()
         return m.head(hidden)[:, -1], fed
 
-    @torch.no_grad()
-    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> Generation:
+    def _left_pad(self, prompts: list):
+        """Token lists -> (tokens [B, T0], valid [B, T0], each row's left padding)."""
         B, T0 = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
@@ -188,6 +187,22 @@ class Generator:
         for b, p in enumerate(prompts):
             tokens[b, pad[b]:] = torch.tensor(p, dtype=torch.long)
             valid[b, pad[b]:] = True
+        return tokens, valid, pad
+
+    @torch.no_grad()
+    def logits(self, sequences: list) -> tuple:
+        """Token lists -> (logits [B, T0, V] of the left-padded batch, each row's padding):
+        the prefill alone, which scores sequences (lm-eval's loglikelihood) as the training
+        forward does, each row as if it were alone."""
+        tokens, valid, pad = self._left_pad(sequences)
+        logits, _ = self.prefill(tokens, valid, self.new_cache(len(sequences), tokens.shape[1]))
+        return logits, pad
+
+    @torch.no_grad()
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> Generation:
+        tokens, valid, pad = self._left_pad(prompts)
+        B, T0 = tokens.shape
         cache = self.new_cache(B, T0 + max_new_tokens)
         prompt_logits, fed = self.prefill(tokens, valid, cache)
         gen = torch.Generator(device=self.device).manual_seed(seed)

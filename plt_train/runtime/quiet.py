@@ -24,6 +24,11 @@ _KNOWN_WARNINGS = (
     # megatron-core 0.16.1's all-gathers (tensor_parallel, DDP buffers) in torch 2.13.
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
      r"torch\.distributed\."),
+    # Loading a distributed checkpoint (plt-generate, plt-eval, plt-export, resume): megatron
+    # 0.16.1 calls torch.distributed.checkpoint's old entry point on ShardedTensors.
+    (FutureWarning, r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\."),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
+     r"torch\.distributed\.checkpoint\."),
 )
 # Loggers that speak at INFO on import; Hydra sets the root logger to INFO.
 _CHATTY_LOGGERS = ("megatron",)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, TextIO
 from urllib.parse import urlsplit
 
-KINDS = ("train", "valid")
+KINDS = ("train", "valid", "downstream")  # downstream: lm-eval tasks (evaluation/)
 
 
 def to_python(metrics: Mapping[str, Any]) -> Dict[str, Any]:

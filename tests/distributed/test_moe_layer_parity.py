@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.distributed._moe_launch import torchrun_script
+from tests.helpers import torchrun_script
 
 NPROC = 4
 

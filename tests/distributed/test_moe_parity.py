@@ -2,7 +2,7 @@
 
 5 optimizer steps of the debug model with fine_grained and with bigmac layers (same seed, same
 data, same global batch) at EP=1, EP=2, EP=4 and TP=2 x EP=2 (sequence parallel), all in one
-torchrun launch (``moe_train_check.py``): loss curves within 1e-5 of EP=1, gradient norms and
+torchrun launch (``train_many.py``): loss curves within 1e-5 of EP=1, gradient norms and
 megatron's aux-loss tracker too.  Routing is DROPLESS here on purpose: the comparison must not
 depend on the capacity rule (test_moe_layer_parity.py covers capacity dropping separately).
 The aux and z losses are on (coefficients 0.01 / 0.001), so their gradients are compared too.
@@ -13,8 +13,7 @@ import json
 
 import pytest
 
-from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics
-from tests.distributed._moe_launch import torchrun_script
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics, torchrun_script
 
 NPROC = 4
 STEPS = 5
@@ -40,7 +39,7 @@ def train_runs(tmp_path_factory, data_cache):
             for layer in ("fine_grained", "bigmac") for name, layout in LAYOUTS.items()}
     spec = root / "runs.json"
     spec.write_text(json.dumps(runs))
-    torchrun_script("tests/distributed/moe_train_check.py", str(spec), NPROC,
+    torchrun_script("tests/distributed/train_many.py", str(spec), NPROC,
                     timeout=300)
     return root
 

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics
-from tests.distributed._moe_launch import torchrun_script
+from tests.helpers import DEBUG_ARGS, losses_by_step, read_metrics, torchrun_script
 
 STEPS = 30
 COMMON = [a for a in DEBUG_ARGS if not a.startswith("checkpoint.save_at_end")] + [
@@ -31,14 +30,19 @@ def runs(tmp_path_factory, data_cache):
                                                   "checkpoint.save_at_end=false"],
         str(root / "bigmac_ep2"): COMMON + ["moe=bigmac", "parallel.expert=2",
                                             "checkpoint.save_at_end=true"],
+        # ... and lm-eval tasks every 15 steps: every rank runs every request in lockstep (the
+        # experts exchange tokens), and the trajectory stays the plain optimizer's.
         str(root / "bigmac_ep2_distopt"): COMMON + ["moe=bigmac", "parallel.expert=2",
                                                     "parallel.use_distributed_optimizer=true",
-                                                    "checkpoint.save_at_end=false"],
+                                                    "checkpoint.save_at_end=false",
+                                                    "downstream.tasks=[plt_tiny_mc]",
+                                                    "downstream.interval=15",
+                                                    "downstream.limit=6"],
         str(root / "resume_ep2"): COMMON + ["moe=bigmac", "parallel.expert=2"] + resume,
         str(root / "resume_ep1"): COMMON + ["moe=bigmac", "parallel.expert=1"] + resume,
     }
     (root / "runs.json").write_text(json.dumps(spec))
-    torchrun_script("tests/distributed/moe_train_check.py", str(root / "runs.json"), nproc=2,
+    torchrun_script("tests/distributed/train_many.py", str(root / "runs.json"), nproc=2,
                     timeout=300)
     return root
 
@@ -62,11 +66,15 @@ def test_moe_gpt_trains_and_logs_moe_metrics(runs, layer):
 
 def test_distributed_optimizer_gives_the_same_trajectory(runs):
     """Expert parameters in megatron's DistributedOptimizer (sharded over the expert-data-
-    parallel group) train exactly like the plain optimizer."""
+    parallel group) train exactly like the plain optimizer, also with a downstream evaluation
+    (lm-eval, BigMac at EP=2) every 15 steps."""
     plain, dist = losses_by_step(runs / "bigmac_ep2"), losses_by_step(runs / "bigmac_ep2_distopt")
     assert sorted(plain) == sorted(dist)
     for step in plain:
         assert dist[step] == pytest.approx(plain[step], rel=1e-5), step
+    evaluated = read_metrics(runs / "bigmac_ep2_distopt", "downstream")
+    assert [r["step"] for r in evaluated] == [15, 30]
+    assert all(0 <= r["plt_tiny_mc/acc"] <= 1 and r["seconds"] > 0 for r in evaluated)
 
 
 def test_bigmac_moves_a_quarter_of_fine_grained_bytes_in_training(runs):

@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import DEBUG_ARGS, checkpoint_tensors, losses_by_step, run_train
+from tests.helpers import (
+    DEBUG_ARGS, checkpoint_tensors, losses_by_step, run_train, train_many,
+)
 
 ARGS = DEBUG_ARGS + ["parallel=data", "parallel.use_distributed_optimizer=true",
                      "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=4",
@@ -23,8 +25,7 @@ OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=t
 
 def test_overlapped_param_gather_matches_and_its_checkpoints_resume(tmp_path, data_cache):
     plain, overlap = tmp_path / "plain", tmp_path / "overlap"
-    run_train(plain, ARGS, nproc=2)
-    run_train(overlap, ARGS + OVERLAP, nproc=2)
+    train_many(tmp_path, {plain: ARGS, overlap: ARGS + OVERLAP}, nproc=2)
     for kind in ("train", "valid"):
         ref, got = losses_by_step(plain, kind), losses_by_step(overlap, kind)
         assert sorted(got) == sorted(ref) and len(ref) >= 2, kind

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import DEBUG_ARGS, losses_by_step, run_train
+from tests.helpers import DEBUG_ARGS, losses_by_step, run_train, train_many
 
 STEPS = 5
 COMMON = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",
                        "train.micro_batch_size=2", "optim.warmup_steps=1"]
+
+
+LAYOUTS = {
+    "tp2": ["parallel.tensor=2"],
+    "pp2": ["parallel.pipeline=2"],
+    "dp2": [],  # two processes, pure data parallel
+    "dp2_distopt": ["parallel.use_distributed_optimizer=true"],  # optimizer state sharded
+    "tp2_sp_compiled": ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                        "model.compile=true"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +36,21 @@ def reference(tmp_path_factory, data_cache):
     return losses
 
 
-@pytest.mark.parametrize("layout", [
-    ["parallel.tensor=2"],
-    ["parallel.pipeline=2"],
-    [],  # two processes, pure data parallel
-    ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.compile=true"],
-    ["parallel.use_distributed_optimizer=true"],  # DP=2 with optimizer state sharded
-], ids=["tp2", "pp2", "dp2", "tp2_sp_compiled", "dp2_distopt"])
-def test_two_process_layout_matches_single_process(layout, reference, tmp_path, data_cache):
-    proc = run_train(tmp_path, COMMON + layout, nproc=2)
-    if "model.compile=true" in layout:  # every layer of the debug model ran compiled
-        assert "model.compile: 4 transformer layer(s) compiled" in proc.stdout
-    losses = losses_by_step(tmp_path)
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, data_cache):
+    """Every layout, one after another in one 2-process launch: {layout: (run_dir, output)}."""
+    root = tmp_path_factory.mktemp("layouts")
+    output = train_many(root, {root / name: COMMON + args for name, args in LAYOUTS.items()},
+                        nproc=2)
+    return {name: (root / name, output[str(root / name)]) for name in LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_process_layout_matches_single_process(layout, reference, layouts):
+    run_dir, output = layouts[layout]
+    if "model.compile=true" in LAYOUTS[layout]:  # every layer of the debug model ran compiled
+        assert "model.compile: 4 transformer layer(s) compiled" in output
+    losses = losses_by_step(run_dir)
     assert sorted(losses) == sorted(reference)
     for step, ref in reference.items():
         assert losses[step] == pytest.approx(ref, rel=1e-5), (step, losses[step], ref)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.distributed._moe_launch import torchrun_script
+from tests.helpers import torchrun_script
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import DEBUG_ARGS, read_metrics, run_train
+from tests.helpers import DEBUG_ARGS, read_metrics, train_many
 
 # A small validation split (one document of the embedded corpus): a request for more samples
 # than it holds makes megatron repeat it over re-shuffled epochs, which is what used to happen
-# when the request grew with train.steps (here 2 x 64 samples for 1 step, 31 x 64 for 30).
+# when the request grew with train.steps (here 2 x 64 samples for 1 step, 11 x 64 for 10).
 ARGS = DEBUG_ARGS + ["data.split='99.9,0.1,0'", "train.eval_interval=1", "train.eval_iters=4",
                      "train.global_batch_size=16", "train.micro_batch_size=4",
                      "optim.warmup_steps=0"]
@@ -16,8 +16,8 @@ ARGS = DEBUG_ARGS + ["data.split='99.9,0.1,0'", "train.eval_interval=1", "train.
 
 def test_validation_batches_do_not_depend_on_train_steps(tmp_path, data_cache):
     short, long = tmp_path / "short", tmp_path / "long"
-    run_train(short, ARGS + ["train.steps=1"])
-    run_train(long, ARGS + ["train.steps=30"])
+    train_many(tmp_path, {short: ARGS + ["train.steps=1"], long: ARGS + ["train.steps=10"]},
+               nproc=1)
     # Same weights after step 1 (the first training batch is the same, and so is the lr of
     # step 1: no warm-up, and the decay starts from the peak), so the same validation
     # batches give the same loss.
