@@ -13,13 +13,14 @@ gradient would leave that loop's share unreduced and the replicas would drift ap
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import DEBUG_ARGS, REPO, losses_by_step, read_metrics, run_train, train_many
+from tests.helpers import (
+    DEBUG_ARGS, REPO, losses_by_step, one_process_env, read_metrics, run_train, train_many,
+)
 
 STEPS = 5
 COMMON = DEBUG_ARGS + [f"train.steps={STEPS}", "train.global_batch_size=4",
@@ -127,11 +128,11 @@ def test_downstream_evaluation_in_training_leaves_it_exact_and_equals_plt_eval(l
     assert "downstream step 2/5 | plt_tiny_mc/acc " in output
 
     out = tmp_path / "step2.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ev = subprocess.run([sys.executable, "-m", "plt_train.evaluate", str(run_dir), "--tasks",
                          "plt_tiny_mc,plt_tiny_gen", "--checkpoint",
                          str(run_dir / "checkpoints" / "step_0000002"), "--output", str(out)],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=one_process_env(), capture_output=True, text=True,
+                        timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "plt_tiny_mc" in ev.stdout and "acc_norm" in ev.stdout  # the harness's table
     results = json.loads(out.read_text())
