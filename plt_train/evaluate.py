@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -66,11 +65,6 @@ def main(argv=None) -> None:
     from plt_train.inference import decoding_config
     from plt_train.training.integrity import CheckpointError
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
     try:
         tasks = resolve(args.tasks, args.include_path)  # before the model is loaded
         chunk, cfg, tokenizer, checkpoint = load_trained(args.run_dir, args.checkpoint,

@@ -128,11 +128,6 @@ def main(argv=None) -> None:
     from plt_train.training.integrity import CheckpointError
 
     quiet_start()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
     try:
         generator, tokenizer = load_for_generation(args.run_dir, args.checkpoint,
                                                    args.cuda_graph, args.kernel)
