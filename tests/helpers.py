@@ -65,13 +65,12 @@ def run_process_group(cmd: list[str], env: dict, timeout: int,
 
 
 def one_process_env(**extra: str) -> dict:
-    """``os.environ`` for a one-process tool (plt-eval, plt-generate) started from a test,
+    """``os.environ`` (and ``extra``) for a one-process tool or script started from a test,
     without the process-group variables an in-process test left behind (``init_distributed``
     sets ``MASTER_PORT`` to its store's port, which may still be taken): the tool picks its
     own."""
     drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop},
-            "OMP_NUM_THREADS": "1", **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 def torchrun_script(script: str, arg: str, nproc: int,

@@ -8,7 +8,6 @@ resharded into one process).  Looped, PLT and MoE models are refused in one line
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import torch
 from plt_train.config.schema import ModelConfig, MoEConfig, ParallelConfig
 from plt_train.export import ExportError, check_exportable, export_llama, import_llama
 from plt_train.runtime.device import megatron_device_kwargs
-from tests.helpers import DEBUG_ARGS, REPO, run_train
+from tests.helpers import DEBUG_ARGS, REPO, one_process_env, run_train
 
 transformers = pytest.importorskip("transformers")
 VOCAB, SEQ = 300, 24
@@ -90,9 +89,7 @@ def test_a_tp2_run_exports_from_the_command_line(one_rank, tmp_path, data_cache)
     run = tmp_path / "run"
     run_train(run, DEBUG_ARGS + ["model.name=gpt", "parallel.tensor=2", "train.steps=2",
                                  "checkpoint.save_at_end=true"], nproc=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = one_process_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "plt_train.export", str(run), str(tmp_path / "hf")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -131,7 +131,7 @@ def test_downstream_evaluation_in_training_leaves_it_exact_and_equals_plt_eval(l
     ev = subprocess.run([sys.executable, "-m", "plt_train.evaluate", str(run_dir), "--tasks",
                          "plt_tiny_mc,plt_tiny_gen", "--checkpoint",
                          str(run_dir / "checkpoints" / "step_0000002"), "--output", str(out)],
-                        cwd=REPO, env=one_process_env(), capture_output=True, text=True,
+                        cwd=REPO, env=one_process_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                         timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "plt_tiny_mc" in ev.stdout and "acc_norm" in ev.stdout  # the harness's table

@@ -23,7 +23,7 @@ pytest.importorskip("lm_eval")
 def test_bad_input_is_one_line(tmp_path, args, words):
     run = tmp_path / "missing"
     proc = subprocess.run([sys.executable, "-m", "plt_train.evaluate", str(run), *args],
-                          cwd=REPO, env=one_process_env(),
+                          cwd=REPO, env=one_process_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert words.format(run=run) in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]

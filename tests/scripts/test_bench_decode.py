@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, one_process_env
 
 
 def run_bench(out, *args):
     # A fresh process group: not the variables an in-process test left in our environment.
     # (TRITON_INTERPRET, set by conftest.py without a GPU, is kept: --kernel triton runs.)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = one_process_env()
     proc = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tiny", "--out",
                            str(out), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)

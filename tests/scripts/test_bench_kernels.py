@@ -3,18 +3,16 @@ writes the timing records, JSON and plot a GPU session will fill at full size.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from tests.helpers import REPO, one_process_env
 
 
 def _bench_small(tmp_path, *args):
     """Runs ``bench_kernels.py --small --strict`` (outside any torchrun group): its stdout
     and records."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = one_process_env()
     proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--small", "--strict",
                            *args, "--out", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -5,19 +5,15 @@ script's table fall between the two)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, one_process_env
 
 
 def test_bench_memory_tiny(tmp_path):
     out, plot = tmp_path / "memory.json", tmp_path / "memory.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = one_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "scripts/bench_memory.py", "--tiny", "--models",
                            "gpt,looped-2,plt-2-bigmac", "--out", str(out), "--plot", str(plot)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

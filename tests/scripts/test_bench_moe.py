@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, one_process_env
 
 
 def test_bench_moe_tiny(tmp_path):
     out, plot = tmp_path / "moe.json", tmp_path / "moe.png"
     cmd = [sys.executable, "scripts/bench_moe.py", "--tiny", "--ep", "1,2", "--topk", "2,4",
            "--out", str(out), "--plot", str(plot)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = one_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "projection (paper Table 3 formulas)" in proc.stdout

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, one_process_env
+
 sys.path.insert(0, str(REPO / "scripts"))
 
 from plain_gpt import PlainGPT, count_parameters, expected_parameters  # noqa: E402
@@ -63,9 +62,7 @@ def test_bench_train_tiny(tmp_path):
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
     cmd = [sys.executable, "scripts/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1",
            "--which", "ours,plain_eager", "--out", str(out), "--plot", str(plot)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)  # the script makes its own one-rank group
+    env = one_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # its own group
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "ratio ours / plain_eager" in proc.stdout
