@@ -35,9 +35,9 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None,
                  model_for=None, before_build=None) -> Trained:
     """(model chunk, RunConfig, Tokenizer, checkpoint) of a run directory's latest (or the
     given) checkpoint, in this process, whatever layout it was trained with (distributed
-    checkpoints reshard); starts a one-process group if needed.  ``model_for(ModelConfig)`` may replace
-    the model config that is built (same weights); ``before_build(ModelConfig)`` may refuse
-    it (raising) before anything is loaded."""
+    checkpoints reshard); starts a one-process group if needed.  ``model_for(ModelConfig)``
+    may replace the model config that is built (same weights); ``before_build(ModelConfig)``
+    may refuse it (raising) before anything is loaded."""
     from omegaconf import OmegaConf
 
     from plt_train.config import RunConfig

@@ -23,6 +23,7 @@ same forwards in lockstep, so the caller gives each rank everything (``downstrea
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Optional
 
 import torch
@@ -142,9 +143,11 @@ class PltLM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0)) \
                 if kwargs.pop("do_sample", False) else 0.0
             top_p = float(kwargs.pop("top_p", 1.0))
-            if max_new >= self.max_length:
-                raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in "
-                                 f"max_length={self.max_length}")
+            if max_new > self.max_length // 2:  # e.g. the harness's default 256 on a short model
+                warnings.warn(f"max_gen_toks={max_new} leaves little of max_length="
+                              f"{self.max_length} for the context: generating "
+                              f"{self.max_length // 2} tokens")
+                max_new = self.max_length // 2
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
                 prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])

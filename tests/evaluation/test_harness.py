@@ -178,3 +178,18 @@ def test_training_refuses_unknown_tasks_before_it_starts():
     with pytest.raises(ConfigError, match=r"^config error: downstream.tasks: unknown task "
                                           r"'no_such_task': give a shipped task"):
         check_tasks(DownstreamConfig(tasks=["plt_tiny_mc", "no_such_task"], interval=5))
+
+
+def test_a_generation_longer_than_the_model_is_capped_with_a_warning(one_rank, tokenizer):
+    """The harness's default max_gen_toks (256) on a model trained on 48 tokens: half of them
+    are generated, with a warning, instead of a crash halfway through an evaluation."""
+    from plt_train.evaluation.harness import PltLM
+
+    lm = PltLM(build(one_rank), tokenizer, max_length=SEQ, quiet=True)
+    asked, generate = [], lm.generator.generate
+    lm.generator.generate = lambda prompts, new, *a, **k: asked.append(new) or \
+        generate(prompts, new, *a, **k)
+    request = SimpleNamespace(args=("def f(x):", {"until": [], "max_gen_toks": 256}))
+    with pytest.warns(UserWarning, match=r"max_gen_toks=256 leaves little of max_length=48"):
+        (text,) = lm.generate_until([request])
+    assert asked == [SEQ // 2] and text
