@@ -92,7 +92,7 @@ class PltLM(TemplateLM):
             # The model sees context + continuation but the last token, cut to max_length.
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1]
                       for i in batch]
-            logits, pad = self.generator.logits(inputs)
+            logits, _ = self.generator.logits(inputs)  # left-padded: each row ends at T0
             logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(batch):
                 key, _, continuation = requests[i]
