@@ -48,7 +48,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     check_data(cfg.data, cfg.model.vocab_size)
-    check_tasks(cfg.downstream)  # the harness knows downstream.tasks (when they are set)
+    downstream_tasks = check_tasks(cfg.downstream)  # None: no downstream evaluation
     if cfg.checkpoint.load:
         resolve_load(cfg.checkpoint.load)  # a missing or wrong path: one line, now
     t, p = cfg.train, cfg.parallel
@@ -101,10 +101,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     train_iter = build_data_iterator(train_ds, state.consumed_samples, t.micro_batch_size,
                                      dims.dp_rank, dp, cfg.data.num_workers)
 
-    downstream = None
-    if cfg.downstream.tasks and cfg.downstream.interval:  # lm-eval tasks on the live model
-        downstream = DownstreamHook(cfg.downstream, chunks, cfg.model, prepared.tokenizer,
-                                    t.seed)
+    downstream = None  # lm-eval tasks on the live model
+    if downstream_tasks is not None:
+        downstream = DownstreamHook(cfg.downstream, downstream_tasks, chunks, cfg.model,
+                                    prepared.tokenizer, t.seed)
 
     def validation_loss() -> float:
         it = build_data_iterator(valid_ds, 0, t.micro_batch_size, dims.dp_rank, dp, 0)

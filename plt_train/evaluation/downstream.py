@@ -55,13 +55,14 @@ def flat_metrics(results: dict) -> dict:
     return out
 
 
-def check_tasks(cfg) -> None:
-    """ConfigError unless ``downstream.tasks`` (a ``DownstreamConfig``) names tasks the
-    harness knows, or when the harness is not installed; before any process group starts."""
+def check_tasks(cfg) -> Optional[ResolvedTasks]:
+    """``downstream.tasks`` (a ``DownstreamConfig``) resolved, for ``DownstreamHook``; None
+    when the evaluation is off.  ConfigError for a name the harness does not know, or when
+    the harness is not installed; called before any process group starts."""
     from plt_train.config import ConfigError
 
     if not (cfg.tasks and cfg.interval):
-        return
+        return None
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -70,7 +71,7 @@ def check_tasks(cfg) -> None:
     from plt_train.evaluation.tasks import TaskError
 
     try:
-        resolve(cfg.tasks)
+        return resolve(cfg.tasks)
     except TaskError as err:
         raise ConfigError("downstream.tasks", str(err), "fix the name") from None
 
@@ -121,18 +122,17 @@ def rng_kept():
 
 
 class DownstreamHook:
-    """``downstream.tasks`` on the live model every ``downstream.interval`` steps and at the
-    last step.  ``chunks``: the training model (one chunk: TP = PP = 1); ``model_cfg``: its
-    config (a gpt model is evaluated through its vanilla twin, as the sampler does)."""
+    """``downstream.tasks`` (``tasks``: as ``check_tasks`` resolved them) on the live model
+    every ``downstream.interval`` steps and at the last step.  ``chunks``: the training model
+    (one chunk: TP = PP = 1); ``model_cfg``: its config (a gpt model is evaluated through its
+    vanilla twin, as the sampler does)."""
 
-    def __init__(self, cfg, chunks, model_cfg, tokenizer, seed: int):
-        self.cfg, self.chunks, self.model_cfg = cfg, chunks, model_cfg
+    def __init__(self, cfg, tasks: ResolvedTasks, chunks, model_cfg, tokenizer, seed: int):
+        self.cfg, self.tasks, self.chunks, self.model_cfg = cfg, tasks, chunks, model_cfg
         self.tokenizer, self.seed = tokenizer, seed
-        self.tasks = resolve(cfg.tasks) if cfg.tasks else None
 
     def due(self, step: int, last_step: int) -> bool:
-        every = self.cfg.interval
-        return bool(self.cfg.tasks) and every > 0 and (step % every == 0 or step == last_step)
+        return step % self.cfg.interval == 0 or step == last_step
 
     def run(self) -> dict:
         """{"<task>/<metric>": value, "seconds": wall time}, on every rank."""

@@ -26,7 +26,6 @@ class TaskError(ValueError):
 
 
 class ResolvedTasks(NamedTuple):
-    names: list[str]
     specs: list  # what lm_eval.simple_evaluate takes: names, or configs of shipped tasks
     manager: Any  # the lm_eval TaskManager that knows them
 
@@ -69,5 +68,4 @@ def resolve(names: Sequence[str], include_path: Optional[Sequence[str]] = None) 
             raise TaskError(f"unknown task {', '.join(map(repr, unknown))}: give a shipped "
                             f"task ({', '.join(ours)}), one of lm-evaluation-harness's "
                             "(lm-eval ls tasks) or a YAML task under --include-path")
-    return ResolvedTasks(list(names), [shipped_config(n) if n in ours else n for n in names],
-                         manager)
+    return ResolvedTasks([shipped_config(n) if n in ours else n for n in names], manager)

@@ -173,8 +173,9 @@ def test_training_refuses_unknown_tasks_before_it_starts():
     from plt_train.config.schema import DownstreamConfig
     from plt_train.evaluation.downstream import check_tasks
 
-    check_tasks(DownstreamConfig(tasks=["plt_tiny_mc", "plt_tiny_gen"], interval=5))
-    check_tasks(DownstreamConfig(tasks=["no_such_task"], interval=0))  # off: not checked
+    resolved = check_tasks(DownstreamConfig(tasks=["plt_tiny_mc", "plt_tiny_gen"], interval=5))
+    assert [spec["task"] for spec in resolved.specs] == ["plt_tiny_mc", "plt_tiny_gen"]
+    assert check_tasks(DownstreamConfig(tasks=["no_such_task"], interval=0)) is None  # off
     with pytest.raises(ConfigError, match=r"^config error: downstream.tasks: unknown task "
                                           r"'no_such_task': give a shipped task"):
         check_tasks(DownstreamConfig(tasks=["plt_tiny_mc", "no_such_task"], interval=5))
