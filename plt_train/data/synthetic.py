@@ -1,4 +1,6 @@
-"""A synthetic task where depth matters: multi-hop variable resolution.
+"""Synthetic tasks where depth matters, for ``scripts/plt_quality.py``: ``KeyValueRecall``
+(the one calibrated on CPU, docs/benchmarks.md), ``FunctionChains`` and, described here,
+multi-hop variable resolution (``VariableChains``).
 
 An example lists assignments in a random order, then asks for one variable's value::
 
@@ -156,7 +158,80 @@ class FunctionChains:
         return self._draw(rng)
 
 
-def tokenizer_for(task: VariableChains | FunctionChains):
+@dataclass(frozen=True)
+class KeyValueRecall:
+    """Recall values by key: ``t5 t30 t2 t17 t9 t41 | t17 t9 t41 t5 t30 t2 t17 t9 t41 ;``.
+    ``pairs`` keys, each followed by its two-token value (all ``3 * pairs`` tokens distinct,
+    drawn from ``symbols``), a separator, then ``queries`` keys drawn with replacement, each
+    followed by its value; the test asks for the value of one more key.
+
+    Why depth: reading a key's value is an induction lookup, "find where this token occurred
+    before and read the token after it".  The key it matches must carry its predecessor's
+    identity, which only an earlier attention layer can write there, so one attention layer
+    cannot do it (Olsson et al. 2022, "In-context learning and induction heads"; Sanford, Hsu
+    and Telgarsky 2024 prove the one-layer bound for large inputs).  The queries come in
+    random order and may repeat, which rules out the one-layer shortcuts of a copy task: a
+    fixed offset, or "the earliest token not yet repeated", which took one layer to 0.5-0.9
+    exact match there.  At this small size one layer can still brute-force the lookups
+    slowly (one seed of three reached 0.5 by 3,000 steps; docs/benchmarks.md).  Both answer tokens are lookups (the second
+    one's key is the first answer token), so PLT's decode step is scored as well.
+
+    For PLT it also probes the shared K/V: a later loop's long-range attention reads loop
+    1's keys of the same layer, which in a one-layer block are computed from the embeddings
+    alone (docs/design/architectures.md)."""
+
+    pairs: int = 4
+    queries: int = 8
+    symbols: int = 32
+    answer_digits: int = 2  # the value's tokens
+
+    def __post_init__(self):
+        if self.pairs < 2 or self.queries < 1:
+            raise ValueError(f"need pairs >= 2 and queries >= 1: {self}")
+        if self.symbols < 3 * self.pairs:
+            raise ValueError(f"{self.symbols} symbols cannot make {self.pairs} distinct "
+                             "keys and values")
+        if self.answer_digits != 2:
+            raise ValueError(f"values are two tokens: {self}")
+
+    @property
+    def document_length(self) -> int:
+        return 3 * (self.pairs + self.queries) + 3  # pairs, |, queries, ;, EOD
+
+    def vocabulary(self) -> list[str]:
+        return [EOD, SEP, QUERY, ASSIGN, "|"] + [f"t{i}" for i in range(self.symbols)]
+
+    def _draw(self, rng: random.Random, queries: int):
+        tokens = [f"t{i}" for i in rng.sample(range(self.symbols), 3 * self.pairs)]
+        triples = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+        asked = [t for _ in range(queries) for t in rng.choice(triples)]
+        return [t for triple in triples for t in triple] + ["|"] + asked, triples
+
+    def document(self, rng: random.Random) -> list[str]:
+        return self._draw(rng, self.queries)[0] + [SEP]
+
+    def example(self, rng: random.Random) -> tuple[list[str], list[str]]:
+        """The prompt is a document cut after the key of a query at a random place among
+        the queries (the ones before it answered)."""
+        tokens, triples = self._draw(rng, rng.randrange(self.queries))
+        key, *value = rng.choice(triples)
+        return tokens + [key], value
+
+    @staticmethod
+    def lookup_distance(prompt: list[str]) -> int:
+        """Tokens from a test prompt's last position (the asked key) back to the key's
+        latest earlier occurrence, whose successor holds the answer.  A model reaches that
+        successor by attention only if its keys span this distance minus one; PLT's later
+        loops over a one-layer block see just their own ``window`` tokens (the current one
+        included), so they can answer exactly the examples with distance <= window."""
+        last = len(prompt) - 1
+        return last - max(i for i in range(last) if prompt[i] == prompt[-1])
+
+
+Task = VariableChains | FunctionChains | KeyValueRecall
+
+
+def tokenizer_for(task: Task):
     """A word-level tokenizer over exactly the task's symbols (ids in ``vocabulary`` order)."""
     import tokenizers
     from tokenizers import models, pre_tokenizers
@@ -177,7 +252,7 @@ class TaskFiles:
     tokenizer: Path
 
 
-def write_task(task: VariableChains | FunctionChains, out_dir: str | os.PathLike, train_examples: int,
+def write_task(task: Task, out_dir: str | os.PathLike, train_examples: int,
                test_examples: int, seed: int = 0) -> TaskFiles:
     """Write the task's files into ``out_dir`` (see the module docstring).  Training examples
     come from ``seed``, test examples from another stream of it, so none is shared by

@@ -26,7 +26,8 @@
 #     profile of where their time goes, then the G-SWA tile sweep.
 #  decode: bench_decode.py at the PLT issue's shape: eager vs CUDA graph, torch vs Triton.
 #  quality_moe: dense vs fine-grained vs BigMac at GPU size (compare_moe.py --preset gpu).
-#  quality_plt: the depth task at a size one CPU session cannot train (plt_quality.py task).
+#  quality_plt: the CPU's key-value recall comparison at 3x its steps, where the looped models
+#               may catch up (plt_quality.py task; records are saved as each run ends).
 source "$(dirname "$0")/env.sh"
 W=${W:-/tmp/gpu_check}
 mkdir -p "$W"
@@ -98,9 +99,9 @@ stage decode 150 python3 scripts/bench_decode.py --layers 16 --hidden 2048 --hea
     --out "$W/bench_decode"
 stage quality_moe 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --seeds 1 \
     --steps 200 --eval-interval 25 --out-dir "$W/compare_moe_gpu"
-stage quality_plt 330 python3 scripts/plt_quality.py task --kind functions --functions 16 \
-    --values 16 --hops 3 --layers 1 --hidden 256 --steps 15000 --batch 64 --eval-every 1500 \
-    --seeds 1 --out "$W/plt_quality" --json "$W/plt_quality.json"
+stage quality_plt 330 python3 scripts/plt_quality.py task --kind recall --steps 10000 \
+    --eval-every 1000 --models vanilla-L vanilla-2L looped-2 plt-2 clp-2 plt-2-w64 --seeds 1 \
+    --jobs 6 --out "$W/plt_quality" --json "$W/plt_quality.json"
 [[ -n "${DRY_RUN:-}" ]] && { cat "$W/commands.tsv"; exit 0; }
 
 echo; echo "===== summary ($(head -2 "$W/gpu.txt" 2>/dev/null | tail -1))"

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from plt_train.data.synthetic import (
-    ASSIGN, QUERY, SEP, FunctionChains, VariableChains, exact_match, read_test, tokenizer_for,
-    write_task,
+    ASSIGN, QUERY, SEP, FunctionChains, KeyValueRecall, VariableChains, exact_match, read_test,
+    tokenizer_for, write_task,
 )
 
 
@@ -70,6 +70,35 @@ def test_function_chains_compose_the_fixed_tables():
             values.append(tables[f][values[-1]])
         assert doc[1 + task.hops] == ASSIGN
         assert doc[2 + task.hops:4 + task.hops] == [f"x{values[-2]}", f"x{values[-1]}"]
+
+
+def test_key_value_recall_answers_every_query_from_its_pair():
+    task = KeyValueRecall(pairs=5, queries=4, symbols=15)
+    rng = random.Random(3)
+    asked_twice = 0
+    for _ in range(300):
+        doc = task.document(rng)
+        assert len(doc) + 1 == task.document_length and doc[-1] == SEP
+        bar = doc.index("|")
+        context, queries = doc[:bar], doc[bar + 1:-1]
+        assert bar == 15 and len(set(context)) == 15  # keys and values all distinct
+        value_of = {context[i]: context[i + 1:i + 3] for i in range(0, bar, 3)}
+        keys = queries[0::3]
+        assert len(keys) == 4 and all(queries[i + 1:i + 3] == value_of[queries[i]]
+                                      for i in range(0, len(queries), 3))
+        asked_twice += len(set(keys)) < len(keys)  # drawn with replacement
+        prompt, answer = task.example(rng)
+        bar = prompt.index("|")
+        value_of = {prompt[i]: prompt[i + 1:i + 3] for i in range(0, bar, 3)}
+        assert (len(prompt) - bar - 2) % 3 == 0  # whole queries, then one key
+        assert answer == value_of[prompt[-1]]
+    assert asked_twice > 50  # no "each key once" shortcut
+    # the distance back to the asked key's latest occurrence (the window a lookup needs)
+    prompt = "t1 t2 t3 t4 t5 t6 | t4 t5 t6 t1 t2 t3 t4".split()
+    assert KeyValueRecall.lookup_distance(prompt) == 6
+    assert KeyValueRecall.lookup_distance(prompt[:-4] + ["t1"]) == 10
+    with pytest.raises(ValueError, match="symbols"):
+        KeyValueRecall(pairs=5, queries=4, symbols=14)
 
 
 def test_the_same_seed_writes_the_same_files_another_seed_others(tmp_path):

@@ -20,6 +20,12 @@ def _args(*argv):
     return plt_quality.parse_args(["task", *argv])
 
 
+def test_a_model_override_replaces_the_pinned_setting_once():
+    merged = plt_quality.with_overrides(["a=1", "model.loop.window=16", "b=2"],
+                                        ["model.loop.window=64", "c=3"])
+    assert merged == ["a=1", "b=2", "model.loop.window=64", "c=3"]
+
+
 def test_every_loop_option_and_the_training_recipe_are_pinned():
     task = VariableChains()
     keys = {o.split("=")[0] for o in plt_quality.task_settings(task, _args())}
@@ -34,17 +40,23 @@ def test_every_loop_option_and_the_training_recipe_are_pinned():
 def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     args = _args("--layers", "2", "--window", "8")
     task = VariableChains(hops=args.hops, chains=args.chains)
-    overrides = plt_quality.task_settings(task, args) + \
-        plt_quality.model_overrides(args.layers)[model]
+    overrides = plt_quality.with_overrides(plt_quality.task_settings(task, args),
+                                           plt_quality.model_overrides(args.layers)[model])
     cfg = compose_run(overrides)
     validate(cfg, 1)
     m = cfg.model
     assert str(m.moe.layer) == "dense" and cfg.parallel.tensor == cfg.parallel.pipeline == 1
-    assert m.seq_length == task.document_length and m.loop.window == 8
+    assert m.seq_length == task.document_length
+    windows = {"plt-2-w4": 4, "plt-2-w8": 8, "plt-2-w64": 64, "plt-2-w256": 256,
+               "plt-2-w64-hs": 64}
+    assert m.loop.window == windows.get(model, 8)
+    assert str(m.loop.gate) == ("input" if model == "plt-2-input-gate" else "query")
     assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
     assert m.num_layers == (4 if model == "vanilla-2L" else 2)
-    assert m.shares_kv == (model in ("plt-2", "plt-2-grad-kv", "clp-2-shared-kv"))
-    assert m.uses_gswa == (model in ("plt-2", "plt-2-grad-kv"))
+    assert m.loop.hidden_scale == (0.05 if model.endswith("-hs") else 1.0)
+    plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs", *windows)
+    assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv",))
+    assert m.uses_gswa == (model in plt_variants)
     assert m.loop.detach_kv == (model != "plt-2-grad-kv")
 
 
@@ -57,3 +69,25 @@ def test_compare_loops_runs_dense_models_whatever_the_defaults(model):
     validate(cfg, 2)
     assert str(cfg.model.moe.layer) == "dense" and cfg.parallel.expert == 1
     assert cfg.model.num_layers == 2 and cfg.model.loop.window == 64
+
+
+def test_one_layer_reach_counts_the_lookups_inside_the_window():
+    import random
+
+    from plt_train.data.synthetic import KeyValueRecall
+
+    task, rng = KeyValueRecall(), random.Random(0)
+    examples = [task.example(rng) for _ in range(200)]
+    distances = [task.lookup_distance(p) for p, _ in examples]
+    args = _args("--window", "8")
+    settings = plt_quality.task_settings(task, args)
+    models = plt_quality.model_overrides(1)
+
+    def reach(model):
+        overrides = plt_quality.with_overrides(settings, models[model])
+        return plt_quality.one_layer_reach(task, examples, overrides)
+
+    assert reach("plt-2") == sum(d <= 8 for d in distances) / 200
+    assert reach("plt-2-w64") == 1.0 > reach("plt-2") > reach("plt-2-w4") > 0
+    assert reach("clp-2-shared-kv") == 0.0  # no window: loop 1's K/V only
+    assert reach("clp-2") is reach("looped-2") is reach("vanilla-2L") is None
