@@ -247,8 +247,13 @@ def run_task(args) -> None:
     # side by side finish the sweep in about half the time (their step times are contended,
     # which the accuracy per step does not see).
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in [pool.submit(one_run, m, s) for m in args.models for s in args.seeds]:
-            done.result()
+        runs = [pool.submit(one_run, m, s) for m in args.models for s in args.seeds]
+        try:
+            for done in runs:
+                done.result()
+        except BaseException:  # a failed run stops the sweep, not just its own thread
+            pool.shutdown(cancel_futures=True)
+            raise
     report(records, Path(args.json))
 
 

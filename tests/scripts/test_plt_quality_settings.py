@@ -91,3 +91,19 @@ def test_one_layer_reach_counts_the_lookups_inside_the_window():
     assert reach("plt-2-w64") == 1.0 > reach("plt-2") > reach("plt-2-w4") > 0
     assert reach("clp-2-shared-kv") == 0.0  # no window: loop 1's K/V only
     assert reach("clp-2") is reach("looped-2") is reach("vanilla-2L") is None
+
+
+def test_a_failed_run_stops_the_sweep(tmp_path, monkeypatch):
+    started = []
+
+    def train(model, seed, overrides, run_dir, steps, nproc):
+        started.append((model, seed))
+        raise SystemExit(f"{model} seed {seed} failed (1)")
+
+    monkeypatch.setattr(plt_quality, "train", train)
+    args = _args("--models", "vanilla-L", "plt-2", "--seeds", "1", "2", "--jobs", "1",
+                 "--train-examples", "20", "--test-examples", "4", "--out", str(tmp_path),
+                 "--json", str(tmp_path / "records.json"))
+    with pytest.raises(SystemExit, match="vanilla-L seed 1 failed"):
+        plt_quality.run_task(args)
+    assert started == [("vanilla-L", 1)]  # the queued runs were cancelled, not trained
