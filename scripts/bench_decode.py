@@ -26,7 +26,9 @@ are timed once per ``--cuda-graph`` value).  E.g. on a GPU::
 
     python scripts/bench_decode.py --cuda-graph off on --kernel torch triton ...
 
-``latency_vs_vanilla`` compares with vanilla under the same ``--cuda-graph`` mode.
+``latency_vs_vanilla`` compares with vanilla (of ``--layers``) under the same ``--cuda-graph``
+mode.  ``--models`` picks the models, each ``NAME[-LOOPS][@LAYERS]``: ``vanilla@16`` beside
+``looped-2`` over 8 layers is the deeper plain model of the same compute.
 
 Prints a table last; writes JSON (records with model, loops, batch, ms_per_token, kv_bytes,
 device, cuda_graph, kernel, ...) and a PNG plot (of the first variant).
@@ -48,16 +50,29 @@ sys.path.insert(0, str(REPO))
 
 from plt_train.config.schema import KernelChoice, Switch  # noqa: E402
 
-MODELS = [("vanilla", 1), ("looped", 2), ("looped", 3), ("plt", 2), ("plt", 3)]
+MODELS = ["vanilla", "looped-2", "looped-3", "plt-2", "plt-3"]
 
 
-def build(name, loops, args, device, dtype):
-    """Random weights; every model from the same seed, so they share the block's weights."""
+def parse_model(spec: str, layers: int) -> tuple[str, int, int]:
+    """``NAME[-LOOPS][@LAYERS]`` (``plt-2``, ``vanilla@16``) as (name, loops, layers); the
+    layers default to ``--layers``, the loops to 1."""
+    spec, _, depth = spec.partition("@")
+    name, _, loops = spec.partition("-")
+    if name not in ("vanilla", "looped", "plt") or not (loops or "1").isdigit() \
+            or not (depth or "1").isdigit():
+        raise SystemExit(f"--models: {spec!r} is not NAME[-LOOPS][@LAYERS] with NAME "
+                         "vanilla, looped or plt")
+    return name, int(loops or 1), int(depth or layers)
+
+
+def build(name, loops, layers, args, device, dtype):
+    """Random weights; every model from the same seed, so models of the same depth share
+    the block's weights."""
     from plt_train.config.schema import LoopConfig, ModelConfig, ParallelConfig
     from plt_train.models import build_model
     from plt_train.runtime.device import megatron_device_kwargs
 
-    m = ModelConfig(name=name, loops=loops, num_layers=args.layers, hidden_size=args.hidden,
+    m = ModelConfig(name=name, loops=loops, num_layers=layers, hidden_size=args.hidden,
                     num_attention_heads=args.heads, num_query_groups=args.groups,
                     seq_length=args.prompt + args.new + args.warmup,
                     loop=LoopConfig(window=args.window))
@@ -82,12 +97,13 @@ def synthetic_prefill(gen, batch, args, device):
 
 
 def variants(args) -> list:
-    """(model name, loops, cuda_graph choice, kernel choice or None) for every timed run."""
+    """((name, loops, layers), cuda_graph choice, kernel choice or None) for every timed
+    run."""
     out = []
     for graph in args.cuda_graph:
-        for name, loops in MODELS:
-            kernels = args.kernel if name == "plt" else [None]
-            out += [(name, loops, graph, kernel) for kernel in kernels]
+        for model in args.models:
+            kernels = args.kernel if model[0] == "plt" else [None]
+            out += [(model, graph, kernel) for kernel in kernels]
     return out
 
 
@@ -108,8 +124,8 @@ def bench_batch(models, batch, args, device, dtype) -> list:
     sync = torch.cuda.synchronize if device.is_cuda else (lambda: None)
     runs = []
     with torch.inference_mode():
-        for name, loops, graph, kernel in variants(args):
-            model = models[(name, loops)]
+        for key, graph, kernel in variants(args):
+            model = models[key]
             gen = Generator(model, cuda_graph=graph)
             if args.real_prefill:
                 tokens = torch.tensor([[(7 * i + b) % args.vocab for i in range(args.prompt)]
@@ -119,7 +135,7 @@ def bench_batch(models, batch, args, device, dtype) -> list:
             else:
                 cache, fed = synthetic_prefill(gen, batch, args, device.device)
             token = torch.zeros(batch, dtype=torch.long, device=device.device)
-            runs.append({"model": (name, loops), "kernel": kernel, "gen": gen, "cache": cache,
+            runs.append({"model": key, "kernel": kernel, "gen": gen, "cache": cache,
                          "fed": fed, "token": token, "times": []})
         for i in range(args.warmup + args.new):
             for run in runs:
@@ -135,7 +151,7 @@ def bench_batch(models, batch, args, device, dtype) -> list:
                     run["times"].append(time.perf_counter() - start)
     records = []
     for run in runs:
-        (name, loops), times, S = run["model"], run["times"], run["cache"].length
+        (name, loops, layers), times, S = run["model"], run["times"], run["cache"].length
         records.append({
             "model": name, "loops": loops, "batch": batch,
             "cuda_graph": run["gen"].step_mode, "kernel": run["kernel"],
@@ -144,7 +160,7 @@ def bench_batch(models, batch, args, device, dtype) -> list:
             "kv_bytes": run["cache"].kv_bytes(), "cached_positions": S, "window": args.window,
             "kv_bound": 1 + (loops - 1) * args.window / S if name == "plt" else None,
             "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "layers": args.layers, "hidden": args.hidden,
+            "layers": layers, "hidden": args.hidden,
             "prefill": "real" if args.real_prefill else "synthetic"})
     del runs
     if device.is_cuda:
@@ -154,7 +170,11 @@ def bench_batch(models, batch, args, device, dtype) -> list:
 
 def label(r: dict) -> str:
     kernel = f", kernel {r['kernel']}" if r["kernel"] else ""
-    return f"{r['model']}-{r['loops']} ({r['cuda_graph']}{kernel})"
+    return f"{short_name(r)} ({r['cuda_graph']}{kernel})"
+
+
+def short_name(r: dict) -> str:
+    return f"{r['model']}-{r['loops']}@{r['layers']}"
 
 
 def device_name(device) -> str:
@@ -164,8 +184,10 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def add_ratios(records: list) -> None:
-    base = {(r["batch"], r["cuda_graph"]): r for r in records if r["model"] == "vanilla"}
+def add_ratios(records: list, layers: int) -> None:
+    """Latency and KV bytes over vanilla's of ``layers`` layers, same batch and step mode."""
+    base = {(r["batch"], r["cuda_graph"]): r for r in records
+            if r["model"] == "vanilla" and r["layers"] == layers}
     for r in records:
         b = base.get((r["batch"], r["cuda_graph"]))
         if b:
@@ -185,19 +207,19 @@ def plot(records: list, path: Path) -> None:
 
     batches = sorted({r["batch"] for r in records})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{m}-{R}" if m != "vanilla" else "vanilla" for m, R in MODELS]
+    labels = list(dict.fromkeys(short_name(r) for r in records))
     width = 0.8 / len(batches)
     for i, b in enumerate(batches):
-        rows = {(r["model"], r["loops"]): r for r in records if r["batch"] == b}
-        xs = [j + i * width for j in range(len(MODELS))]
-        axes[0].bar(xs, [rows[k]["latency_vs_vanilla"] if k in rows else 0 for k in MODELS],
+        rows = {short_name(r): r for r in records if r["batch"] == b}
+        xs = [j + i * width for j in range(len(labels))]
+        axes[0].bar(xs, [rows[k]["latency_vs_vanilla"] if k in rows else 0 for k in labels],
                     width, label=f"batch {b}")
-    axes[0].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(MODELS))], labels)
+    axes[0].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(labels))], labels)
     axes[0].axhline(1.0, color="k", lw=0.5)
     axes[0].set_ylabel("decode latency / vanilla")
     axes[0].legend()
-    rows = {(r["model"], r["loops"]): r for r in records if r["batch"] == batches[0]}
-    axes[1].bar(labels, [rows[k]["kv_vs_vanilla"] if k in rows else 0 for k in MODELS])
+    rows = {short_name(r): r for r in records if r["batch"] == batches[0]}
+    axes[1].bar(labels, [rows[k]["kv_vs_vanilla"] if k in rows else 0 for k in labels])
     axes[1].set_ylabel("KV-cache bytes / vanilla")
     fig.suptitle(f"decode on {records[0]['device']}")
     fig.tight_layout()
@@ -207,6 +229,9 @@ def plot(records: list, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--models", nargs="+", default=MODELS,
+                    help="NAME[-LOOPS][@LAYERS] (vanilla, looped-2, plt-3, vanilla@16); the "
+                         "ratios are over vanilla at --layers, which must be among them")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--groups", type=int, default=4)
@@ -243,14 +268,17 @@ def main() -> None:
     dtype = resolve_dtype("auto", device)
     args.warmup = max(args.warmup, 1)  # a graph run's first step captures it: never timed
     records = []
-    models = {(name, loops): build(name, loops, args, device, dtype) for name, loops in MODELS}
-    args.cuda_graph = distinct_step_modes(args.cuda_graph, models[MODELS[0]], device)
+    args.models = list(dict.fromkeys(parse_model(m, args.layers) for m in args.models))
+    if ("vanilla", 1, args.layers) not in args.models:
+        raise SystemExit(f"--models: the ratios need vanilla at --layers {args.layers}")
+    models = {key: build(*key, args, device, dtype) for key in args.models}
+    args.cuda_graph = distinct_step_modes(args.cuda_graph, models[args.models[0]], device)
     for batch in args.batch:
         for r in bench_batch(models, batch, args, device, dtype):
             print(f"[bench_decode] {label(r)} batch {batch}: "
                   f"{r['ms_per_token']:.2f} ms/token", flush=True)
             records.append(r)
-    add_ratios(records)
+    add_ratios(records, args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_decode.json").write_text(json.dumps(records, indent=2))
     plot(records, args.out / "bench_decode.png")
@@ -260,7 +288,9 @@ def main() -> None:
           f"{'x vanilla':>9} {'KV MiB':>9} {'KV x van.':>9} {'KV bound':>9}")
     for r in records:
         bound = f"{r['kv_bound']:.4f}" if r["kv_bound"] else "-"
-        print(f"{r['model'] + '-' + str(r['loops']):10} {r['cuda_graph']:>6} "
+        name = f"{r['model']}-{r['loops']}" + \
+            (f"@{r['layers']}" if r["layers"] != args.layers else "")
+        print(f"{name:10} {r['cuda_graph']:>6} "
               f"{r['kernel'] or '-':>6} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
               f"{r['latency_vs_vanilla']:>9.2f} {r['kv_bytes'] / 2**20:>9.2f} "
               f"{r['kv_vs_vanilla']:>9.4f} {bound:>9}")

@@ -7,6 +7,9 @@ Every model has the same shared block (so the same parameter count, give or take
 G-SWA gates) and sees the same batches; looped-2 and PLT-2 spend twice the compute of vanilla
 per token.  Each run is ``plt_train.train`` under torchrun; the validation loss curves from
 each run's ``metrics.jsonl`` go to a JSON file and a PNG plot, and a table is printed last.
+
+One seed and one budget: a quick look.  The evidence for PLT's accuracy claim (several seeds,
+the spread, the ablations, the decode latency beside the loss) is ``scripts/plt_quality.py``.
 """
 from __future__ import annotations
 

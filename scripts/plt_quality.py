@@ -1,24 +1,35 @@
 """PLT's accuracy claim, tested: vanilla-L, vanilla-2L, looped-2 and PLT-2 (over L layers) at
-equal parameters and equal tokens, several seeds, on a task where depth matters.
+equal parameters and equal tokens, several seeds, on a task where depth matters and on
+language modelling.  One command per part of the issue:
 
     python scripts/plt_quality.py task --jobs 2            # part 1: the recall task, 3 seeds
-    python scripts/plt_quality.py task --jobs 2 --models clp-2 clp-2-shared-kv plt-2-w64
+    python scripts/plt_quality.py task --jobs 2 --models clp-2-hs clp-2-shared-kv-hs \
+        plt-2-w64-hs plt-2-w64-hs-grad-kv plt-2-w64-hs-input-gate   # part 2: the ablations
+    python scripts/plt_quality.py lm --jobs 2              # part 3: language modelling
+    python scripts/plt_quality.py lm --preset gpu          # part 3 at 12 layers of d=768
     python scripts/plt_quality.py report                   # tables and plots from the JSON
 
-The default task is ``KeyValueRecall`` (``plt_train/data/synthetic.py``): induction lookups
+An interrupted sweep goes on with ``--resume`` (same command): runs that finished in
+``--out`` with the same settings are kept, the others are trained.
+
+Part 1's task is ``KeyValueRecall`` (``plt_train/data/synthetic.py``): induction lookups
 that two layers learn in about 1,500 steps (two CPU minutes) where one layer stays near chance
 (docs/benchmarks.md has the calibration and where one layer catches up). Each run is
 ``plt_train.train`` (under torchrun) on the task's indexed dataset, saving a checkpoint every
 ``--eval-every`` steps; each checkpoint is then scored by exact match of the whole answer on
 held-out examples, generated greedily by the project's KV-cached generator (PLT: its one-pass
-decode). Every setting the comparison relies on is pinned here (model shape, dense MLPs, data
-parallel, optimizer, schedule, window), so a change of the project's defaults never changes
-what it measures; a model's own overrides (``model_overrides``) replace the pinned ones.
+decode).  Part 3 trains on the embedded corpus (or ``--prefix``), reads the validation loss
+from each run's ``metrics.jsonl``, then times every model's decode step side by side
+(``scripts/bench_decode.py --models``) so the loss and the latency stand in one table.
+Every setting the comparison relies on is pinned here (model shape, dense MLPs, data
+parallel, optimizer, schedule, window, loop input), so a change of the project's defaults
+never changes what it measures; a model's own overrides (``model_overrides``) replace the
+pinned ones.
 
 Writes ``docs/results/plt_quality.json`` (a list of records: model, loops, variant, task,
 seed, tokens, metric, value; merged with records of other parts and runs already there) and a
-learning-curve PNG beside it; prints a table of the accuracy after half and all of the steps
-(mean, sd, per seed).
+learning-curve PNG per task beside it; prints a table of the quality after half and all of
+the steps (mean, sd, per seed), with the decode latency and KV bytes beside it for part 3.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +78,15 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
         # RMS 1; the third-party reading of LoopCoder-v2 has hidden_scale 0.053):
         "clp-2-hs": plt + ["model.loop.shared_kv=false", "model.loop.hidden_scale=0.05"],
         "plt-2-hs": plt + ["model.loop.hidden_scale=0.05"],
+        "plt-2-hs-grad-kv": plt + ["model.loop.hidden_scale=0.05", "model.loop.detach_kv=false"],
         "plt-2-w64-hs": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.05"],
+        # The ablations again where the cross-loop models learn (hidden_scale 0.05) and, for
+        # PLT, with a window covering every lookup (so the knob, not the reach, is measured):
+        "clp-2-shared-kv-hs": plt + ["model.loop.gswa=false", "model.loop.hidden_scale=0.05"],
+        "plt-2-w64-hs-grad-kv": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.05",
+                                       "model.loop.detach_kv=false"],
+        "plt-2-w64-hs-input-gate": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.05",
+                                          "model.loop.gate=input"],
     }
 
 
@@ -82,36 +101,42 @@ def with_overrides(settings: list[str], overrides: list[str]) -> list[str]:
     return [o for o in settings if o.split("=", 1)[0] not in keys] + overrides
 
 
-def setting(overrides: list[str], key: str) -> str:
-    return next(o for o in overrides if o.startswith(f"{key}=")).split("=", 1)[1]
+def composed(overrides: dict[str, list[str]]) -> dict:
+    """Each model's ``RunConfig``, as ``plt_train.train`` will compose it: what the records
+    say about a model is read from it, not from the override strings.  In the main thread
+    (Hydra's state is global)."""
+    from plt_train.config.store import compose_config
+
+    return {model: compose_config(o) for model, o in overrides.items()}
 
 
-def window_of(overrides: list[str]) -> int | None:
-    """The G-SWA window of a PLT with shared K/V; None for a model without one."""
-    if "model.name=plt" not in overrides or setting(overrides, "model.loop.shared_kv") == "false":
+def window_of(model) -> int | None:
+    """The window of a PLT's later loops over their own K/V (``model``: a ``ModelConfig``):
+    ``loop.window`` with G-SWA, 0 with loop 1's K/V alone; None where the later loops keep
+    their own full K/V (or there are none)."""
+    if not model.shares_kv:
         return None
-    return int(setting(overrides, "model.loop.window")) \
-        if setting(overrides, "model.loop.gswa") == "true" else 0
+    return model.loop.window if model.uses_gswa else 0
 
 
-def one_layer_reach(task, examples, overrides: list[str]) -> float | None:
+def one_layer_reach(task, examples, window: int | None) -> float | None:
     """The fraction of ``examples`` a PLT over a one-layer block can answer at all on the
     recall task: its later loops reach a lookup only through their own window, since loop
     1's shared K/V of the one layer are computed from the embeddings alone
     (``KeyValueRecall.lookup_distance``).  None where nothing bounds it (no shared K/V,
     another task, or a model without later loops)."""
-    window = window_of(overrides)
-    if not isinstance(task, KeyValueRecall) or window is None:
+    if window is None or not isinstance(task, KeyValueRecall):
         return None
     return sum(task.lookup_distance(p) <= window for p, _ in examples) / len(examples)
 
 
-def task_settings(task: Task, args) -> list[str]:
-    """Everything pinned for part 1 (see the module docstring)."""
+def recipe(args, seq_length: int) -> list[str]:
+    """The model shape (but the layers, which each compared model sets), every loop option,
+    the optimizer and the schedule: pinned alike for every part."""
     return [
         "model=small", "moe=dense", "parallel=data",
-        f"model.seq_length={task.document_length}",  # one example per training sequence
-        f"model.hidden_size={args.hidden}", "model.num_attention_heads=4",
+        f"model.seq_length={seq_length}",
+        f"model.hidden_size={args.hidden}", f"model.num_attention_heads={args.heads}",
         "model.num_query_groups=null", "model.ffn_hidden_size=null",
         "model.tie_embeddings=false", "model.init_method_std=0.02",
         "model.attention_dropout=0.0", "model.hidden_dropout=0.0",
@@ -119,18 +144,56 @@ def task_settings(task: Task, args) -> list[str]:
         "model.loop.detach_kv=true", "model.loop.emb_scale=1.0", "model.loop.hidden_scale=1.0",
         "model.loop.norm_between_loops=true", "model.loop.shared_kv=true",
         f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}",
-        "train.eval_interval=0", "train.log_interval=50", "train.precision=fp32",
+        "train.log_interval=50", f"train.precision={args.precision}",
         f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}", "optim.weight_decay=0.1",
         "optim.beta1=0.9", "optim.beta2=0.95", "optim.clip_grad=1.0",
         f"optim.warmup_steps={max(1, args.steps // 20)}", "optim.decay_style=cosine",
-        "data.split='100,0,0'", "data.num_workers=0",
-        f"checkpoint.save_interval={args.eval_every}", "checkpoint.save_at_end=true",
-        "checkpoint.resume=false", "logging.wandb=false", "sample.prompt=null",
+        "data.num_workers=0", "checkpoint.resume=false", "logging.wandb=false",
+        "sample.prompt=null",
     ]
 
 
+def task_settings(task: Task, args) -> list[str]:
+    """Everything pinned for part 1 (see the module docstring): one example per training
+    sequence, a checkpoint to score every ``--eval-every`` steps."""
+    return recipe(args, task.document_length) + [
+        "train.eval_interval=0", "data.split='100,0,0'",
+        f"checkpoint.save_interval={args.eval_every}", "checkpoint.save_at_end=true",
+    ]
+
+
+def lm_settings(args) -> list[str]:
+    """Everything pinned for part 3: the embedded corpus (``--prefix``: a user's indexed
+    dataset) with its 2 % validation split, scored every ``--eval-every`` steps on the same
+    ``--eval-iters`` batches for every model; no checkpoints."""
+    return recipe(args, args.seq) + [
+        f"data.prefix={args.prefix or 'null'}", f"data.vocab_size={args.vocab}",
+        "data.split='98,2,0'", f"train.eval_interval={args.eval_every}",
+        f"train.eval_iters={args.eval_iters}", "checkpoint.save_at_end=false",
+    ]
+
+
+RUN_RECORD = "plt_quality_run.json"  # in each run directory: what it was trained with
+
+
 def train(name: str, seed: int, overrides: list[str], run_dir: Path, steps: int,
-          nproc: int) -> float:
+          nproc: int, reuse=None) -> float | None:
+    """Train one run; its wall time.  ``reuse(run_dir)``: whether a run already in
+    ``run_dir`` finished (``--resume``); if it did, with the same settings, it is kept and
+    not trained again (an interrupted sweep loses only its unfinished runs).  Finished with
+    other settings: refused, rather than mixed into the records."""
+    record = run_dir / RUN_RECORD
+    settings = {"overrides": sorted(overrides), "steps": steps, "seed": seed, "nproc": nproc}
+    if reuse is not None and record.is_file() and reuse(run_dir):
+        kept = json.loads(record.read_text())
+        if kept["settings"] != settings:
+            raise SystemExit(f"{run_dir} holds a finished run of other settings: give "
+                             "another --out, or remove it")
+        print(f"[plt_quality] {name} seed {seed}: finished before, kept ({run_dir})",
+              flush=True)
+        return kept.get("wall_s")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"settings": settings}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "plt_train.train", f"run_dir={run_dir}",
            f"name=plt_quality_{name}_s{seed}", f"train.steps={steps}", f"train.seed={seed}",
@@ -141,7 +204,9 @@ def train(name: str, seed: int, overrides: list[str], run_dir: Path, steps: int,
     if proc.returncode:
         print(proc.stdout[-4000:])
         raise SystemExit(f"{name} seed {seed} failed ({proc.returncode})")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    record.write_text(json.dumps({"settings": settings, "wall_s": round(wall, 1)}))
+    return wall
 
 
 def score(run_dir: Path, examples) -> list[tuple[int, float]]:
@@ -166,8 +231,11 @@ def merge(records: list[dict], path: Path = RESULTS) -> None:
     path.write_text(json.dumps([r for r in old if key(r) not in new] + records, indent=1) + "\n")
 
 
-def plot(records: list[dict], path: Path, title: str) -> None:
-    """Mean exact match per model against tokens, the band spanning the seeds; the main
+YLABELS = {"exact_match": "held-out exact match", "valid_loss": "validation loss (nats/token)"}
+
+
+def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match") -> None:
+    """Mean ``metric`` per model against tokens, the band spanning the seeds; the main
     comparison on the left, the ablations (with looped-2 and plt-2 for reference) on the
     right when there are any."""
     import matplotlib
@@ -179,8 +247,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     panels = [[m for m in models if m in DEFAULT_MODELS]]
     if ablations:
         panels.append([m for m in ("looped-2", "plt-2") if m in models] + ablations)
+    panels = [p for p in panels if p]  # a run of ablations alone: one panel
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
-    colour = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    colour = {m: f"C{i}" if len(models) <= 10 else plt.cm.tab20(i % 20)
+              for i, m in enumerate(models)}
     for ax, panel, name in zip(axes[0], panels, ["models", "ablations"]):
         for model in panel:
             by_tokens = {}
@@ -193,12 +263,37 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             ax.fill_between(xs, [min(by_tokens[x]) for x in xs],
                             [max(by_tokens[x]) for x in xs], color=colour[model], alpha=0.15)
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("held-out exact match (band: the seeds' range)")
+        ax.set_ylabel(f"{YLABELS.get(metric, metric)} (band: the seeds' range)")
         ax.set_title(f"{title}: {name}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def sweep(args, one_run, stop: threading.Event | None = None) -> None:
+    """``one_run(model, seed)`` for every seed and model, ``--jobs`` at once, each run one
+    process of one thread: on a 2-core machine two runs side by side finish the sweep in
+    about half the time (their step times are contended, which the quality per step does
+    not see).  A failed run stops the sweep: ``stop`` is set, the queued runs do not start,
+    the running ones finish, and the failure is raised."""
+    stop = stop or threading.Event()
+
+    def guarded(model: str, seed: int) -> None:
+        if stop.is_set():
+            return
+        try:
+            one_run(model, seed)
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        # seed-major: an interrupted sweep has every model at the first seeds
+        runs = [pool.submit(guarded, m, s) for s in args.seeds for m in args.models]
+        done, _ = wait(runs, return_when=FIRST_EXCEPTION)  # the first failure, any run's
+        for future in done:
+            future.result()
 
 
 def run_task(args) -> None:
@@ -217,16 +312,20 @@ def run_task(args) -> None:
     out = Path(args.out)
     files = write_task(task, out / "data", args.train_examples, args.test_examples, seed=0)
     examples = read_test(files.test)
-    models = model_overrides(args.layers)
     settings = task_settings(task, args) + [f"data.prefix={files.prefix}"]
+    overrides = {m: with_overrides(settings, model_overrides(args.layers)[m])
+                 for m in args.models}
+    configs = composed(overrides)
+    windows = {m: window_of(configs[m].model) for m in args.models}
+    reach = {m: one_layer_reach(task, examples, windows[m]) if args.layers == 1 else None
+             for m in args.models}
     records, lock = [], threading.Lock()
 
     def one_run(model: str, seed: int) -> None:
         run_dir = out / f"{model}-s{seed}"
-        overrides = with_overrides(settings, models[model])
-        wall = train(model, seed, overrides, run_dir, args.steps, args.nproc)
-        window = window_of(overrides)
-        reach = one_layer_reach(task, examples, overrides) if args.layers == 1 else None
+        wall = train(model, seed, overrides[model], run_dir, args.steps, args.nproc,
+                     reuse=(lambda d: (d / "checkpoints" / f"step_{args.steps:07d}").is_dir())
+                     if args.resume else None)
         with lock:  # one generator at a time in this process (its process group is global)
             curve = score(run_dir, examples)
             for step, acc in curve:
@@ -236,67 +335,208 @@ def run_task(args) -> None:
                     "tokens": step * args.batch * task.document_length,
                     "metric": "exact_match", "value": acc, "steps": step,
                     "layers": args.layers * (2 if model == "vanilla-2L" else 1),
-                    "hidden": args.hidden, "window": window, "lr": args.lr,
-                    "reach": reach, "wall_s": round(wall, 1)})
+                    "hidden": args.hidden, "window": windows[model], "lr": args.lr,
+                    "reach": reach[model], "wall_s": wall and round(wall, 1)})
             print(f"[plt_quality] {model} seed {seed}: exact match {curve[-1][1]:.3f} "
-                  f"({wall:.0f} s; curve {', '.join(f'{a:.2f}' for _, a in curve)})",
+                  f"({wall or 0:.0f} s; curve {', '.join(f'{a:.2f}' for _, a in curve)})",
                   flush=True)
             merge(records, Path(args.json))  # partial results survive an interrupted run
 
-    # --jobs trainings at once, each one process of one thread: on a 2-core machine two runs
-    # side by side finish the sweep in about half the time (their step times are contended,
-    # which the accuracy per step does not see).
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = [pool.submit(one_run, m, s) for m in args.models for s in args.seeds]
-        try:
-            for done in runs:
-                done.result()
-        except BaseException:  # a failed run stops the sweep, not just its own thread
-            pool.shutdown(cancel_futures=True)
-            raise
+    sweep(args, one_run)
     report(records, Path(args.json))
 
 
+def lm_task_name(args) -> str:
+    corpus = Path(args.prefix).name if args.prefix else "stdlib"
+    return f"lm-{corpus}-seq{args.seq}"
+
+
+def valid_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation loss) of a run, from its ``metrics.jsonl``."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "valid"]
+
+
+def finished_lm(run_dir: Path, steps: int) -> bool:
+    """Whether the run in ``run_dir`` was validated at its last step."""
+    curve = valid_curve(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    return bool(curve) and curve[-1][0] == steps
+
+
+def run_lm(args) -> None:
+    """Part 3: validation loss of each model on language modelling, then the decode latency
+    and KV bytes of each model's shape beside it (``decode_latency``)."""
+    out, task_name = Path(args.out), lm_task_name(args)
+    settings = lm_settings(args)
+    overrides = {m: with_overrides(settings, model_overrides(args.layers)[m])
+                 for m in args.models}
+    configs = composed(overrides)
+    records, lock = [], threading.Lock()
+
+    def one_run(model: str, seed: int) -> None:
+        run_dir = out / f"{model}-s{seed}"
+        wall = train(model, seed, overrides[model], run_dir, args.steps, args.nproc,
+                     reuse=(lambda d: finished_lm(d, args.steps)) if args.resume else None)
+        curve = valid_curve(run_dir)
+        with lock:
+            records.extend({
+                "model": model, "loops": LOOPS[model], "variant": f"L{args.layers}",
+                "task": task_name, "seed": seed, "tokens": step * args.batch * args.seq,
+                "metric": "valid_loss", "value": loss, "steps": step,
+                "layers": args.layers * (2 if model == "vanilla-2L" else 1),
+                "hidden": args.hidden, "window": window_of(configs[model].model),
+                "lr": args.lr, "hidden_scale": configs[model].model.loop.hidden_scale,
+                "wall_s": wall and round(wall, 1)}
+                for step, loss in curve)
+            print(f"[plt_quality] {model} seed {seed}: validation loss {curve[-1][1]:.4f} "
+                  f"({wall or 0:.0f} s; curve {', '.join(f'{v:.3f}' for _, v in curve)})",
+                  flush=True)
+            merge(records, Path(args.json))
+
+    sweep(args, one_run)
+    if args.latency:  # after the sweep: timings on an otherwise idle machine
+        records += decode_latency(args, task_name, configs)
+        merge(records, Path(args.json))
+    report(records, Path(args.json))
+
+
+def decode_model(model) -> str | None:
+    """``scripts/bench_decode.py``'s ``--models`` entry whose decode step costs what
+    ``model`` (a ``ModelConfig``)'s does: vanilla, looped-R or PLT-R with G-SWA, at the
+    model's depth (the gate's input and detaching change neither the cost nor the cache).
+    None for what bench_decode does not build (CLP with full K/V per loop, shared K/V without
+    G-SWA)."""
+    name = str(model.name)
+    if name == "plt" and not model.uses_gswa:
+        return None
+    return f"{name}-{model.loops if name != 'vanilla' else 1}@{model.num_layers}"
+
+
+def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
+    """Per-token decode latency (batch 1, a ``--seq`` context) and KV bytes of each compared
+    model's shape, all timed side by side (step by step in turn) in one run of
+    ``scripts/bench_decode.py``: random weights (a step's cost does not depend on them),
+    ``auto`` step mode and kernel (CUDA graphs and the Triton decode kernel where the device
+    has them)."""
+    wanted = {m: decode_model(c.model) for m, c in configs.items()}
+    specs = list(dict.fromkeys([f"vanilla-1@{args.layers}",
+                                *(s for s in wanted.values() if s)]))
+    out = Path(args.out) / "decode"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_decode.py"), "--models", *specs,
+           f"--layers={args.layers}", f"--hidden={args.hidden}", f"--heads={args.heads}",
+           f"--groups={args.heads}", f"--vocab={args.vocab}", f"--window={args.window}",
+           f"--prompt={args.seq - 128}", "--new=128", "--batch", "1",
+           "--cuda-graph", "auto", "--kernel", "auto", f"--out={out}"]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    timed = {f"{r['model']}-{r['loops']}@{r['layers']}": r
+             for r in json.loads((out / "bench_decode.json").read_text())}
+    records = []
+    for model, spec in wanted.items():
+        if spec is None:
+            continue
+        r = timed[spec]
+        for metric, value in (("decode_ms_per_token", r["ms_per_token"]),
+                              ("kv_bytes", r["kv_bytes"])):
+            records.append({
+                "model": model, "loops": LOOPS[model], "variant": f"L{args.layers}",
+                "task": task_name, "seed": None, "tokens": None, "metric": metric,
+                "value": value, "batch": 1, "device": r["device"],
+                "cuda_graph": r["cuda_graph"], "layers": r["layers"], "hidden": args.hidden,
+                "context": r["cached_positions"]})
+    return records
+
+
+def paired(diffs: list[float]) -> str:
+    """``+0.012 (0.004)``: mean and sd of per-seed differences; ``-`` without any."""
+    if not diffs:
+        return "-"
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{statistics.mean(diffs):+.3f} ({sd:.3f})"
+
+
+SIDE_METRICS = ("decode_ms_per_token", "kv_bytes")  # per model, printed beside the quality
+
+
 def report(records: list[dict], json_path: Path) -> None:
-    """The final exact match per model (mean, sd, per seed) of each (task, variant), and
-    its learning-curve plot.  ``python scripts/plt_quality.py report`` redoes it from the
-    JSON, e.g. after runs split over several processes."""
-    groups = {}
+    """The final quality per model (mean, sd, per seed) of each (task, variant, metric),
+    with the decode latency and KV bytes beside it where measured, and its learning-curve
+    plot.  ``python scripts/plt_quality.py report`` redoes it from the JSON, e.g. after runs
+    split over several processes."""
+    side, groups = {}, {}
     for r in records:
-        groups.setdefault((r["task"], r["variant"]), []).append(r)
-    for (task_name, variant), rows in groups.items():
+        if r["metric"] in SIDE_METRICS:
+            side[(r["task"], r["variant"], r["model"], r["metric"])] = r["value"]
+        else:
+            groups.setdefault((r["task"], r["variant"], r["metric"]), []).append(r)
+    for (task_name, variant, metric), rows in groups.items():
         last = max(r["steps"] for r in rows)
         budgets = sorted({last // 2, last} & {r["steps"] for r in rows})
         any_row = rows[0]
-        print(f"\n{task_name}, {variant}, d={any_row['hidden']}: exact match on held-out "
-              f"examples after {' and '.join(map(str, budgets))} steps (mean, sd, per seed); "
-              "reach: the most a one-layer PLT can answer")
-        print(f"{'model':<17}{'window':>7}{'reach':>7}" +
-              "".join(f"{f'@{b}':>9}{'sd':>7}  {'per seed':<20}" for b in budgets))
-        for model in dict.fromkeys(r["model"] for r in rows):
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        timed = {m: [side.get((task_name, variant, m, k)) for k in SIDE_METRICS]
+                 for m in models}
+        base = timed.get("vanilla-L", [None, None])
+        with_side = any(v[0] for v in timed.values()) and all(base)
+        at_last = {(r["model"], r["seed"]): r["value"] for r in rows if r["steps"] == last}
+        print(f"\n{task_name}, {variant}, d={any_row['hidden']}: {metric} after "
+              f"{' and '.join(map(str, budgets))} steps (mean, sd, per seed); vs vanilla-L: "
+              f"the mean (sd) over seeds of the difference at {last} steps, same seed (the "
+              "same batches)"
+              + ("; reach: the most a one-layer PLT can answer" if metric == "exact_match"
+                 else "")
+              + ("; decode at batch 1 and KV bytes, x vanilla-L" if with_side else ""))
+        print(f"{'model':<24}{'window':>7}{'reach':>7}" +
+              "".join(f"{f'@{b}':>9}{'sd':>7}  {'per seed':<24}" for b in budgets) +
+              f"{'vs vanilla-L':>16}" + (f"{'decode':>8}{'KV':>7}" if with_side else ""))
+        for model in models:
             mine = [r for r in rows if r["model"] == model]
             window = "-" if mine[0]["window"] is None else mine[0]["window"]
             reach = "-" if mine[0].get("reach") is None else f"{mine[0]['reach']:.3f}"
-            line = f"{model:<17}{window:>7}{reach:>7}"
+            line = f"{model:<24}{window:>7}{reach:>7}"
             for b in budgets:
                 vals = [r["value"] for r in sorted(mine, key=lambda r: r["seed"])
                         if r["steps"] == b]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 mean = statistics.mean(vals) if vals else float("nan")
-                line += f"{mean:>9.3f}{sd:>7.3f}  {' '.join(f'{v:.2f}' for v in vals):<20}"
+                line += f"{mean:>9.3f}{sd:>7.3f}  {' '.join(f'{v:.3f}' for v in vals):<24}"
+            diffs = [v - at_last[("vanilla-L", seed)] for (m, seed), v in at_last.items()
+                     if m == model and ("vanilla-L", seed) in at_last]
+            line += f"{paired(diffs):>16}"
+            if with_side and all(timed[model]):
+                line += "".join(f"{v / b:>7.2f}x" for v, b in zip(timed[model], base))
             print(line)
         plot(rows, json_path.with_name(f"plt_quality_{task_name}_{variant}.png"),
-             f"{task_name}, {variant}, d={any_row['hidden']}")
+             f"{task_name}, {variant}, d={any_row['hidden']}", metric)
+
+
+# The GPU size (one H100/H200, a 10-minute call; vanilla-2L is 12 layers of d=768): the
+# embedded corpus is ~4M tokens, so 1,500 steps of 16 x 1,024 tokens are ~6 epochs of it;
+# point --prefix at a real corpus for the few-hundred-million-token version.
+LM_GPU_PRESET = dict(layers=6, hidden=768, heads=12, seq=1024, batch=16, steps=1500,
+                     eval_every=250, eval_iters=8, lr=6e-4, precision="bf16", seeds=[1])
+LM_STEPS = 1000  # calibrated: docs/benchmarks.md
+LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "plt-2", "plt-2-hs", "plt-2-hs-grad-kv"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="part", required=True)
-    t = sub.add_parser("task", help="part 1: a synthetic task where depth matters")
+    common = argparse.ArgumentParser(add_help=False)  # what every part's sweep takes
+    common.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    common.add_argument("--layers", type=int, default=1, help="L: the shared block's layers")
+    common.add_argument("--hidden", type=int, default=128)
+    common.add_argument("--heads", type=int, default=4)
+    common.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    common.add_argument("--nproc", type=int, default=1, help="processes (data parallel) per run")
+    common.add_argument("--jobs", type=int, default=1, help="runs trained at once")
+    common.add_argument("--json", default=str(RESULTS))
+    common.add_argument("--resume", action="store_true",
+                        help="keep the runs in --out that finished with the same settings")
+
+    t = sub.add_parser("task", parents=[common],
+                       help="part 1: a synthetic task where depth matters")
     t.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(LOOPS))
-    t.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    t.add_argument("--layers", type=int, default=1, help="L: the shared block's layers")
-    t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--window", type=int, default=16)
     t.add_argument("--kind", choices=["recall", "functions", "chains"], default="recall")
     t.add_argument("--pairs", type=int, default=4, help="recall: key-value pairs")
@@ -314,19 +554,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--train-examples", type=int, default=100_000)
     t.add_argument("--test-examples", type=int, default=500)
-    t.add_argument("--nproc", type=int, default=1, help="processes (data parallel) per run")
-    t.add_argument("--jobs", type=int, default=1, help="runs trained at once")
     t.add_argument("--out", default="outputs/plt_quality")
-    t.add_argument("--json", default=str(RESULTS))
+
+    m = sub.add_parser("lm", parents=[common], help="part 3: language modelling, with the "
+                       "decode latency and KV bytes of each model beside its loss")
+    m.add_argument("--models", nargs="+", default=LM_MODELS, choices=list(LOOPS))
+    m.add_argument("--prefix", default=None,
+                   help="a megatron indexed dataset (default: the embedded corpus)")
+    m.add_argument("--vocab", type=int, default=8192,
+                   help="the embedded corpus's BPE vocabulary (also bench_decode's)")
+    m.add_argument("--window", type=int, default=64)
+    m.add_argument("--seq", type=int, default=256)
+    m.add_argument("--steps", type=int, default=LM_STEPS)
+    m.add_argument("--batch", type=int, default=16)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--eval-every", type=int, default=100)
+    m.add_argument("--eval-iters", type=int, default=10, help="validation batches")
+    m.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip the decode timings after the sweep")
+    m.add_argument("--out", default="outputs/plt_quality_lm")
+    m.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: the GPU-size comparison (options given explicitly still win)")
+
     r = sub.add_parser("report", help="the tables and plots again, from the JSON")
     r.add_argument("--json", default=str(RESULTS))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.part == "lm" and args.preset == "gpu":
+        for key, value in LM_GPU_PRESET.items():
+            if getattr(args, key) == m.get_default(key):
+                setattr(args, key, value)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.part == "report":
         report(json.loads(Path(args.json).read_text()), Path(args.json))
+    elif args.part == "lm":
+        run_lm(args)
     else:
         run_task(args)
 

@@ -236,8 +236,12 @@ class LoopConfig(_Section):
     code shows which the paper did: an open choice (the flagship preset turns it off)."""
     emb_scale: float = 1.0
     """Loop r >= 2 input: ``emb_scale * Embed(x) + hidden_scale * shift(h^(r-1))``."""
-    hidden_scale: float = 1.0
-    """See ``emb_scale``."""
+    hidden_scale: float = 0.05
+    """See ``emb_scale``.  0.05 puts the fed-on state (normed: RMS 1) near the embedding's
+    scale (init std ``init_method_std`` 0.02), so a later loop sees its own token.  At 1.0
+    (the released code's form) the token is ~1/50 of the input: cross-loop models stayed at
+    chance on the recall task and PLT-2 ended ~1 nat behind on language modelling
+    (docs/benchmarks.md, issue 19)."""
     norm_between_loops: bool = True
     """Feed the shared final norm of a non-final loop's output on, not the raw output."""
     kernel: KernelChoice = KernelChoice.auto

@@ -132,6 +132,9 @@ def run_identity(model, tokenizer) -> dict:
     }
     if model.uses_gswa:  # the gate's parameters differ with what it reads
         ident["model.loop.gate"] = str(model.loop.gate)
+    if model.parallel_loops:  # same parameters, another function: resumed, it would drift
+        ident["model.loop.emb_scale"] = model.loop.emb_scale
+        ident["model.loop.hidden_scale"] = model.loop.hidden_scale
     if str(model.moe.layer) == "dense":
         ident["model.ffn_hidden_size"] = model.ffn_size
     else:
@@ -141,11 +144,19 @@ def run_identity(model, tokenizer) -> dict:
     return ident
 
 
+# Identity keys added after checkpoints were written without them, with the value every
+# such checkpoint had: the default of that time (the loop input scales joined the identity
+# when hidden_scale's default went from 1.0 to 0.05).
+IDENTITY_BEFORE_IT_WAS_RECORDED = {"model.loop.emb_scale": 1.0, "model.loop.hidden_scale": 1.0}
+
+
 def identity_mismatch(saved: dict | None, current: dict) -> str | None:
     """``"<key>: <saved> in the checkpoint, <current> here"`` for the first difference (and
-    how many more), or None.  A checkpoint without an identity is not compared."""
+    how many more), or None.  A checkpoint without an identity is not compared; one without
+    a key added later has that key's value of the time (``IDENTITY_BEFORE_IT_WAS_RECORDED``)."""
     if not saved:
         return None
+    saved = {**IDENTITY_BEFORE_IT_WAS_RECORDED, **saved}
     diffs = [f"{k}: {saved.get(k)} in the checkpoint, {v} here" for k, v in current.items()
              if saved.get(k) != v]
     if not diffs:

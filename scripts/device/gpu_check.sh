@@ -28,6 +28,10 @@
 #  quality_moe: dense vs fine-grained vs BigMac at GPU size (compare_moe.py --preset gpu).
 #  quality_plt: the CPU's key-value recall comparison at 3x its steps, where the looped models
 #               may catch up (plt_quality.py task; records are saved as each run ends).
+#  quality_plt_lm: language modelling at the GPU size (plt_quality.py lm --preset gpu: a block
+#               of 6 layers of d=768, vanilla-2L 12), one seed, the decode latency beside it.
+#               Too long to follow the rest in one call: run it as its own call,
+#               STAGES=quality_plt_lm BUDGET_S=570 bash scripts/device/gpu_check.sh
 source "$(dirname "$0")/env.sh"
 W=${W:-/tmp/gpu_check}
 mkdir -p "$W"
@@ -100,8 +104,11 @@ stage decode 150 python3 scripts/bench_decode.py --layers 16 --hidden 2048 --hea
 stage quality_moe 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --seeds 1 \
     --steps 200 --eval-interval 25 --out-dir "$W/compare_moe_gpu"
 stage quality_plt 330 python3 scripts/plt_quality.py task --kind recall --steps 10000 \
-    --eval-every 1000 --models vanilla-L vanilla-2L looped-2 plt-2 clp-2 plt-2-w64 --seeds 1 \
+    --eval-every 1000 --models vanilla-L vanilla-2L looped-2 plt-2 plt-2-hs clp-2-hs --seeds 1 \
     --jobs 6 --out "$W/plt_quality" --json "$W/plt_quality.json"
+stage quality_plt_lm 560 python3 scripts/plt_quality.py lm --preset gpu --steps 1000 \
+    --models vanilla-L looped-2 plt-2 vanilla-2L plt-2-hs --out "$W/plt_quality_lm" \
+    --json "$W/plt_quality.json"
 [[ -n "${DRY_RUN:-}" ]] && { cat "$W/commands.tsv"; exit 0; }
 
 echo; echo "===== summary ($(head -2 "$W/gpu.txt" 2>/dev/null | tail -1))"

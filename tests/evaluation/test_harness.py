@@ -48,7 +48,7 @@ def build(dev, **kw):
                     num_query_groups=2, seq_length=SEQ, loops=2, init_method_std=0.1,
                     loop=LoopConfig(window=4), **kw)
     chunks, _, _ = build_model(m, ParallelConfig(), VOCAB, torch.float32,
-                               megatron_device_kwargs(dev), 11, dev.device)
+                               megatron_device_kwargs(dev), 12, dev.device)
     return chunks[0].eval()
 
 

@@ -49,3 +49,18 @@ def test_bench_decode_times_kernel_and_graph_variants_side_by_side(tmp_path):
         ("looped", 2, None), ("looped", 3, None), ("plt", 2, "torch"), ("plt", 2, "triton"),
         ("plt", 3, "torch"), ("plt", 3, "triton"), ("vanilla", 1, None)]
     assert all(r["latency_vs_vanilla"] > 0 for r in records)
+
+
+def test_bench_decode_times_chosen_models_of_other_depths_against_vanilla(tmp_path):
+    """--models with @LAYERS: a deeper vanilla beside the looped model of the same compute,
+    timed in the same run; the ratios stay over vanilla at --layers."""
+    proc, records = run_bench(tmp_path, "--batch", "1", "--new", "2", "--warmup", "1",
+                              "--models", "vanilla", "vanilla@4", "looped-2")
+    rows = {(r["model"], r["loops"], r["layers"]): r for r in records}
+    assert set(rows) == {("vanilla", 1, 2), ("vanilla", 1, 4), ("looped", 2, 2)}
+    assert rows[("vanilla", 1, 2)]["latency_vs_vanilla"] == 1.0
+    assert rows[("vanilla", 1, 4)]["kv_vs_vanilla"] == rows[("looped", 2, 2)]["kv_vs_vanilla"] == 2
+    bad = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tiny", "--models",
+                          "looped-2", "--out", str(tmp_path / "bad")], cwd=REPO,
+                         env=one_process_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "need vanilla at --layers 2" in bad.stderr

@@ -48,16 +48,19 @@ def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     assert str(m.moe.layer) == "dense" and cfg.parallel.tensor == cfg.parallel.pipeline == 1
     assert m.seq_length == task.document_length
     windows = {"plt-2-w4": 4, "plt-2-w8": 8, "plt-2-w64": 64, "plt-2-w256": 256,
-               "plt-2-w64-hs": 64}
+               "plt-2-w64-hs": 64, "plt-2-w64-hs-grad-kv": 64, "plt-2-w64-hs-input-gate": 64}
     assert m.loop.window == windows.get(model, 8)
-    assert str(m.loop.gate) == ("input" if model == "plt-2-input-gate" else "query")
+    assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
     assert m.num_layers == (4 if model == "vanilla-2L" else 2)
-    assert m.loop.hidden_scale == (0.05 if model.endswith("-hs") else 1.0)
-    plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs", *windows)
-    assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv",))
+    assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
+    plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs",
+                    "plt-2-hs-grad-kv", *windows)
+    assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv", "clp-2-shared-kv-hs"))
     assert m.uses_gswa == (model in plt_variants)
-    assert m.loop.detach_kv == (model != "plt-2-grad-kv")
+    assert m.loop.detach_kv == (not model.endswith("grad-kv"))
+    assert plt_quality.window_of(m) == (windows.get(model, 8) if m.uses_gswa
+                                        else 0 if m.shares_kv else None)
 
 
 compare_loops = load_script("compare_loops")
@@ -85,7 +88,8 @@ def test_one_layer_reach_counts_the_lookups_inside_the_window():
 
     def reach(model):
         overrides = plt_quality.with_overrides(settings, models[model])
-        return plt_quality.one_layer_reach(task, examples, overrides)
+        window = plt_quality.window_of(compose_run(overrides).model)
+        return plt_quality.one_layer_reach(task, examples, window)
 
     assert reach("plt-2") == sum(d <= 8 for d in distances) / 200
     assert reach("plt-2-w64") == 1.0 > reach("plt-2") > reach("plt-2-w4") > 0
@@ -96,7 +100,7 @@ def test_one_layer_reach_counts_the_lookups_inside_the_window():
 def test_a_failed_run_stops_the_sweep(tmp_path, monkeypatch):
     started = []
 
-    def train(model, seed, overrides, run_dir, steps, nproc):
+    def train(model, seed, overrides, run_dir, steps, nproc, reuse=None):
         started.append((model, seed))
         raise SystemExit(f"{model} seed {seed} failed (1)")
 
@@ -107,3 +111,113 @@ def test_a_failed_run_stops_the_sweep(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="vanilla-L seed 1 failed"):
         plt_quality.run_task(args)
     assert started == [("vanilla-L", 1)]  # the queued runs were cancelled, not trained
+
+
+def _lm_args(*argv):
+    return plt_quality.parse_args(["lm", *argv])
+
+
+@pytest.mark.parametrize("model", plt_quality.LM_MODELS + ["plt-2-grad-kv", "clp-2-hs"])
+def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
+    args = _lm_args()
+    settings = plt_quality.lm_settings(args)
+    keys = {o.split("=")[0] for o in settings}
+    assert {f"model.loop.{f.name}" for f in fields(LoopConfig)} - {"model.loop.kernel"} <= keys
+    cfg = compose_run(plt_quality.with_overrides(settings,
+                                                 plt_quality.model_overrides(1)[model]))
+    validate(cfg, 1)
+    m = cfg.model
+    assert str(m.moe.layer) == "dense" and m.seq_length == args.seq == 256
+    assert cfg.data.prefix is None and cfg.data.split == "98,2,0"
+    assert cfg.train.eval_interval == args.eval_every and cfg.train.eval_iters == 10
+    assert m.num_layers == (2 if model == "vanilla-2L" else 1)
+    assert m.loop.window == 64 and m.loop.detach_kv == (not model.endswith("grad-kv"))
+    assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
+    # what its decode latency is timed as (bench_decode's --models); CLP is not built there
+    assert plt_quality.decode_model(m) == {
+        "vanilla-L": "vanilla-1@1", "vanilla-2L": "vanilla-1@2", "looped-2": "looped-2@1",
+        "clp-2-hs": None}.get(model, "plt-2@1")
+
+
+def test_the_gpu_preset_is_the_issue_size_and_explicit_options_win():
+    args = _lm_args("--preset", "gpu", "--steps", "7")
+    assert (args.layers, args.hidden, args.heads, args.seq, args.precision, args.steps) == (
+        6, 768, 12, 1024, "bf16", 7)
+    overrides = plt_quality.with_overrides(plt_quality.lm_settings(args),
+                                           plt_quality.model_overrides(6)["vanilla-2L"])
+    assert "train.precision=bf16" in overrides
+    cfg = compose_run(plt_quality.with_overrides(overrides, ["train.precision=fp32"]))
+    validate(cfg, 1)  # bf16 itself validates on CUDA only
+    assert cfg.model.num_layers == 12 and cfg.model.hidden_size == 768
+
+
+def test_the_report_puts_latency_and_kv_beside_the_loss(tmp_path, capsys):
+    task, variant = "lm-stdlib-seq256", "L1"
+    rows = [{"model": m, "loops": 2, "variant": variant, "task": task, "seed": seed,
+             "tokens": step * 10, "metric": "valid_loss", "value": loss + 0.01 * seed,
+             "steps": step, "hidden": 128, "window": None}
+            for m, loss in (("vanilla-L", 5.0), ("plt-2", 4.5))
+            for seed in (1, 2) for step in (50, 100)]
+    side = [{"model": m, "variant": variant, "task": task, "seed": None, "tokens": None,
+             "metric": metric, "value": value}
+            for m, metric, value in (("vanilla-L", "decode_ms_per_token", 2.0),
+                                     ("plt-2", "decode_ms_per_token", 2.5),
+                                     ("vanilla-L", "kv_bytes", 1000),
+                                     ("plt-2", "kv_bytes", 1250))]
+    plt_quality.report(rows + side, tmp_path / "records.json")
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert lines["plt-2"].split()[-2:] == ["1.25x", "1.25x"]
+    assert lines["vanilla-L"].split()[-2:] == ["1.00x", "1.00x"]
+    assert "4.515" in lines["plt-2"] and "0.007" in lines["plt-2"]  # mean and sd @100
+    assert "-0.500 (0.000)" in lines["plt-2"]  # paired by seed: 4.51 - 5.01, 4.52 - 5.02
+    assert "+0.000 (0.000)" in lines["vanilla-L"]
+    assert (tmp_path / f"plt_quality_{task}_{variant}.png").is_file()
+
+
+def test_a_failed_run_stops_the_runs_queued_behind_a_running_one():
+    """With two jobs: run ("b", 1) fails while ("a", 1) is still running; the runs queued
+    behind them do not start, whichever of the two the pool would hand them to."""
+    import threading
+
+    stop, started = threading.Event(), []
+
+    def one_run(model, seed):
+        started.append((model, seed))
+        if (model, seed) == ("b", 1):
+            raise SystemExit("b seed 1 failed (1)")
+        if (model, seed) == ("a", 1):
+            assert stop.wait(60)  # still running when b fails
+
+    args = plt_quality.parse_args(["task", "--jobs", "2", "--seeds", "1", "2", "3"])
+    args.models = ["a", "b"]
+    with pytest.raises(SystemExit, match="b seed 1 failed"):
+        plt_quality.sweep(args, one_run, stop)
+    assert sorted(started) == [("a", 1), ("b", 1)]
+
+
+def test_resume_keeps_finished_runs_of_the_same_settings_only(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(plt_quality.subprocess, "run", lambda cmd, **kw: trained.append(cmd)
+                        or plt_quality.subprocess.CompletedProcess(cmd, 0, ""))
+    run_dir, finished = tmp_path / "plt-2-s1", lambda d: True
+    assert plt_quality.train("plt-2", 1, ["a=1", "b=2"], run_dir, 10, 1) is not None
+    assert len(trained) == 1
+    # the same settings (in any order): kept, with the wall time it took
+    wall = plt_quality.train("plt-2", 1, ["b=2", "a=1"], run_dir, 10, 1, reuse=finished)
+    assert len(trained) == 1 and wall is not None
+    # not finished: trained again
+    plt_quality.train("plt-2", 1, ["a=1", "b=2"], run_dir, 10, 1, reuse=lambda d: False)
+    assert len(trained) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        plt_quality.train("plt-2", 1, ["a=1", "b=3"], run_dir, 10, 1, reuse=finished)
+    with pytest.raises(SystemExit, match="other settings"):
+        plt_quality.train("plt-2", 2, ["a=1", "b=2"], run_dir, 10, 1, reuse=finished)
+    assert len(trained) == 2
+
+
+def test_a_language_model_run_is_finished_when_validated_at_its_last_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"kind": "valid", "step": 50, "loss": 5.0}\n{"kind": "train", "step": 100}\n')
+    assert not plt_quality.finished_lm(tmp_path, 100)
+    assert plt_quality.finished_lm(tmp_path, 50)
+    assert not plt_quality.finished_lm(tmp_path / "missing", 50)

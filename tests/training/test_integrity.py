@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from plt_train.config.schema import ModelConfig, MoEConfig
+from plt_train.config.schema import LoopConfig, ModelConfig, MoEConfig
 from plt_train.data.tokenizer import Tokenizer, train_bpe
 from plt_train.training.integrity import (
     MANIFEST, CheckpointError, WriterLock, damage, identity_mismatch, run_identity,
@@ -54,6 +54,25 @@ def test_identity_names_what_changed(tmp_path):
                                moe=MoEConfig(layer="bigmac", num_experts=16))
     assert identity_mismatch(run_identity(moe, tok_a), run_identity(more_experts, tok_a)) == (
         "model.moe.num_experts: 8 in the checkpoint, 16 here")
+
+
+def test_identity_holds_the_loop_input_scales_of_a_cross_loop_model(tmp_path):
+    """Another ``hidden_scale`` is another function of the same parameters; a checkpoint
+    from before the scales were recorded was trained at the then default 1.0."""
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 20], 300, tmp_path / "a.json")
+    plt = ModelConfig(name="plt", loops=2, hidden_size=64, num_attention_heads=4)
+    old_default = ModelConfig(name="plt", loops=2, hidden_size=64, num_attention_heads=4,
+                              loop=LoopConfig(hidden_scale=1.0))
+    assert plt.loop.hidden_scale == 0.05
+    assert identity_mismatch(run_identity(old_default, tok), run_identity(plt, tok)) == (
+        "model.loop.hidden_scale: 1.0 in the checkpoint, 0.05 here")
+    before = {k: v for k, v in run_identity(old_default, tok).items()
+              if not k.startswith("model.loop.") or k == "model.loop.gate"}
+    assert identity_mismatch(before, run_identity(old_default, tok)) is None
+    assert identity_mismatch(before, run_identity(plt, tok)).startswith(
+        "model.loop.hidden_scale: 1.0 in the checkpoint")
+    looped = ModelConfig(name="looped", loops=2, hidden_size=64, num_attention_heads=4)
+    assert "model.loop.hidden_scale" not in run_identity(looped, tok)  # it does not read it
 
 
 def test_writer_lock_is_exclusive_and_released(tmp_path):
