@@ -62,7 +62,11 @@ def parse_model(spec: str, layers: int) -> tuple[str, int, int]:
             or not (depth or "1").isdigit():
         raise SystemExit(f"--models: {spec!r} is not NAME[-LOOPS][@LAYERS] with NAME "
                          "vanilla, looped or plt")
-    return name, int(loops or 1), int(depth or layers)
+    loops, depth = int(loops or 1), int(depth or layers)
+    if (loops == 1) != (name == "vanilla") or depth < 1:
+        raise SystemExit(f"--models: {spec!r}: vanilla has one loop, looped and plt two or "
+                         "more, and a model at least one layer")
+    return name, loops, depth
 
 
 def build(name, loops, layers, args, device, dtype):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import statistics
 import subprocess
@@ -177,13 +178,16 @@ RUN_RECORD = "plt_quality_run.json"  # in each run directory: what it was traine
 
 
 def train(name: str, seed: int, overrides: list[str], run_dir: Path, steps: int,
-          nproc: int, reuse=None) -> float | None:
+          nproc: int, reuse=None, data: str = "") -> float | None:
     """Train one run; its wall time.  ``reuse(run_dir)``: whether a run already in
     ``run_dir`` finished (``--resume``); if it did, with the same settings, it is kept and
     not trained again (an interrupted sweep loses only its unfinished runs).  Finished with
-    other settings: refused, rather than mixed into the records."""
+    other settings (``data``: what the data path does not say, e.g. the task's parameters):
+    refused, rather than mixed into the records.  A run trained here starts from an empty
+    ``run_dir``: its log is appended to, and its checkpoints are all scored."""
     record = run_dir / RUN_RECORD
-    settings = {"overrides": sorted(overrides), "steps": steps, "seed": seed, "nproc": nproc}
+    settings = {"overrides": sorted(overrides), "steps": steps, "seed": seed, "nproc": nproc,
+                "data": data}
     if reuse is not None and record.is_file() and reuse(run_dir):
         kept = json.loads(record.read_text())
         if kept["settings"] != settings:
@@ -192,7 +196,8 @@ def train(name: str, seed: int, overrides: list[str], run_dir: Path, steps: int,
         print(f"[plt_quality] {name} seed {seed}: finished before, kept ({run_dir})",
               flush=True)
         return kept.get("wall_s")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     record.write_text(json.dumps({"settings": settings}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "plt_train.train", f"run_dir={run_dir}",
@@ -291,7 +296,11 @@ def sweep(args, one_run, stop: threading.Event | None = None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         # seed-major: an interrupted sweep has every model at the first seeds
         runs = [pool.submit(guarded, m, s) for s in args.seeds for m in args.models]
-        done, _ = wait(runs, return_when=FIRST_EXCEPTION)  # the first failure, any run's
+        try:
+            done, _ = wait(runs, return_when=FIRST_EXCEPTION)  # the first failure, any run's
+        except BaseException:  # Ctrl-C: the running runs finish, the queued ones do not start
+            stop.set()
+            raise
         for future in done:
             future.result()
 
@@ -325,7 +334,8 @@ def run_task(args) -> None:
         run_dir = out / f"{model}-s{seed}"
         wall = train(model, seed, overrides[model], run_dir, args.steps, args.nproc,
                      reuse=(lambda d: (d / "checkpoints" / f"step_{args.steps:07d}").is_dir())
-                     if args.resume else None)
+                     if args.resume else None,
+                     data=f"{task!r} train {args.train_examples} test {args.test_examples}")
         with lock:  # one generator at a time in this process (its process group is global)
             curve = score(run_dir, examples)
             for step, acc in curve:
@@ -376,7 +386,8 @@ def run_lm(args) -> None:
     def one_run(model: str, seed: int) -> None:
         run_dir = out / f"{model}-s{seed}"
         wall = train(model, seed, overrides[model], run_dir, args.steps, args.nproc,
-                     reuse=(lambda d: finished_lm(d, args.steps)) if args.resume else None)
+                     reuse=(lambda d: finished_lm(d, args.steps)) if args.resume else None,
+                     data=str(Path(args.prefix).resolve()) if args.prefix else "embedded")
         curve = valid_curve(run_dir)
         with lock:
             records.extend({
@@ -400,14 +411,14 @@ def run_lm(args) -> None:
     report(records, Path(args.json))
 
 
-def decode_model(model) -> str | None:
+def decode_model(model, window: int) -> str | None:
     """``scripts/bench_decode.py``'s ``--models`` entry whose decode step costs what
     ``model`` (a ``ModelConfig``)'s does: vanilla, looped-R or PLT-R with G-SWA, at the
     model's depth (the gate's input and detaching change neither the cost nor the cache).
-    None for what bench_decode does not build (CLP with full K/V per loop, shared K/V without
-    G-SWA)."""
+    None for what bench_decode does not build here (CLP with full K/V per loop, shared K/V
+    without G-SWA, a window other than bench_decode's ``window``)."""
     name = str(model.name)
-    if name == "plt" and not model.uses_gswa:
+    if name == "plt" and not (model.uses_gswa and model.loop.window == window):
         return None
     return f"{name}-{model.loops if name != 'vanilla' else 1}@{model.num_layers}"
 
@@ -418,14 +429,14 @@ def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
     ``scripts/bench_decode.py``: random weights (a step's cost does not depend on them),
     ``auto`` step mode and kernel (CUDA graphs and the Triton decode kernel where the device
     has them)."""
-    wanted = {m: decode_model(c.model) for m, c in configs.items()}
+    wanted = {m: decode_model(c.model, args.window) for m, c in configs.items()}
     specs = list(dict.fromkeys([f"vanilla-1@{args.layers}",
                                 *(s for s in wanted.values() if s)]))
     out = Path(args.out) / "decode"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_decode.py"), "--models", *specs,
            f"--layers={args.layers}", f"--hidden={args.hidden}", f"--heads={args.heads}",
            f"--groups={args.heads}", f"--vocab={args.vocab}", f"--window={args.window}",
-           f"--prompt={args.seq - 128}", "--new=128", "--batch", "1",
+           f"--prompt={args.seq - args.seq // 2}", f"--new={args.seq // 2}", "--batch", "1",
            "--cuda-graph", "auto", "--kernel", "auto", f"--out={out}"]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -578,12 +589,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     r = sub.add_parser("report", help="the tables and plots again, from the JSON")
     r.add_argument("--json", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    if args.part == "lm" and args.preset == "gpu":
-        for key, value in LM_GPU_PRESET.items():
-            if getattr(args, key) == m.get_default(key):
-                setattr(args, key, value)
-    return args
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default="cpu")
+    if preset.parse_known_args(argv)[0].preset == "gpu":
+        m.set_defaults(**LM_GPU_PRESET)  # the preset's values are defaults: given ones win
+    return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:

@@ -156,9 +156,10 @@ def identity_mismatch(saved: dict | None, current: dict) -> str | None:
     a key added later has that key's value of the time (``IDENTITY_BEFORE_IT_WAS_RECORDED``)."""
     if not saved:
         return None
+    assumed = {k for k in IDENTITY_BEFORE_IT_WAS_RECORDED if k not in saved}
     saved = {**IDENTITY_BEFORE_IT_WAS_RECORDED, **saved}
-    diffs = [f"{k}: {saved.get(k)} in the checkpoint, {v} here" for k, v in current.items()
-             if saved.get(k) != v]
+    diffs = [f"{k}: {saved.get(k)}{' (assumed: not recorded then)' if k in assumed else ''} "
+             f"in the checkpoint, {v} here" for k, v in current.items() if saved.get(k) != v]
     if not diffs:
         return None
     return diffs[0] + (f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else "")

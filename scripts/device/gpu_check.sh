@@ -30,8 +30,8 @@
 #               may catch up (plt_quality.py task; records are saved as each run ends).
 #  quality_plt_lm: language modelling at the GPU size (plt_quality.py lm --preset gpu: a block
 #               of 6 layers of d=768, vanilla-2L 12), one seed, the decode latency beside it.
-#               Too long to follow the rest in one call: run it as its own call,
-#               STAGES=quality_plt_lm BUDGET_S=570 bash scripts/device/gpu_check.sh
+#               Too long to follow the rest in one call: it runs only when STAGES names
+#               it, as its own call: STAGES=quality_plt_lm BUDGET_S=570 bash ...gpu_check.sh
 source "$(dirname "$0")/env.sh"
 W=${W:-/tmp/gpu_check}
 mkdir -p "$W"
@@ -106,9 +106,11 @@ stage quality_moe 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --se
 stage quality_plt 330 python3 scripts/plt_quality.py task --kind recall --steps 10000 \
     --eval-every 1000 --models vanilla-L vanilla-2L looped-2 plt-2 plt-2-hs clp-2-hs --seeds 1 \
     --jobs 6 --out "$W/plt_quality" --json "$W/plt_quality.json"
-stage quality_plt_lm 560 python3 scripts/plt_quality.py lm --preset gpu --steps 1000 \
-    --models vanilla-L looped-2 plt-2 vanilla-2L plt-2-hs --out "$W/plt_quality_lm" \
-    --json "$W/plt_quality.json"
+if [[ " ${STAGES:-} " == *" quality_plt_lm "* ]]; then  # named only: its own call
+  stage quality_plt_lm 560 python3 scripts/plt_quality.py lm --preset gpu --steps 1000 \
+      --models vanilla-L looped-2 plt-2 vanilla-2L plt-2-hs --out "$W/plt_quality_lm" \
+      --json "$W/plt_quality.json"
+fi
 [[ -n "${DRY_RUN:-}" ]] && { cat "$W/commands.tsv"; exit 0; }
 
 echo; echo "===== summary ($(head -2 "$W/gpu.txt" 2>/dev/null | tail -1))"

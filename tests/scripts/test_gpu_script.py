@@ -43,6 +43,18 @@ def test_stages_in_order_and_every_one_starts(tmp_path):
     assert check.stdout.count(" ok") == len(commands)
 
 
+def test_the_gpu_size_language_model_runs_only_as_its_own_call(tmp_path):
+    """Too long to follow the other stages in one 10-minute call: left out unless named."""
+    assert "quality_plt_lm" not in [c[0] for c in dry_run(tmp_path / "all")]
+    assert "quality_plt_lm" not in [c[0] for c in dry_run(tmp_path / "quality", "quality")]
+    commands = dry_run(tmp_path / "lm", "quality_plt_lm")
+    assert [c[0] for c in commands] == ["quality_plt_lm"] and "--preset" in commands[0]
+    check = subprocess.run([sys.executable, "scripts/device/check_stages.py",
+                            str(tmp_path / "lm" / "w" / "commands.tsv")], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and " ok" in check.stdout, check.stdout + check.stderr[-2000:]
+
+
 def test_a_subset_of_stages(tmp_path):
     assert [c[0] for c in dry_run(tmp_path, "train_dense kernels")] == [
         "train_dense", "kernels_bench", "kernels_profile", "kernels_tiles"]

@@ -100,7 +100,7 @@ def test_one_layer_reach_counts_the_lookups_inside_the_window():
 def test_a_failed_run_stops_the_sweep(tmp_path, monkeypatch):
     started = []
 
-    def train(model, seed, overrides, run_dir, steps, nproc, reuse=None):
+    def train(model, seed, overrides, run_dir, steps, nproc, reuse=None, data=""):
         started.append((model, seed))
         raise SystemExit(f"{model} seed {seed} failed (1)")
 
@@ -134,15 +134,18 @@ def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
     assert m.loop.window == 64 and m.loop.detach_kv == (not model.endswith("grad-kv"))
     assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
     # what its decode latency is timed as (bench_decode's --models); CLP is not built there
-    assert plt_quality.decode_model(m) == {
+    assert plt_quality.decode_model(m, 64) == {
         "vanilla-L": "vanilla-1@1", "vanilla-2L": "vanilla-1@2", "looped-2": "looped-2@1",
         "clp-2-hs": None}.get(model, "plt-2@1")
+    if str(m.name) == "plt":  # not timed at another window than its own
+        assert plt_quality.decode_model(m, 16) is None
 
 
 def test_the_gpu_preset_is_the_issue_size_and_explicit_options_win():
-    args = _lm_args("--preset", "gpu", "--steps", "7")
+    args = _lm_args("--preset", "gpu", "--steps", str(plt_quality.LM_STEPS))
     assert (args.layers, args.hidden, args.heads, args.seq, args.precision, args.steps) == (
-        6, 768, 12, 1024, "bf16", 7)
+        6, 768, 12, 1024, "bf16", plt_quality.LM_STEPS)  # given, so kept: equal to the
+    assert plt_quality.LM_GPU_PRESET["steps"] != plt_quality.LM_STEPS  # CPU default
     overrides = plt_quality.with_overrides(plt_quality.lm_settings(args),
                                            plt_quality.model_overrides(6)["vanilla-2L"])
     assert "train.precision=bf16" in overrides
@@ -200,8 +203,11 @@ def test_resume_keeps_finished_runs_of_the_same_settings_only(tmp_path, monkeypa
     monkeypatch.setattr(plt_quality.subprocess, "run", lambda cmd, **kw: trained.append(cmd)
                         or plt_quality.subprocess.CompletedProcess(cmd, 0, ""))
     run_dir, finished = tmp_path / "plt-2-s1", lambda d: True
+    (run_dir / "checkpoints").mkdir(parents=True)  # an earlier run's leftovers
+    (run_dir / "metrics.jsonl").write_text('{"kind": "valid", "step": 10, "loss": 9.0}\n')
     assert plt_quality.train("plt-2", 1, ["a=1", "b=2"], run_dir, 10, 1) is not None
     assert len(trained) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == [plt_quality.RUN_RECORD]
     # the same settings (in any order): kept, with the wall time it took
     wall = plt_quality.train("plt-2", 1, ["b=2", "a=1"], run_dir, 10, 1, reuse=finished)
     assert len(trained) == 1 and wall is not None
@@ -212,6 +218,9 @@ def test_resume_keeps_finished_runs_of_the_same_settings_only(tmp_path, monkeypa
         plt_quality.train("plt-2", 1, ["a=1", "b=3"], run_dir, 10, 1, reuse=finished)
     with pytest.raises(SystemExit, match="other settings"):
         plt_quality.train("plt-2", 2, ["a=1", "b=2"], run_dir, 10, 1, reuse=finished)
+    with pytest.raises(SystemExit, match="other settings"):  # same paths, other data
+        plt_quality.train("plt-2", 1, ["a=1", "b=2"], run_dir, 10, 1, reuse=finished,
+                          data="recall-p8")
     assert len(trained) == 2
 
 
