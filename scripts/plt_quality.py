@@ -344,7 +344,7 @@ def run_task(args) -> None:
                     "task": task_name, "seed": seed,
                     "tokens": step * args.batch * task.document_length,
                     "metric": "exact_match", "value": acc, "steps": step,
-                    "layers": args.layers * (2 if model == "vanilla-2L" else 1),
+                    "layers": configs[model].model.num_layers,
                     "hidden": args.hidden, "window": windows[model], "lr": args.lr,
                     "reach": reach[model], "wall_s": wall and round(wall, 1)})
             print(f"[plt_quality] {model} seed {seed}: exact match {curve[-1][1]:.3f} "
@@ -394,7 +394,7 @@ def run_lm(args) -> None:
                 "model": model, "loops": LOOPS[model], "variant": f"L{args.layers}",
                 "task": task_name, "seed": seed, "tokens": step * args.batch * args.seq,
                 "metric": "valid_loss", "value": loss, "steps": step,
-                "layers": args.layers * (2 if model == "vanilla-2L" else 1),
+                "layers": configs[model].model.num_layers,
                 "hidden": args.hidden, "window": window_of(configs[model].model),
                 "lr": args.lr, "hidden_scale": configs[model].model.loop.hidden_scale,
                 "wall_s": wall and round(wall, 1)}
