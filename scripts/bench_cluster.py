@@ -180,8 +180,10 @@ def run(layer: str, ep: int, topk, rate, args) -> dict:
     wall = time.perf_counter() - start
     if any(codes):
         raise SystemExit(f"{tag} failed (exit codes {codes}): see {run_dir / 'nodes.log'}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    timed = [r for r in rows if r["kind"] == "train"][-args.timed:]
+    from plt_train.training.loggers import read_metrics
+
+    trained = read_metrics(run_dir, "train")
+    timed = trained[-args.timed:]
     step_ms = statistics.median(r["step_ms"] for r in timed)
     a2a_ms = statistics.median(r.get("a2a_ms", 0.0) for r in timed)
     tokens = TRAIN["train.micro_batch_size"] * MICRO_BATCHES * ep * \
@@ -190,8 +192,7 @@ def run(layer: str, ep: int, topk, rate, args) -> dict:
            "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "a2a_ms": a2a_ms,
            "a2a_ms_max": statistics.median(r.get("a2a_ms_max", 0.0) for r in timed),
            "a2a_bytes": statistics.mean(r.get("a2a_MB", 0.0) for r in timed) * 2**20,
-           "a2a_share": a2a_ms / step_ms, "losses": [r["loss"] for r in rows
-                                                     if r["kind"] == "train"],
+           "a2a_share": a2a_ms / step_ms, "losses": [r["loss"] for r in trained],
            "tokens_per_step": tokens, "wall_s": wall, "device": device_line(),
            "socket_buffer_mib": args.socket_buffer_mib or None,
            "timed_steps": len(timed), "overrides": overrides(layer, ep, topk, args, run_dir)}

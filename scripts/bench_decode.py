@@ -27,8 +27,9 @@ are timed once per ``--cuda-graph`` value).  E.g. on a GPU::
     python scripts/bench_decode.py --cuda-graph off on --kernel torch triton ...
 
 ``latency_vs_vanilla`` compares with vanilla (of ``--layers``) under the same ``--cuda-graph``
-mode.  ``--models`` picks the models, each ``NAME[-LOOPS][@LAYERS]``: ``vanilla@16`` beside
-``looped-2`` over 8 layers is the deeper plain model of the same compute.
+mode.  ``--models`` picks the models, each ``NAME[-LOOPS][@LAYERS][:wWINDOW]``: ``vanilla@16``
+beside ``looped-2`` over 8 layers is the deeper plain model of the same compute, and
+``plt-2:w16`` beside ``plt-2:w256`` a PLT at two windows (the others at ``--window``).
 
 Prints a table last; writes JSON (records with model, loops, batch, ms_per_token, kv_bytes,
 device, cuda_graph, kernel, ...) and a PNG plot (of the first variant).
@@ -53,23 +54,29 @@ from plt_train.config.schema import KernelChoice, Switch  # noqa: E402
 MODELS = ["vanilla", "looped-2", "looped-3", "plt-2", "plt-3"]
 
 
-def parse_model(spec: str, layers: int) -> tuple[str, int, int]:
-    """``NAME[-LOOPS][@LAYERS]`` (``plt-2``, ``vanilla@16``) as (name, loops, layers); the
-    layers default to ``--layers``, the loops to 1."""
+def parse_model(spec: str, layers: int, window: int) -> tuple[str, int, int, int | None]:
+    """``NAME[-LOOPS][@LAYERS][:wWINDOW]`` (``plt-2``, ``vanilla@16``, ``plt-2:w16``) as
+    (name, loops, layers, window); the layers default to ``--layers``, the loops to 1, a
+    PLT's window to ``--window`` (None for the others, which have none)."""
+    given = spec
+    spec, _, win = spec.partition(":")
     spec, _, depth = spec.partition("@")
     name, _, loops = spec.partition("-")
     if name not in ("vanilla", "looped", "plt") or not (loops or "1").isdigit() \
-            or not (depth or "1").isdigit():
-        raise SystemExit(f"--models: {spec!r} is not NAME[-LOOPS][@LAYERS] with NAME "
-                         "vanilla, looped or plt")
+            or not (depth or "1").isdigit() or (win and not win[1:].isdigit()) \
+            or (win and win[0] != "w"):
+        raise SystemExit(f"--models: {given!r} is not NAME[-LOOPS][@LAYERS][:wWINDOW] with "
+                         "NAME vanilla, looped or plt")
     loops, depth = int(loops or 1), int(depth or layers)
-    if (loops == 1) != (name == "vanilla") or depth < 1:
-        raise SystemExit(f"--models: {spec!r}: vanilla has one loop, looped and plt two or "
-                         "more, and a model at least one layer")
-    return name, loops, depth
+    if (loops == 1) != (name == "vanilla") or depth < 1 or (win and name != "plt") \
+            or (win and int(win[1:]) < 1):
+        raise SystemExit(f"--models: {given!r}: vanilla has one loop, looped and plt two or "
+                         "more, a model at least one layer, and only plt a window (of at "
+                         "least one token)")
+    return name, loops, depth, (int(win[1:]) if win else window) if name == "plt" else None
 
 
-def build(name, loops, layers, args, device, dtype):
+def build(name, loops, layers, window, args, device, dtype):
     """Random weights; every model from the same seed, so models of the same depth share
     the block's weights."""
     from plt_train.config.schema import LoopConfig, ModelConfig, ParallelConfig
@@ -79,7 +86,7 @@ def build(name, loops, layers, args, device, dtype):
     m = ModelConfig(name=name, loops=loops, num_layers=layers, hidden_size=args.hidden,
                     num_attention_heads=args.heads, num_query_groups=args.groups,
                     seq_length=args.prompt + args.new + args.warmup,
-                    loop=LoopConfig(window=args.window))
+                    loop=LoopConfig(window=window or args.window))
     chunks, _, _ = build_model(m, ParallelConfig(), args.vocab, dtype,
                                megatron_device_kwargs(device), 0, device.device)
     return chunks[0].eval()
@@ -155,14 +162,14 @@ def bench_batch(models, batch, args, device, dtype) -> list:
                     run["times"].append(time.perf_counter() - start)
     records = []
     for run in runs:
-        (name, loops, layers), times, S = run["model"], run["times"], run["cache"].length
+        (name, loops, layers, window), times, S = run["model"], run["times"], run["cache"].length
         records.append({
             "model": name, "loops": loops, "batch": batch,
             "cuda_graph": run["gen"].step_mode, "kernel": run["kernel"],
             "ms_per_token": 1e3 * statistics.fmean(times),
             "ms_per_token_median": 1e3 * statistics.median(times),
-            "kv_bytes": run["cache"].kv_bytes(), "cached_positions": S, "window": args.window,
-            "kv_bound": 1 + (loops - 1) * args.window / S if name == "plt" else None,
+            "kv_bytes": run["cache"].kv_bytes(), "cached_positions": S, "window": window,
+            "kv_bound": 1 + (loops - 1) * window / S if name == "plt" else None,
             "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "layers": layers, "hidden": args.hidden,
             "prefill": "real" if args.real_prefill else "synthetic"})
@@ -178,7 +185,9 @@ def label(r: dict) -> str:
 
 
 def short_name(r: dict) -> str:
-    return f"{r['model']}-{r['loops']}@{r['layers']}"
+    """The record's ``--models`` entry, in full: ``plt-2@8:w64``, ``vanilla-1@16``."""
+    window = f":w{r['window']}" if r["window"] is not None else ""
+    return f"{r['model']}-{r['loops']}@{r['layers']}{window}"
 
 
 def device_name(device) -> str:
@@ -234,8 +243,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=MODELS,
-                    help="NAME[-LOOPS][@LAYERS] (vanilla, looped-2, plt-3, vanilla@16); the "
-                         "ratios are over vanilla at --layers, which must be among them")
+                    help="NAME[-LOOPS][@LAYERS][:wWINDOW] (vanilla, looped-2, plt-3, "
+                         "vanilla@16, plt-2:w16); the ratios are over vanilla at --layers, "
+                         "which must be among them")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--groups", type=int, default=4)
@@ -272,8 +282,9 @@ def main() -> None:
     dtype = resolve_dtype("auto", device)
     args.warmup = max(args.warmup, 1)  # a graph run's first step captures it: never timed
     records = []
-    args.models = list(dict.fromkeys(parse_model(m, args.layers) for m in args.models))
-    if ("vanilla", 1, args.layers) not in args.models:
+    args.models = list(dict.fromkeys(parse_model(m, args.layers, args.window)
+                                     for m in args.models))
+    if ("vanilla", 1, args.layers, None) not in args.models:
         raise SystemExit(f"--models: the ratios need vanilla at --layers {args.layers}")
     models = {key: build(*key, args, device, dtype) for key in args.models}
     args.cuda_graph = distinct_step_modes(args.cuda_graph, models[args.models[0]], device)
@@ -293,7 +304,8 @@ def main() -> None:
     for r in records:
         bound = f"{r['kv_bound']:.4f}" if r["kv_bound"] else "-"
         name = f"{r['model']}-{r['loops']}" + \
-            (f"@{r['layers']}" if r["layers"] != args.layers else "")
+            (f"@{r['layers']}" if r["layers"] != args.layers else "") + \
+            (f":w{r['window']}" if r["window"] not in (None, args.window) else "")
         print(f"{name:10} {r['cuda_graph']:>6} "
               f"{r['kernel'] or '-':>6} {r['batch']:>5} {r['ms_per_token']:>9.2f} "
               f"{r['latency_vs_vanilla']:>9.2f} {r['kv_bytes'] / 2**20:>9.2f} "

@@ -68,9 +68,10 @@ def run(name: str, overrides: list, out: Path, nproc: int, steps: int) -> dict:
     if proc.returncode:
         print(proc.stdout[-4000:])
         raise SystemExit(f"{name} failed ({proc.returncode})")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    valid = [(r["step"], r["loss"]) for r in rows if r["kind"] == "valid"]
-    train = [r for r in rows if r["kind"] == "train"]
+    from plt_train.training.loggers import read_metrics
+
+    valid = [(r["step"], r["loss"]) for r in read_metrics(run_dir, "valid")]
+    train = read_metrics(run_dir, "train")
     params = next((int(x.split("params(this rank)=")[1].split()[0].replace(",", ""))
                    for x in proc.stdout.splitlines() if "params(this rank)=" in x), None)
     return {"model": name, "valid": valid, "final_valid_loss": valid[-1][1],

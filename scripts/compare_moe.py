@@ -220,9 +220,9 @@ def train(variant: str, seed: int, steps: int, args, out_dir: Path) -> dict:
     wall = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"{tag} failed (rc {rc}): see {out_dir / f'{tag}.log'}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    tr = [r for r in rows if r["kind"] == "train"]
-    va = [r for r in rows if r["kind"] == "valid"]
+    from plt_train.training.loggers import read_metrics
+
+    tr, va = read_metrics(run_dir, "train"), read_metrics(run_dir, "valid")
     per_step = tokens_per_step(args)
     steady = [r["tokens_per_s"] for r in tr[len(tr) // 5:] if "tokens_per_s" in r]
     return {

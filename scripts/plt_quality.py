@@ -88,6 +88,10 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
                                        "model.loop.detach_kv=false"],
         "plt-2-w64-hs-input-gate": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.05",
                                           "model.loop.gate=input"],
+        # The same knobs for language modelling, whose sweep window is 64 (plt-2-hs's):
+        "plt-2-hs-input-gate": plt + ["model.loop.hidden_scale=0.05", "model.loop.gate=input"],
+        "plt-2-w16-hs": plt + ["model.loop.window=16", "model.loop.hidden_scale=0.05"],
+        "plt-2-w256-hs": plt + ["model.loop.window=256", "model.loop.hidden_scale=0.05"],
     }
 
 
@@ -166,11 +170,12 @@ def task_settings(task: Task, args) -> list[str]:
 def lm_settings(args) -> list[str]:
     """Everything pinned for part 3: the embedded corpus (``--prefix``: a user's indexed
     dataset) with its 2 % validation split, scored every ``--eval-every`` steps on the same
-    ``--eval-iters`` batches for every model; no checkpoints."""
+    ``--eval-iters`` batches for every model; no checkpoints (the curve is in the log)."""
     return recipe(args, args.seq) + [
         f"data.prefix={args.prefix or 'null'}", f"data.vocab_size={args.vocab}",
         "data.split='98,2,0'", f"train.eval_interval={args.eval_every}",
-        f"train.eval_iters={args.eval_iters}", "checkpoint.save_at_end=false",
+        f"train.eval_iters={args.eval_iters}", "checkpoint.save_interval=0",
+        "checkpoint.save_at_end=false",
     ]
 
 
@@ -239,37 +244,69 @@ def merge(records: list[dict], path: Path = RESULTS) -> None:
 YLABELS = {"exact_match": "held-out exact match", "valid_loss": "validation loss (nats/token)"}
 
 
+def curve_points(records: list[dict], model: str,
+                 base: dict | None = None) -> dict[int, list[float]]:
+    """``model``'s values per tokens, one per seed; with ``base`` ((seed, tokens) ->
+    vanilla-L's value) each minus vanilla-L's of the same seed and tokens, and the points
+    vanilla-L lacks left out."""
+    out = {}
+    for r in records:
+        if r["model"] != model:
+            continue
+        if base is None:
+            out.setdefault(r["tokens"], []).append(r["value"])
+        elif (r["seed"], r["tokens"]) in base:
+            out.setdefault(r["tokens"], []).append(r["value"] - base[(r["seed"], r["tokens"])])
+    return out
+
+
 def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match") -> None:
     """Mean ``metric`` per model against tokens, the band spanning the seeds; the main
-    comparison on the left, the ablations (with looped-2 and plt-2 for reference) on the
-    right when there are any."""
+    comparison on the left, the ablations (with looped-2, and plt-2 on the task, for
+    reference) on the right when there are any.  A validation loss is drawn as the paired
+    difference to vanilla-L (same seed, same tokens): the models differ by hundredths of a
+    nat on curves that fall by two nats, so the raw curves hide what is compared; the y
+    range then spans the last three quarters of the budget (the first points differ by
+    tenths)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in records))
+    base = {(r["seed"], r["tokens"]): r["value"] for r in records if r["model"] == "vanilla-L"}
+    paired_view = metric == "valid_loss" and bool(base)
     ablations = [m for m in models if m not in DEFAULT_MODELS]
     panels = [[m for m in models if m in DEFAULT_MODELS]]
     if ablations:
-        panels.append([m for m in ("looped-2", "plt-2") if m in models] + ablations)
+        references = ("looped-2",) if paired_view else ("looped-2", "plt-2")
+        panels.append([m for m in references if m in models] + ablations)
     panels = [p for p in panels if p]  # a run of ablations alone: one panel
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     colour = {m: f"C{i}" if len(models) <= 10 else plt.cm.tab20(i % 20)
               for i, m in enumerate(models)}
+    last = max(r["tokens"] for r in records)
     for ax, panel, name in zip(axes[0], panels, ["models", "ablations"]):
+        shown = []
         for model in panel:
-            by_tokens = {}
-            for r in records:
-                if r["model"] == model:
-                    by_tokens.setdefault(r["tokens"], []).append(r["value"])
+            by_tokens = curve_points(records, model, base if paired_view else None)
+            if not by_tokens:
+                continue
             xs = sorted(by_tokens)
             ax.plot(xs, [statistics.mean(by_tokens[x]) for x in xs], color=colour[model],
                     marker=".", label=f"{model} (n={max(len(v) for v in by_tokens.values())})")
             ax.fill_between(xs, [min(by_tokens[x]) for x in xs],
                             [max(by_tokens[x]) for x in xs], color=colour[model], alpha=0.15)
+            shown += [v for x in xs if x >= last / 4 for v in by_tokens[x]]
         ax.set_xlabel("training tokens")
-        ax.set_ylabel(f"{YLABELS.get(metric, metric)} (band: the seeds' range)")
-        ax.set_title(f"{title}: {name}", fontsize=9)
+        label = YLABELS.get(metric, metric)
+        if paired_view and shown:
+            label = "validation loss - vanilla-L's (nats/token)"
+            pad = 0.1 * (max(shown) - min(shown) or 1.0)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
+            ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_ylabel(label)
+        ax.set_title(f"{title}: {name} (band: the seeds' range"
+                     + ("; same seed = same batches)" if paired_view else ")"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -357,19 +394,26 @@ def run_task(args) -> None:
 
 
 def lm_task_name(args) -> str:
+    """The records' ``task``: the corpus, the sequence length and, where it is not
+    ``LM_STEPS``, the schedule's length (a 3,000-step cosine is another experiment than
+    1,000 steps: its points at steps 100..1,000 must not replace the shorter run's)."""
     corpus = Path(args.prefix).name if args.prefix else "stdlib"
-    return f"lm-{corpus}-seq{args.seq}"
+    budget = "" if args.steps == LM_STEPS else f"-steps{args.steps}"
+    return f"lm-{corpus}-seq{args.seq}{budget}"
 
 
 def valid_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, validation loss) of a run, from its ``metrics.jsonl``."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "valid"]
+    from plt_train.training.loggers import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir, "valid")]
 
 
 def finished_lm(run_dir: Path, steps: int) -> bool:
     """Whether the run in ``run_dir`` was validated at its last step."""
-    curve = valid_curve(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    from plt_train.training.loggers import METRICS_FILE
+
+    curve = valid_curve(run_dir) if (run_dir / METRICS_FILE).is_file() else []
     return bool(curve) and curve[-1][0] == steps
 
 
@@ -411,16 +455,17 @@ def run_lm(args) -> None:
     report(records, Path(args.json))
 
 
-def decode_model(model, window: int) -> str | None:
+def decode_model(model) -> str | None:
     """``scripts/bench_decode.py``'s ``--models`` entry whose decode step costs what
     ``model`` (a ``ModelConfig``)'s does: vanilla, looped-R or PLT-R with G-SWA, at the
-    model's depth (the gate's input and detaching change neither the cost nor the cache).
-    None for what bench_decode does not build here (CLP with full K/V per loop, shared K/V
-    without G-SWA, a window other than bench_decode's ``window``)."""
+    model's depth and window (the gate's input and detaching change neither the cost nor
+    the cache).  None for what bench_decode does not build (CLP with full K/V per loop,
+    shared K/V without G-SWA)."""
     name = str(model.name)
-    if name == "plt" and not (model.uses_gswa and model.loop.window == window):
+    if name == "plt" and not model.uses_gswa:
         return None
-    return f"{name}-{model.loops if name != 'vanilla' else 1}@{model.num_layers}"
+    window = f":w{model.loop.window}" if name == "plt" else ""
+    return f"{name}-{model.loops if name != 'vanilla' else 1}@{model.num_layers}{window}"
 
 
 def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
@@ -429,7 +474,7 @@ def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
     ``scripts/bench_decode.py``: random weights (a step's cost does not depend on them),
     ``auto`` step mode and kernel (CUDA graphs and the Triton decode kernel where the device
     has them)."""
-    wanted = {m: decode_model(c.model, args.window) for m, c in configs.items()}
+    wanted = {m: decode_model(c.model) for m, c in configs.items()}
     specs = list(dict.fromkeys([f"vanilla-1@{args.layers}",
                                 *(s for s in wanted.values() if s)]))
     out = Path(args.out) / "decode"
@@ -440,8 +485,9 @@ def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
            "--cuda-graph", "auto", "--kernel", "auto", f"--out={out}"]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    timed = {f"{r['model']}-{r['loops']}@{r['layers']}": r
-             for r in json.loads((out / "bench_decode.json").read_text())}
+    timings = json.loads((out / "bench_decode.json").read_text())
+    timed = {f"{r['model']}-{r['loops']}@{r['layers']}"  # bench_decode's short_name
+             + (f":w{r['window']}" if r["window"] is not None else ""): r for r in timings}
     records = []
     for model, spec in wanted.items():
         if spec is None:
@@ -454,7 +500,7 @@ def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
                 "task": task_name, "seed": None, "tokens": None, "metric": metric,
                 "value": value, "batch": 1, "device": r["device"],
                 "cuda_graph": r["cuda_graph"], "layers": r["layers"], "hidden": args.hidden,
-                "context": r["cached_positions"]})
+                "window": r["window"], "context": r["cached_positions"]})
     return records
 
 
@@ -528,6 +574,13 @@ LM_GPU_PRESET = dict(layers=6, hidden=768, heads=12, seq=1024, batch=16, steps=1
                      eval_every=250, eval_iters=8, lr=6e-4, precision="bf16", seeds=[1])
 LM_STEPS = 1000  # calibrated: docs/benchmarks.md
 LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "plt-2", "plt-2-hs", "plt-2-hs-grad-kv"]
+# Part 2 (``--ablations``): the chain looped -> +CLP -> +shared K/V -> +G-SWA and PLT's other
+# knobs, at the input scale where the cross-loop models learn; on the task with the window
+# that covers every lookup (the sweep's 16 does not), on LM at the sweep's window and beside it.
+TASK_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-w64-hs",
+                  "plt-2-w64-hs-grad-kv", "plt-2-w64-hs-input-gate"]
+LM_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-hs", "plt-2-hs-input-gate",
+                "plt-2-w16-hs", "plt-2-w256-hs"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -544,6 +597,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--json", default=str(RESULTS))
     common.add_argument("--resume", action="store_true",
                         help="keep the runs in --out that finished with the same settings")
+    common.add_argument("--ablations", action="store_true",
+                        help="part 2: also the ablation chain (CLP, shared K/V, G-SWA) and "
+                             "PLT's knobs (TASK_ABLATIONS / LM_ABLATIONS)")
 
     t = sub.add_parser("task", parents=[common],
                        help="part 1: a synthetic task where depth matters")
@@ -593,7 +649,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     preset.add_argument("--preset", default="cpu")
     if preset.parse_known_args(argv)[0].preset == "gpu":
         m.set_defaults(**LM_GPU_PRESET)  # the preset's values are defaults: given ones win
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if getattr(args, "ablations", False):
+        extra = LM_ABLATIONS if args.part == "lm" else TASK_ABLATIONS
+        args.models = list(dict.fromkeys(args.models + extra))
+    return args
 
 
 def main(argv=None) -> None:

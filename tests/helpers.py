@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from plt_train.training import loggers
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -101,10 +103,10 @@ def train_many(root: Path, runs: dict, nproc: int, timeout: int = 600) -> dict[s
     return {k: "\n".join(v) for k, v in out.items()}
 
 
-def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["kind"] == kind]
+def read_metrics(run_dir: Path, kind: str | None = "train") -> list[dict]:
+    """The run's rows of ``kind`` (None: all), through the project's reader; the tests
+    mostly want the training rows."""
+    return loggers.read_metrics(run_dir, kind)
 
 
 def losses_by_step(run_dir: Path, kind: str = "train") -> dict[int, float]:

@@ -87,6 +87,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+METRICS_FILE = "metrics.jsonl"  # in a run directory: what ``JsonlLogger`` writes there
+_NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` in the order they were logged (``kind``: only
+    those), with the strings ``_json_safe`` wrote for NaN and infinities turned back into
+    floats.  A resumed run appends, so a step repeated after a resume appears twice: the
+    last row of a step is the one that counted.  The one reader of the file, for the
+    scripts that compare runs and for the tests."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    rows = [{k: _NOT_FINITE.get(v, v) if isinstance(v, str) and k != "kind" else v
+             for k, v in r.items()} for r in rows]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
 class JsonlLogger:
     """One JSON object per call: ``{"kind", "step", **metrics}``, appended and flushed at once so
     a killed run keeps every line it logged (and a resumed run appends to the same file)."""
@@ -196,7 +214,7 @@ class MetricLoggers:
         ``LoggingConfig``."""
         sinks: List[Any] = [
             ConsoleLogger(enabled, total_steps),
-            JsonlLogger(Path(run_dir) / "metrics.jsonl", enabled),
+            JsonlLogger(Path(run_dir) / METRICS_FILE, enabled),
         ]
         if logging_cfg.wandb:
             sinks.append(

@@ -3,7 +3,6 @@
 checkpoint, and once the run is finished says there is nothing to do (issue 21, part 4)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ def _env():
 
 def _rows(run) -> list[dict]:
     try:
-        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        return read_metrics(run, kind=None)
     except (OSError, ValueError):  # not there yet, or a line being written
         return []
 

@@ -64,3 +64,22 @@ def test_bench_decode_times_chosen_models_of_other_depths_against_vanilla(tmp_pa
                           "looped-2", "--out", str(tmp_path / "bad")], cwd=REPO,
                          env=one_process_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "need vanilla at --layers 2" in bad.stderr
+
+
+def test_bench_decode_times_a_plt_at_several_windows_side_by_side(tmp_path):
+    """--models with :wWINDOW: PLT at its own window beside PLT at --window (the tiny 8),
+    each cache exactly loop 1's plus its window; only PLT takes a window."""
+    _, records = run_bench(tmp_path, "--batch", "1", "--new", "2", "--warmup", "1",
+                           "--models", "vanilla", "plt-2:w2", "plt-2")
+    rows = {(r["model"], r["window"]): r for r in records}
+    assert set(rows) == {("vanilla", None), ("plt", 2), ("plt", 8)}
+    for w in (2, 8):
+        r = rows[("plt", w)]
+        assert r["kv_vs_vanilla"] == pytest.approx(1 + w / r["cached_positions"], rel=0,
+                                                   abs=1e-12)
+    assert rows[("plt", 2)]["kv_bytes"] < rows[("plt", 8)]["kv_bytes"]
+    for spec in ("looped-2:w4", "plt-2:4", "plt-2:w0"):
+        bad = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tiny", "--models",
+                              "vanilla", spec, "--out", str(tmp_path / "bad")], cwd=REPO,
+                             env=one_process_env(), capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and "--models:" in bad.stderr, spec

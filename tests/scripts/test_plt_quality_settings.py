@@ -48,14 +48,15 @@ def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     assert str(m.moe.layer) == "dense" and cfg.parallel.tensor == cfg.parallel.pipeline == 1
     assert m.seq_length == task.document_length
     windows = {"plt-2-w4": 4, "plt-2-w8": 8, "plt-2-w64": 64, "plt-2-w256": 256,
-               "plt-2-w64-hs": 64, "plt-2-w64-hs-grad-kv": 64, "plt-2-w64-hs-input-gate": 64}
+               "plt-2-w64-hs": 64, "plt-2-w64-hs-grad-kv": 64, "plt-2-w64-hs-input-gate": 64,
+               "plt-2-w16-hs": 16, "plt-2-w256-hs": 256}
     assert m.loop.window == windows.get(model, 8)
     assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
     assert m.num_layers == (4 if model == "vanilla-2L" else 2)
     assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
     plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs",
-                    "plt-2-hs-grad-kv", *windows)
+                    "plt-2-hs-grad-kv", "plt-2-hs-input-gate", *windows)
     assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv", "clp-2-shared-kv-hs"))
     assert m.uses_gswa == (model in plt_variants)
     assert m.loop.detach_kv == (not model.endswith("grad-kv"))
@@ -117,7 +118,8 @@ def _lm_args(*argv):
     return plt_quality.parse_args(["lm", *argv])
 
 
-@pytest.mark.parametrize("model", plt_quality.LM_MODELS + ["plt-2-grad-kv", "clp-2-hs"])
+@pytest.mark.parametrize("model", list(dict.fromkeys(
+    plt_quality.LM_MODELS + ["plt-2-grad-kv"] + plt_quality.LM_ABLATIONS)))
 def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
     args = _lm_args()
     settings = plt_quality.lm_settings(args)
@@ -130,15 +132,48 @@ def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
     assert str(m.moe.layer) == "dense" and m.seq_length == args.seq == 256
     assert cfg.data.prefix is None and cfg.data.split == "98,2,0"
     assert cfg.train.eval_interval == args.eval_every and cfg.train.eval_iters == 10
+    # no checkpoints: 10 of ~24 MB each per run were written at the default interval
+    assert cfg.checkpoint.save_interval == 0 and not cfg.checkpoint.save_at_end
     assert m.num_layers == (2 if model == "vanilla-2L" else 1)
-    assert m.loop.window == 64 and m.loop.detach_kv == (not model.endswith("grad-kv"))
+    assert m.loop.window == {"plt-2-w16-hs": 16, "plt-2-w256-hs": 256}.get(model, 64)
+    assert m.loop.detach_kv == (not model.endswith("grad-kv"))
+    assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
-    # what its decode latency is timed as (bench_decode's --models); CLP is not built there
-    assert plt_quality.decode_model(m, 64) == {
+    # what its decode latency is timed as (bench_decode's --models, at the model's own
+    # window); CLP and shared K/V without G-SWA are not built there
+    assert plt_quality.decode_model(m) == {
         "vanilla-L": "vanilla-1@1", "vanilla-2L": "vanilla-1@2", "looped-2": "looped-2@1",
-        "clp-2-hs": None}.get(model, "plt-2@1")
-    if str(m.name) == "plt":  # not timed at another window than its own
-        assert plt_quality.decode_model(m, 16) is None
+        "clp-2-hs": None, "clp-2-shared-kv-hs": None, "plt-2-w16-hs": "plt-2@1:w16",
+        "plt-2-w256-hs": "plt-2@1:w256"}.get(model, "plt-2@1:w64")
+
+
+def test_a_longer_schedule_is_recorded_as_another_task():
+    """Its curve's points at the shorter run's steps must not replace that run's records."""
+    assert plt_quality.lm_task_name(_lm_args()) == "lm-stdlib-seq256"
+    assert plt_quality.lm_task_name(_lm_args("--steps", "3000")) == "lm-stdlib-seq256-steps3000"
+
+
+def test_loss_curves_are_drawn_as_the_paired_difference_to_vanilla_l(tmp_path):
+    rec = lambda m, seed, tokens, v: {"model": m, "seed": seed, "tokens": tokens,  # noqa: E731
+                                      "value": v, "metric": "valid_loss"}
+    records = [rec("vanilla-L", 1, 10, 5.0), rec("vanilla-L", 2, 10, 4.0),
+               rec("plt-2-hs", 1, 10, 4.75), rec("plt-2-hs", 2, 10, 4.5),
+               rec("plt-2-hs", 3, 10, 1.0)]  # seed 3: no vanilla-L to pair with
+    base = {(r["seed"], r["tokens"]): r["value"] for r in records if r["model"] == "vanilla-L"}
+    assert plt_quality.curve_points(records, "plt-2-hs", base) == {10: [-0.25, 0.5]}
+    assert plt_quality.curve_points(records, "plt-2-hs") == {10: [4.75, 4.5, 1.0]}
+    plt_quality.plot(records, tmp_path / "lm.png", "lm", "valid_loss")
+    assert (tmp_path / "lm.png").stat().st_size > 1000
+
+
+def test_ablations_add_each_parts_chain_once():
+    lm = _lm_args("--ablations")
+    assert lm.models[:len(plt_quality.LM_MODELS)] == plt_quality.LM_MODELS
+    assert set(lm.models) == set(plt_quality.LM_MODELS + plt_quality.LM_ABLATIONS)
+    assert len(lm.models) == len(set(lm.models))
+    task = plt_quality.parse_args(["task", "--ablations", "--models", "vanilla-L"])
+    assert task.models == ["vanilla-L"] + plt_quality.TASK_ABLATIONS
+    assert plt_quality.parse_args(["task"]).models == plt_quality.DEFAULT_MODELS
 
 
 def test_the_gpu_preset_is_the_issue_size_and_explicit_options_win():

@@ -15,10 +15,12 @@ import torch
 from plt_train.config.schema import LoggingConfig
 from plt_train.training.loggers import (
     ConsoleLogger,
+    METRICS_FILE,
     JsonlLogger,
     MetricLoggers,
     WandbLogger,
     format_duration,
+    read_metrics,
 )
 from plt_train.training.metrics import ThroughputMeter, peak_flops_per_second
 from tests._wandb_offline import wait_for_history
@@ -84,6 +86,25 @@ def test_jsonl_lines_are_flushed_and_valid(tmp_path):
     off = tmp_path / "off.jsonl"
     JsonlLogger(off, enabled=False).log(1, {"loss": 1.0})
     assert not off.exists()
+
+
+def test_read_metrics_reads_back_what_the_run_logged(tmp_path):
+    """The one reader of ``metrics.jsonl`` (scripts and tests): rows in logged order, kept
+    per kind, a diverged loss back as a float, and a step repeated by a resume kept twice."""
+    logger = JsonlLogger(tmp_path / METRICS_FILE, enabled=True)
+    logger.log(1, {"loss": 3.0, "note": "inf-free"})
+    logger.log(2, {"loss": float("nan"), "grad_norm": float("inf")})
+    logger.log(2, {"loss": 2.5}, kind="valid")
+    logger.log(2, {"loss": 2.75})  # the step again, after a resume
+    logger.close()
+    rows = read_metrics(tmp_path)
+    assert [(r["kind"], r["step"]) for r in rows] == \
+        [("train", 1), ("train", 2), ("valid", 2), ("train", 2)]
+    train = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in train] == [1, 2, 2]
+    assert math.isnan(train[1]["loss"]) and train[1]["grad_norm"] == math.inf
+    assert train[0]["note"] == "inf-free" and train[2]["loss"] == 2.75
+    assert read_metrics(tmp_path, "valid") == [{"kind": "valid", "step": 2, "loss": 2.5}]
 
 
 def test_jsonl_survives_sigkill(tmp_path):
