@@ -300,13 +300,12 @@ def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match
         ax.set_xlabel("training tokens")
         label = YLABELS.get(metric, metric)
         if paired_view and shown:
-            label = "validation loss - vanilla-L's (nats/token)"
+            label = "valid loss - vanilla-L's, same seed (nats)"
             pad = 0.1 * (max(shown) - min(shown) or 1.0)
             ax.set_ylim(min(shown) - pad, max(shown) + pad)
             ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_ylabel(label)
-        ax.set_title(f"{title}: {name} (band: the seeds' range"
-                     + ("; same seed = same batches)" if paired_view else ")"), fontsize=9)
+        ax.set_title(f"{title}: {name} (band: the seeds' range)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
