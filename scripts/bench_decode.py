@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -58,22 +59,18 @@ def parse_model(spec: str, layers: int, window: int) -> tuple[str, int, int, int
     """``NAME[-LOOPS][@LAYERS][:wWINDOW]`` (``plt-2``, ``vanilla@16``, ``plt-2:w16``) as
     (name, loops, layers, window); the layers default to ``--layers``, the loops to 1, a
     PLT's window to ``--window`` (None for the others, which have none)."""
-    given = spec
-    spec, _, win = spec.partition(":")
-    spec, _, depth = spec.partition("@")
-    name, _, loops = spec.partition("-")
-    if name not in ("vanilla", "looped", "plt") or not (loops or "1").isdigit() \
-            or not (depth or "1").isdigit() or (win and not win[1:].isdigit()) \
-            or (win and win[0] != "w"):
-        raise SystemExit(f"--models: {given!r} is not NAME[-LOOPS][@LAYERS][:wWINDOW] with "
+    match = re.fullmatch(r"(vanilla|looped|plt)(?:-(\d+))?(?:@(\d+))?(?::w(\d+))?", spec)
+    if not match:
+        raise SystemExit(f"--models: {spec!r} is not NAME[-LOOPS][@LAYERS][:wWINDOW] with "
                          "NAME vanilla, looped or plt")
+    name, loops, depth, win = match.groups()
     loops, depth = int(loops or 1), int(depth or layers)
     if (loops == 1) != (name == "vanilla") or depth < 1 or (win and name != "plt") \
-            or (win and int(win[1:]) < 1):
-        raise SystemExit(f"--models: {given!r}: vanilla has one loop, looped and plt two or "
+            or (win and int(win) < 1):
+        raise SystemExit(f"--models: {spec!r}: vanilla has one loop, looped and plt two or "
                          "more, a model at least one layer, and only plt a window (of at "
                          "least one token)")
-    return name, loops, depth, (int(win[1:]) if win else window) if name == "plt" else None
+    return name, loops, depth, (int(win) if win else window) if name == "plt" else None
 
 
 def build(name, loops, layers, window, args, device, dtype):
@@ -108,8 +105,8 @@ def synthetic_prefill(gen, batch, args, device):
 
 
 def variants(args) -> list:
-    """((name, loops, layers), cuda_graph choice, kernel choice or None) for every timed
-    run."""
+    """((name, loops, layers, window), cuda_graph choice, kernel choice or None) for every
+    timed run."""
     out = []
     for graph in args.cuda_graph:
         for model in args.models:
