@@ -3,6 +3,10 @@ equal parameters and equal tokens, several seeds, on a task where depth matters 
 language modelling.  One command per part of the issue:
 
     python scripts/plt_quality.py task --jobs 2            # part 1: the recall task, 3 seeds
+    python scripts/plt_quality.py task --jobs 2 --layers 2 --models looped-2 clp-2-hs \
+        clp-2-shared-kv-hs plt-2-hs plt-2-w64-hs   # the chain over a block of two layers
+    python scripts/plt_quality.py task --kind pointers --layers 2   # two lookups composed:
+                                             # 2 layers against 4 (not calibrated on CPU)
     python scripts/plt_quality.py task --jobs 2 --models clp-2-hs clp-2-shared-kv-hs \
         plt-2-w64-hs plt-2-w64-hs-grad-kv plt-2-w64-hs-input-gate   # part 2: the ablations
     python scripts/plt_quality.py lm --jobs 2              # part 3: language modelling
@@ -49,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from plt_train.data.synthetic import (  # noqa: E402
-    FunctionChains, KeyValueRecall, Task, VariableChains,
+    FunctionChains, KeyValueRecall, PointerChasing, Task, VariableChains,
 )
 
 RESULTS = REPO / "docs" / "results" / "plt_quality.json"
@@ -341,19 +345,39 @@ def sweep(args, one_run, stop: threading.Event | None = None) -> None:
             future.result()
 
 
+def make_task(args) -> tuple[Task, str]:
+    """The ``--kind`` of task with its options, and its name in the records: with the
+    schedule's length where it is not ``TASK_STEPS`` (as ``lm_task_name``)."""
+    task, name = _task(args)
+    return task, name + schedule_suffix(args.steps, TASK_STEPS)
+
+
+def schedule_suffix(steps: int, default: int) -> str:
+    """A cosine schedule of other than the part's default length is another experiment:
+    its points at the default run's steps must not replace that run's records."""
+    return "" if steps == default else f"-steps{steps}"
+
+
+def _task(args) -> tuple[Task, str]:
+    if args.kind == "recall":
+        task = KeyValueRecall(pairs=args.pairs, queries=args.queries, symbols=args.symbols)
+        return task, f"recall-p{task.pairs}-q{task.queries}-s{task.symbols}"
+    if args.kind == "pointers":
+        task = PointerChasing(hops=args.hops, pairs=args.pairs, queries=args.queries,
+                              symbols=args.symbols)
+        return task, f"pointers-h{task.hops}-p{task.pairs}-q{task.queries}-s{task.symbols}"
+    if args.kind == "functions":
+        task = FunctionChains(hops=args.hops, functions=args.functions, values=args.values)
+        return task, f"functions-h{task.hops}-f{task.functions}-v{task.values}"
+    task = VariableChains(hops=args.hops, chains=args.chains, answer_digits=args.digits,
+                          variables=args.variables)
+    return task, f"chains-h{task.hops}-c{task.chains}-d{task.answer_digits}"
+
+
 def run_task(args) -> None:
     from plt_train.data.synthetic import read_test, write_task
 
-    if args.kind == "recall":
-        task = KeyValueRecall(pairs=args.pairs, queries=args.queries, symbols=args.symbols)
-        task_name = f"recall-p{task.pairs}-q{task.queries}-s{task.symbols}"
-    elif args.kind == "functions":
-        task = FunctionChains(hops=args.hops, functions=args.functions, values=args.values)
-        task_name = f"functions-h{task.hops}-f{task.functions}-v{task.values}"
-    else:
-        task = VariableChains(hops=args.hops, chains=args.chains, answer_digits=args.digits,
-                              variables=args.variables)
-        task_name = f"chains-h{task.hops}-c{task.chains}-d{task.answer_digits}"
+    task, task_name = make_task(args)
     out = Path(args.out)
     files = write_task(task, out / "data", args.train_examples, args.test_examples, seed=0)
     examples = read_test(files.test)
@@ -397,8 +421,7 @@ def lm_task_name(args) -> str:
     ``LM_STEPS``, the schedule's length (a 3,000-step cosine is another experiment than
     1,000 steps: its points at steps 100..1,000 must not replace the shorter run's)."""
     corpus = Path(args.prefix).name if args.prefix else "stdlib"
-    budget = "" if args.steps == LM_STEPS else f"-steps{args.steps}"
-    return f"lm-{corpus}-seq{args.seq}{budget}"
+    return f"lm-{corpus}-seq{args.seq}{schedule_suffix(args.steps, LM_STEPS)}"
 
 
 def valid_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -572,6 +595,7 @@ def report(records: list[dict], json_path: Path) -> None:
 LM_GPU_PRESET = dict(layers=6, hidden=768, heads=12, seq=1024, batch=16, steps=1500,
                      eval_every=250, eval_iters=8, lr=6e-4, precision="bf16", seeds=[1])
 LM_STEPS = 1000  # calibrated: docs/benchmarks.md
+TASK_STEPS = 3000  # the recall task's calibrated budget: docs/benchmarks.md
 LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "plt-2", "plt-2-hs", "plt-2-hs-grad-kv"]
 # Part 2 (``--ablations``): the chain looped -> +CLP -> +shared K/V -> +G-SWA and PLT's other
 # knobs, at the input scale where the cross-loop models learn; on the task with the window
@@ -580,6 +604,11 @@ TASK_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-w64-hs",
                   "plt-2-w64-hs-grad-kv", "plt-2-w64-hs-input-gate"]
 LM_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-hs", "plt-2-hs-input-gate",
                 "plt-2-w16-hs", "plt-2-w256-hs"]
+
+
+# Each task's own defaults of the options tasks share (an option given explicitly wins):
+TASK_DEFAULTS = {"recall": {"symbols": 32}, "pointers": {"hops": 2, "symbols": 16},
+                 "functions": {"hops": 5, "chains": 3}, "chains": {"hops": 5, "chains": 3}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -604,17 +633,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="part 1: a synthetic task where depth matters")
     t.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(LOOPS))
     t.add_argument("--window", type=int, default=16)
-    t.add_argument("--kind", choices=["recall", "functions", "chains"], default="recall")
-    t.add_argument("--pairs", type=int, default=4, help="recall: key-value pairs")
-    t.add_argument("--queries", type=int, default=8, help="recall: keys asked per document")
-    t.add_argument("--symbols", type=int, default=32, help="recall: distinct tokens")
+    t.add_argument("--kind", choices=list(TASK_DEFAULTS), default="recall",
+                   help="recall: one lookup (L=1 against 2L=2); pointers: two composed "
+                        "(L=2 against 2L=4); functions, chains: the first attempt's tasks")
+    t.add_argument("--pairs", type=int, default=4, help="recall, pointers: pairs per table")
+    t.add_argument("--queries", type=int, default=8,
+                   help="recall, pointers: questions per document")
+    t.add_argument("--symbols", type=int,
+                   help="recall, pointers: distinct tokens (pointers: per alphabet)")
     t.add_argument("--functions", type=int, default=8)
     t.add_argument("--values", type=int, default=8)
-    t.add_argument("--hops", type=int, default=5)
-    t.add_argument("--chains", type=int, default=3)
+    t.add_argument("--hops", type=int, help="default: the --kind's (TASK_DEFAULTS)")
+    t.add_argument("--chains", type=int, help="default: the --kind's (TASK_DEFAULTS)")
     t.add_argument("--digits", type=int, default=2, help="answer tokens")
     t.add_argument("--variables", type=int, default=48, help="variable names")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=TASK_STEPS)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--eval-every", type=int, default=500)
@@ -649,6 +682,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if preset.parse_known_args(argv)[0].preset == "gpu":
         m.set_defaults(**LM_GPU_PRESET)  # the preset's values are defaults: given ones win
     args = ap.parse_args(argv)
+    if args.part == "task":
+        for key, value in TASK_DEFAULTS[args.kind].items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if getattr(args, "ablations", False):
         extra = LM_ABLATIONS if args.part == "lm" else TASK_ABLATIONS
         args.models = list(dict.fromkeys(args.models + extra))

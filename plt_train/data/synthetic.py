@@ -1,5 +1,6 @@
 """Synthetic tasks where depth matters, for ``scripts/plt_quality.py``: ``KeyValueRecall``
-(the one calibrated on CPU, docs/benchmarks.md), ``FunctionChains`` and, described here,
+(the one calibrated on CPU, docs/benchmarks.md), ``PointerChasing`` (two recalls composed,
+for a block of two layers; not yet calibrated), ``FunctionChains`` and, described here,
 multi-hop variable resolution (``VariableChains``).
 
 An example lists assignments in a random order, then asks for one variable's value::
@@ -228,7 +229,105 @@ class KeyValueRecall:
         return last - max(i for i in range(last) if prompt[i] == prompt[-1])
 
 
-Task = VariableChains | FunctionChains | KeyValueRecall
+@dataclass(frozen=True)
+class PointerChasing:
+    """Chained recall: ``a5 b2 a1 b7 | b7 c3 c9 b2 c4 c0 | a5 c4 c0 b7 c3 c9 a1`` (``hops``
+    = 2).  Table 1 maps each of ``pairs`` symbols of alphabet ``a`` to one of alphabet ``b``;
+    the last table maps each ``b`` to a two-token value of alphabet ``c`` (with ``hops`` = 3:
+    ``a -> b -> c``, then ``c`` to values of ``d``).  Each table is shuffled on its own, and
+    every token occurs once in it, as each key does in ``KeyValueRecall``.  Then
+    come ``queries`` questions, each a symbol followed by the value reached from it
+    (``a5 -> b2 -> c4 c0``); a question starts at any table, so it takes 1..``hops`` lookups.
+    A test prompt is a document cut after an ``a`` symbol (``hops`` lookups) at a random
+    place among the questions (the ones before it answered, never the same symbol: its
+    earlier answer could be copied).  The alphabets tell the tables apart: a ``b`` symbol
+    occurs as a target in table 1 and as a source in table 2, so "the token after it" is an
+    ``a`` or its value, and the lookup wants the one of the next alphabet (with one alphabet
+    for all, that took position parity, and no model learned it; docs/benchmarks.md).
+
+    Why it needs three layers where ``KeyValueRecall`` needs two: one lookup is an induction
+    (a first layer writes each token's predecessor into its position, a second finds the
+    position whose predecessor is the asked symbol and reads the token there), and the
+    second lookup is keyed by the first one's result, so it can only start in a third
+    layer: attention reads a position's values as they were before the layer, so the second
+    layer cannot read a result it is itself computing (a model with fewer layers has to
+    brute-force the composition, as one layer did on the recall task).  The questions that
+    start at a later table (one lookup) teach the circuit the ``hops``-lookup ones compose.
+    Meant to separate vanilla models of 2 and 4 layers, so that a block of 2 layers looped
+    twice (the depth of 4) tests PLT at depth.  Measured on CPU (docs/benchmarks.md): both
+    depths learn the single lookup by step 2,000, and neither the composed one (at chance up
+    to 9,000 steps for 4 layers): the budget where the separation shows is still to find."""
+
+    hops: int = 2
+    pairs: int = 4
+    queries: int = 8
+    symbols: int = 16
+
+    def __post_init__(self):
+        if not 2 <= self.hops <= 7 or self.pairs < 2 or self.queries < 1:
+            raise ValueError(f"need 2 <= hops <= 7 (an alphabet per table and one for the "
+                             f"values), pairs >= 2 and queries >= 1: {self}")
+        if self.symbols < 2 * self.pairs:
+            raise ValueError(f"{self.symbols} symbols per alphabet cannot make {self.pairs} "
+                             "distinct two-token values")
+
+    @property
+    def answer_digits(self) -> int:
+        return 2  # the value's tokens: the decode step is scored too
+
+    @property
+    def document_length(self) -> int:
+        # the tables of pairs, the last of triples, a | after each, the questions, ;, EOD
+        return 2 * self.pairs * (self.hops - 1) + 3 * self.pairs + self.hops + \
+            3 * self.queries + 2
+
+    @staticmethod
+    def alphabet(level: int) -> str:
+        """The letter of table ``level``'s sources (the last: the values')."""
+        return "abcdefgh"[level]
+
+    def vocabulary(self) -> list[str]:
+        return [EOD, SEP, "|"] + [f"{self.alphabet(level)}{i}" for level in range(self.hops + 1)
+                                  for i in range(self.symbols)]
+
+    def _context(self, rng: random.Random):
+        """The context; per table, its sources' answers (the value reached from each); and
+        every source's answer in one map."""
+        levels = [[f"{self.alphabet(level)}{i}" for i in rng.sample(range(self.symbols), n)]
+                  for level, n in enumerate([self.pairs] * self.hops + [2 * self.pairs])]
+        values = [levels[-1][2 * i:2 * i + 2] for i in range(self.pairs)]
+        answers = [dict(zip(levels[-2], values))]
+        context = [t for i in rng.sample(range(self.pairs), self.pairs)
+                   for t in (levels[-2][i], *values[i])] + ["|"]
+        for level in reversed(range(self.hops - 1)):
+            answers.insert(0, {x: answers[0][y]
+                               for x, y in zip(levels[level], levels[level + 1])})
+            table = [t for i in rng.sample(range(self.pairs), self.pairs)
+                     for t in (levels[level][i], levels[level + 1][i])] + ["|"]
+            context = table + context
+        return context, answers, {x: v for a in answers for x, v in a.items()}
+
+    @staticmethod
+    def _questions(rng: random.Random, answers, n: int) -> list[str]:
+        """``n`` symbols to ask, each from a table drawn at random (1..hops lookups)."""
+        return [rng.choice(list(rng.choice(answers))) for _ in range(n)]
+
+    def document(self, rng: random.Random) -> list[str]:
+        context, answers, lookup = self._context(rng)
+        asked = self._questions(rng, answers, self.queries)
+        return context + [t for x in asked for t in (x, *lookup[x])] + [SEP]
+
+    def example(self, rng: random.Random) -> tuple[list[str], list[str]]:
+        context, answers, lookup = self._context(rng)
+        while True:
+            before = self._questions(rng, answers, rng.randrange(self.queries))
+            asked = rng.choice(list(answers[0]))  # hops lookups
+            if asked not in before:
+                return (context + [t for x in before for t in (x, *lookup[x])] + [asked],
+                        list(lookup[asked]))
+
+
+Task = VariableChains | FunctionChains | KeyValueRecall | PointerChasing
 
 
 def tokenizer_for(task: Task):

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from plt_train.data.synthetic import (
-    ASSIGN, QUERY, SEP, FunctionChains, KeyValueRecall, VariableChains, exact_match, read_test,
-    tokenizer_for, write_task,
+    ASSIGN, QUERY, SEP, FunctionChains, KeyValueRecall, PointerChasing, VariableChains,
+    exact_match, read_test, tokenizer_for, write_task,
 )
 
 
@@ -99,6 +99,54 @@ def test_key_value_recall_answers_every_query_from_its_pair():
     assert KeyValueRecall.lookup_distance(prompt[:-4] + ["t1"]) == 10
     with pytest.raises(ValueError, match="symbols"):
         KeyValueRecall(pairs=5, queries=4, symbols=14)
+
+
+def follow(context: list[str], symbol: str) -> list[str]:
+    """The value reached from ``symbol`` by following the context's tables (the task's
+    ground truth, worked out independently): ``x y`` pairs, then ``y v v'`` triples."""
+    *tables, last, _ = " ".join(context).split("|")
+    assert all(len(set(t.split())) == len(t.split()) for t in tables + [last])  # once each
+    step = {}
+    for table in tables:
+        words = table.split()
+        step.update(zip(words[0::2], words[1::2]))
+    words = last.split()
+    values = {words[i]: words[i + 1:i + 3] for i in range(0, len(words), 3)}
+    while symbol not in values:
+        symbol = step[symbol]
+    return values[symbol]
+
+
+@pytest.mark.parametrize("hops", [2, 3])
+def test_pointer_chasing_answers_follow_every_table(hops):
+    task = PointerChasing(hops=hops, pairs=4, queries=6, symbols=8)
+    rng = random.Random(hops)
+    lookups = set()
+    for _ in range(200):
+        doc = task.document(rng)
+        assert len(doc) + 1 == task.document_length and doc[-1] == SEP
+        bar = len(doc) - 1 - doc[::-1].index("|")
+        context, questions = doc[:bar + 1], doc[bar + 1:-1]
+        assert context.count("|") == hops
+        for i in range(0, len(questions), 3):
+            assert questions[i + 1:i + 3] == follow(context, questions[i])
+            lookups.add(hops - "abcdefgh".index(questions[i][0]))  # tables to go
+        prompt, answer = task.example(rng)
+        bar = len(prompt) - 1 - prompt[::-1].index("|")
+        asked = prompt[bar + 1:]
+        assert len(asked) % 3 == 1 and asked[-1][0] == "a"  # all the lookups
+        assert asked[-1] not in asked[:-1:3]  # never asked before in the prompt
+        assert answer == follow(prompt[:bar + 1], prompt[-1])
+    assert lookups == set(range(1, hops + 1))  # every number of lookups is taught
+    assert task.document(random.Random(5)) == task.document(random.Random(5))  # per seed
+    assert task.document(random.Random(5)) != task.document(random.Random(6))
+    # a known context: a0 -> b1 -> c2 c3 and a1 -> b0 -> c1 c0
+    known = "a1 b0 a0 b1 | b1 c2 c3 b0 c1 c0 |".split()
+    assert follow(known, "a0") == ["c2", "c3"] and follow(known, "b0") == ["c1", "c0"]
+    with pytest.raises(ValueError, match="symbols"):
+        PointerChasing(pairs=5, symbols=9)
+    with pytest.raises(ValueError, match="hops"):
+        PointerChasing(hops=8)
 
 
 def test_the_same_seed_writes_the_same_files_another_seed_others(tmp_path):

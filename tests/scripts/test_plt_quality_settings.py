@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 
 from plt_train.config.schema import LoopConfig
-from plt_train.data.synthetic import VariableChains
+from plt_train.data.synthetic import KeyValueRecall, PointerChasing, VariableChains
 from plt_train.models import validate
 from tests.helpers import compose_run, load_script
 
@@ -38,8 +38,8 @@ def test_every_loop_option_and_the_training_recipe_are_pinned():
 
 @pytest.mark.parametrize("model", list(plt_quality.LOOPS))
 def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
-    args = _args("--layers", "2", "--window", "8")
-    task = VariableChains(hops=args.hops, chains=args.chains)
+    args = _args("--kind", "pointers", "--layers", "2", "--window", "8")
+    task, _ = plt_quality.make_task(args)
     overrides = plt_quality.with_overrides(plt_quality.task_settings(task, args),
                                            plt_quality.model_overrides(args.layers)[model])
     cfg = compose_run(overrides)
@@ -164,6 +164,20 @@ def test_loss_curves_are_drawn_as_the_paired_difference_to_vanilla_l(tmp_path):
     assert plt_quality.curve_points(records, "plt-2-hs") == {10: [4.75, 4.5, 1.0]}
     plt_quality.plot(records, tmp_path / "lm.png", "lm", "valid_loss")
     assert (tmp_path / "lm.png").stat().st_size > 1000
+
+
+def test_each_task_has_its_own_defaults_and_given_options_win():
+    task, name = plt_quality.make_task(_args("--kind", "pointers"))
+    assert isinstance(task, PointerChasing) and (task.hops, task.symbols) == (2, 16)
+    assert name == "pointers-h2-p4-q8-s16"
+    task, name = plt_quality.make_task(_args("--kind", "pointers", "--hops", "3"))
+    assert task.hops == 3 and name == "pointers-h3-p4-q8-s16"
+    task, name = plt_quality.make_task(_args("--kind", "functions"))
+    assert (task.hops, name) == (5, "functions-h5-f8-v8")  # the first attempt's defaults
+    task, name = plt_quality.make_task(_args())
+    assert isinstance(task, KeyValueRecall) and name == "recall-p4-q8-s32"
+    # another schedule is another experiment (its early points are not the default run's)
+    assert plt_quality.make_task(_args("--steps", "6000"))[1] == "recall-p4-q8-s32-steps6000"
 
 
 def test_ablations_add_each_parts_chain_once():
