@@ -51,7 +51,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_decode import short_name  # noqa: E402
 from plt_train.data.synthetic import (  # noqa: E402
     FunctionChains, KeyValueRecall, PointerChasing, Task, VariableChains,
 )
@@ -508,8 +510,7 @@ def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     timings = json.loads((out / "bench_decode.json").read_text())
-    timed = {f"{r['model']}-{r['loops']}@{r['layers']}"  # bench_decode's short_name
-             + (f":w{r['window']}" if r["window"] is not None else ""): r for r in timings}
+    timed = {short_name(r): r for r in timings}
     records = []
     for model, spec in wanted.items():
         if spec is None:

@@ -14,6 +14,7 @@ from plt_train.models import validate
 from tests.helpers import compose_run, load_script
 
 plt_quality = load_script("plt_quality")
+bench_decode = load_script("bench_decode")
 
 
 def _args(*argv):
@@ -145,6 +146,11 @@ def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
         "vanilla-L": "vanilla-1@1", "vanilla-2L": "vanilla-1@2", "looped-2": "looped-2@1",
         "clp-2-hs": None, "clp-2-shared-kv-hs": None, "plt-2-w16-hs": "plt-2@1:w16",
         "plt-2-w256-hs": "plt-2@1:w256"}.get(model, "plt-2@1:w64")
+    spec = plt_quality.decode_model(m)
+    if spec is not None:  # decode_latency finds the timing again under bench_decode's name
+        name, loops, layers, window = bench_decode.parse_model(spec, layers=5, window=7)
+        record = {"model": name, "loops": loops, "layers": layers, "window": window}
+        assert plt_quality.short_name(record) == spec
 
 
 def test_a_longer_schedule_is_recorded_as_another_task():
