@@ -488,8 +488,9 @@ def decode_model(model) -> str | None:
     name = str(model.name)
     if name == "plt" and not model.uses_gswa:
         return None
-    window = f":w{model.loop.window}" if name == "plt" else ""
-    return f"{name}-{model.loops if name != 'vanilla' else 1}@{model.num_layers}{window}"
+    return short_name({"model": name, "loops": model.loops if name != "vanilla" else 1,
+                       "layers": model.num_layers,
+                       "window": model.loop.window if name == "plt" else None})
 
 
 def decode_latency(args, task_name: str, configs: dict) -> list[dict]:
