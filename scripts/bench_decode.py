@@ -83,7 +83,10 @@ def build(name, loops, layers, window, args, device, dtype):
     m = ModelConfig(name=name, loops=loops, num_layers=layers, hidden_size=args.hidden,
                     num_attention_heads=args.heads, num_query_groups=args.groups,
                     seq_length=args.prompt + args.new + args.warmup,
-                    loop=LoopConfig(window=window or args.window))
+                    # each model's own feed between loops, pinned: a decode step of
+                    # looped runs no norm between its passes, PLT's its one norm per step
+                    loop=LoopConfig(window=window or args.window,
+                                    norm_between_loops=name == "plt"))
     chunks, _, _ = build_model(m, ParallelConfig(), args.vocab, dtype,
                                megatron_device_kwargs(device), 0, device.device)
     return chunks[0].eval()

@@ -16,6 +16,12 @@ language modelling.  One command per part of the issue:
 An interrupted sweep goes on with ``--resume`` (same command): runs that finished in
 ``--out`` with the same settings are kept, the others are trained.
 
+The looped baseline is ``looped-2-raw``: loop 2 continues loop 1's residual stream, the
+textbook looped transformer and ``model.name=looped``'s default.  ``looped-2`` feeds it the
+normed output instead (the recipe's pinned ``norm_between_loops=true``, kept so the earlier
+records stay reproducible), which leaves its loop 2 close to the identity (docs/benchmarks.md,
+issue 19 part 4); the ``-raw`` PLT rows feed ``Embed(x) + shift(h)`` unnormed.
+
 Part 1's task is ``KeyValueRecall`` (``plt_train/data/synthetic.py``): induction lookups
 that two layers learn in about 1,500 steps (two CPU minutes) where one layer stays near chance
 (docs/benchmarks.md has the calibration and where one layer catches up). Each run is
@@ -70,6 +76,11 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
         "vanilla-L": ["model.name=vanilla", block],
         "vanilla-2L": ["model.name=vanilla", f"model.num_layers={2 * layers}"],
         "looped-2": ["model.name=looped", "model.loops=2", block],
+        # The textbook looped transformer: loop 2 continues loop 1's residual stream. The
+        # pinned recipe feeds it through the final norm (the released PLT code's switch),
+        # which puts loop 2's input at RMS ~1 against loop 1's ~0.02 (issue 19, part 4):
+        "looped-2-raw": ["model.name=looped", "model.loops=2", block,
+                         "model.loop.norm_between_loops=false"],
         "plt-2": plt,
         # The ablation chain looped -> +CLP -> +shared KV -> +G-SWA (= plt-2):
         "clp-2": plt + ["model.loop.shared_kv=false"],
@@ -98,11 +109,16 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
         "plt-2-hs-input-gate": plt + ["model.loop.hidden_scale=0.05", "model.loop.gate=input"],
         "plt-2-w16-hs": plt + ["model.loop.window=16", "model.loop.hidden_scale=0.05"],
         "plt-2-w256-hs": plt + ["model.loop.window=256", "model.loop.hidden_scale=0.05"],
+        # PLT with the raw fed-on state, as looped-2-raw: loop 2 reads Embed(x) + shift(h1)
+        # (LoopCoder-v2's Eq. 2 as written), both parts at the embeddings' scale:
+        "plt-2-raw": plt + ["model.loop.norm_between_loops=false"],
+        "clp-2-raw": plt + ["model.loop.shared_kv=false", "model.loop.norm_between_loops=false"],
+        "plt-2-w64-raw": plt + ["model.loop.window=64", "model.loop.norm_between_loops=false"],
     }
 
 
 LOOPS = {name: 1 if name.startswith("vanilla") else 2 for name in model_overrides(1)}
-DEFAULT_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "plt-2"]
+DEFAULT_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "looped-2-raw", "plt-2"]
 
 
 def with_overrides(settings: list[str], overrides: list[str]) -> list[str]:
@@ -239,12 +255,17 @@ def score(run_dir: Path, examples) -> list[tuple[int, float]]:
 
 
 def merge(records: list[dict], path: Path = RESULTS) -> None:
-    """Replace the records of the same (task, model, seed) and keep the others."""
-    old = json.loads(path.read_text()) if path.is_file() else []
+    """Replace the records of the same (task, model, seed) and keep the others.  Under a
+    file lock: sweeps started side by side (another part, other models) write one file."""
+    from filelock import FileLock
+
     key = lambda r: (r["task"], r["model"], r["variant"], r["seed"], r["tokens"], r["metric"])  # noqa: E731
     new = {key(r) for r in records}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r for r in old if key(r) not in new] + records, indent=1) + "\n")
+    with FileLock(f"{path}.lock"):
+        old = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps([r for r in old if key(r) not in new] + records,
+                                   indent=1) + "\n")
 
 
 YLABELS = {"exact_match": "held-out exact match", "valid_loss": "validation loss (nats/token)"}
@@ -415,7 +436,7 @@ def run_task(args) -> None:
             merge(records, Path(args.json))  # partial results survive an interrupted run
 
     sweep(args, one_run)
-    report(records, Path(args.json))
+    report_with_earlier(records, Path(args.json))
 
 
 def lm_task_name(args) -> str:
@@ -476,7 +497,7 @@ def run_lm(args) -> None:
     if args.latency:  # after the sweep: timings on an otherwise idle machine
         records += decode_latency(args, task_name, configs)
         merge(records, Path(args.json))
-    report(records, Path(args.json))
+    report_with_earlier(records, Path(args.json))
 
 
 def decode_model(model) -> str | None:
@@ -539,6 +560,15 @@ def paired(diffs: list[float]) -> str:
 SIDE_METRICS = ("decode_ms_per_token", "kv_bytes")  # per model, printed beside the quality
 
 
+def report_with_earlier(records: list[dict], json_path: Path) -> None:
+    """``report`` of every record in ``json_path`` of the (task, variant)s a sweep wrote:
+    a sweep of one model still pairs it with the vanilla-L of an earlier sweep, and the
+    plot it redraws keeps the other models' curves."""
+    touched = {(r["task"], r["variant"]) for r in records}
+    report([r for r in json.loads(json_path.read_text()) if (r["task"], r["variant"]) in touched],
+           json_path)
+
+
 def report(records: list[dict], json_path: Path) -> None:
     """The final quality per model (mean, sd, per seed) of each (task, variant, metric),
     with the decode latency and KV bytes beside it where measured, and its learning-curve
@@ -598,14 +628,16 @@ LM_GPU_PRESET = dict(layers=6, hidden=768, heads=12, seq=1024, batch=16, steps=1
                      eval_every=250, eval_iters=8, lr=6e-4, precision="bf16", seeds=[1])
 LM_STEPS = 1000  # calibrated: docs/benchmarks.md
 TASK_STEPS = 3000  # the recall task's calibrated budget: docs/benchmarks.md
-LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "plt-2", "plt-2-hs", "plt-2-hs-grad-kv"]
+LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "looped-2-raw", "plt-2", "plt-2-hs",
+             "plt-2-hs-grad-kv"]
 # Part 2 (``--ablations``): the chain looped -> +CLP -> +shared K/V -> +G-SWA and PLT's other
 # knobs, at the input scale where the cross-loop models learn; on the task with the window
 # that covers every lookup (the sweep's 16 does not), on LM at the sweep's window and beside it.
 TASK_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-w64-hs",
-                  "plt-2-w64-hs-grad-kv", "plt-2-w64-hs-input-gate"]
+                  "plt-2-w64-hs-grad-kv", "plt-2-w64-hs-input-gate", "looped-2-raw", "clp-2-raw",
+                  "plt-2-w64-raw"]
 LM_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-hs", "plt-2-hs-input-gate",
-                "plt-2-w16-hs", "plt-2-w256-hs"]
+                "plt-2-w16-hs", "plt-2-w256-hs", "looped-2-raw", "clp-2-raw", "plt-2-raw"]
 
 
 # Each task's own defaults of the options tasks share (an option given explicitly wins):

@@ -49,21 +49,60 @@ def run_train(run_dir: Path, args: list[str], nproc: int = 1, env: dict | None =
 def run_process_group(cmd: list[str], env: dict, timeout: int,
                       cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session, output through files (a stray child holding a pipe
-    cannot block us), and kill whatever is left of the session afterwards."""
+    cannot block us), and kill whatever is left of the session afterwards.
+
+    Past ``timeout`` the session gets SIGTERM first (torchrun passes it on, and each rank of
+    ``plt_train.train`` writes its stacks to ``<run_dir>/stacks_rank<R>.log``), then
+    SIGKILL; the test fails with the output and those stacks, so a rare hang leaves evidence
+    in the report rather than in a temporary directory that is gone by the time anyone looks."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
                              start_new_session=True)
+        timed_out = ""
         try:
             rc = p.wait(timeout=timeout)
-        finally:
+        except subprocess.TimeoutExpired:
+            timed_out = _processes_of_session(p.pid)  # who was still there
+            _signal_session(p.pid, signal.SIGTERM)
             try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                rc = p.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+        finally:
+            _signal_session(p.pid, signal.SIGKILL)
             p.wait()
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise AssertionError(f"timed out after {timeout} s (exit {rc} after SIGTERM): "
+                             f"{' '.join(map(str, cmd))}\n--- stdout\n{stdout[-3000:]}\n"
+                             f"--- stderr\n{stderr[-6000:]}\n--- still running at the "
+                             f"timeout\n{timed_out}\n{_stacks_of(cmd)}")
+    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+
+STOP_GRACE_S = 20  # torchrun's own grace between its SIGTERM and SIGKILL is 30 s
+
+
+def _signal_session(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _processes_of_session(sid: int) -> str:
+    ps = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "-s", str(sid)],
+                        capture_output=True, text=True)
+    return ps.stdout or ps.stderr or "(ps printed nothing)"
+
+
+def _stacks_of(cmd: list[str]) -> str:
+    """The ``stacks_rank*.log`` a stopped ``plt_train.train`` left in its ``run_dir=``."""
+    run_dirs = [Path(str(a).split("=", 1)[1]) for a in cmd if str(a).startswith("run_dir=")]
+    logs = sorted(p for d in run_dirs for p in d.glob("stacks_rank*.log"))
+    return "\n".join(f"--- {p}\n{p.read_text()[-6000:]}" for p in logs) or "(no stacks files)"
 
 
 def one_process_env(**extra: str) -> dict:

@@ -51,3 +51,33 @@ def test_a_stop_signal_dumps_every_stack_and_still_reaches_the_handler(tmp_path)
 def test_no_signal_leaves_no_stack_file(tmp_path):
     StackDumpOnSignal(tmp_path, 0, [signal.SIGUSR1]).close()
     assert not (tmp_path / "stacks_rank0.log").exists()
+
+
+def test_a_launch_past_its_timeout_is_stopped_gently_and_reported_with_its_stacks(tmp_path):
+    """The tests' launcher (``tests/helpers.run_process_group``): past the timeout the
+    session gets SIGTERM before SIGKILL, so ``plt_train.train``'s ranks can write their
+    stacks, and the failure carries those stacks, the output and what was still running."""
+    import sys
+    import textwrap
+
+    import pytest
+
+    from tests.helpers import run_process_group
+
+    child = textwrap.dedent("""
+        import pathlib, signal, sys, time
+        run_dir = pathlib.Path(sys.argv[1].split("=", 1)[1])
+        def stop(*_):
+            (run_dir / "stacks_rank0.log").write_text("stuck in wait_for_peer")
+            sys.exit(1)
+        signal.signal(signal.SIGTERM, stop)
+        print("started", flush=True)
+        time.sleep(60)
+    """)
+    cmd = [sys.executable, "-c", child, f"run_dir={tmp_path}"]
+    with pytest.raises(AssertionError) as failure:
+        run_process_group(cmd, dict(os.environ), timeout=3)
+    report = str(failure.value)
+    assert "timed out after 3 s (exit 1 after SIGTERM)" in report
+    assert "started" in report and "stuck in wait_for_peer" in report
+    assert "python" in report.split("--- still running at the timeout")[1]

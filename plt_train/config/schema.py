@@ -242,8 +242,15 @@ class LoopConfig(_Section):
     (the released code's form) the token is ~1/50 of the input: cross-loop models stayed at
     chance on the recall task and PLT-2 ended ~1 nat behind on language modelling
     (docs/benchmarks.md, issue 19)."""
-    norm_between_loops: bool = True
-    """Feed the shared final norm of a non-final loop's output on, not the raw output."""
+    norm_between_loops: Optional[bool] = None
+    """Feed a non-final loop's output on through the shared final norm (True) or raw
+    (False).  None: each model's own form (``ModelConfig.normed_loop_feed``): raw for
+    ``looped``, the textbook looped transformer whose loop r continues loop r-1's residual
+    stream; normed for ``plt``, the released PLT code's form, which ``hidden_scale`` brings
+    back to the embeddings' scale.  A looped model has no such scale: fed normed (RMS 1,
+    against loop 1's input at the embeddings' RMS ~0.02), its block's update is ~1 % of
+    loop 2's input at init, and looped-2 trained level with the single pass it loops
+    (docs/benchmarks.md, issue 19)."""
     kernel: KernelChoice = KernelChoice.auto
     """Attention kernels of the later loops: fused G-SWA in training and prefill, one launch
     per layer in decode."""
@@ -397,6 +404,15 @@ class ModelConfig(_Section):
         """PLT with R > 1: loops r >= 2 take the shifted input, so a decode step runs every
         loop in one pass, and they attend to loop 1's K/V instead of keeping their own."""
         return self.name == ModelName.plt and self.loops > 1
+
+    @property
+    def normed_loop_feed(self) -> bool:
+        """Whether a non-final loop's output goes on through the final norm:
+        ``loop.norm_between_loops``, or where that is None, this model's own form (normed
+        for plt, raw for looped)."""
+        if self.loop.norm_between_loops is not None:
+            return self.loop.norm_between_loops
+        return self.name == ModelName.plt
 
     @property
     def shares_kv(self) -> bool:

@@ -29,9 +29,9 @@ offset).
   the expert's SwiGLU (2e + e + e unfused, 2e + e fused: no offset copy; ReLU e), the expert output
   the gate-weighted combine keeps (w); BigMac also the combined latent its ascend projection
   keeps (T r h).  Each TP rank routes its slice of the tokens.
-* **Loops**: every loop keeps its own copy of the above; each non-final loop's output goes
-  through the final norm (``model.loop.norm_between_loops``: its input, and the normalised
-  input on CPU).
+* **Loops**: every loop keeps its own copy of the above; where a non-final loop's output
+  goes on through the final norm (``ModelConfig.normed_loop_feed``), that norm keeps its
+  input, and the normalised input on CPU.
 * **Head**: the final norm, and the vocabulary-parallel cross entropy's fp32 softmax
   (T V/t).
 
@@ -158,7 +158,7 @@ def activation_bytes(m: ModelConfig, p: ParallelConfig, micro_batch: int, layers
         fp32 += (layers - full) * (a32 + f32)
         if m.shares_kv and loop == 0:
             kept += full * shared_kv
-        if loop < loops - 1 and m.loop.norm_between_loops:
+        if loop < loops - 1 and m.normed_loop_feed:
             kept += x.e_sp * (1 if x.fused_norm else 2)
             fp32 += x.tokens
     if head:

@@ -132,6 +132,8 @@ def run_identity(model, tokenizer) -> dict:
     }
     if model.uses_gswa:  # the gate's parameters differ with what it reads
         ident["model.loop.gate"] = str(model.loop.gate)
+    if str(model.name) in ("looped", "plt") and model.loops > 1:  # as the scales below
+        ident["model.loop.norm_between_loops"] = model.normed_loop_feed
     if model.parallel_loops:  # same parameters, another function: resumed, it would drift
         ident["model.loop.emb_scale"] = model.loop.emb_scale
         ident["model.loop.hidden_scale"] = model.loop.hidden_scale
@@ -146,8 +148,10 @@ def run_identity(model, tokenizer) -> dict:
 
 # Identity keys added after checkpoints were written without them, with the value every
 # such checkpoint had: the default of that time (the loop input scales joined the identity
-# when hidden_scale's default went from 1.0 to 0.05).
-IDENTITY_BEFORE_IT_WAS_RECORDED = {"model.loop.emb_scale": 1.0, "model.loop.hidden_scale": 1.0}
+# when hidden_scale's default went from 1.0 to 0.05; the norm between loops when a looped
+# model's default went from normed to raw).
+IDENTITY_BEFORE_IT_WAS_RECORDED = {"model.loop.emb_scale": 1.0, "model.loop.hidden_scale": 1.0,
+                                   "model.loop.norm_between_loops": True}
 
 
 def identity_mismatch(saved: dict | None, current: dict) -> str | None:

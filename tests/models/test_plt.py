@@ -89,6 +89,47 @@ def test_loops_window_and_gswa_switch_change_the_function(one_rank):
             assert (out[a] - out[b]).abs().max() > 1e-2, (a, b)
 
 
+def _rms(t):
+    return float(t.pow(2).mean().sqrt())
+
+
+def _two_loops_at_init(model):
+    """(loop 1's input, output; loop 2's input, the block's update to it) on one batch."""
+    tok, pos = tokens()
+    emb, rope = model.embed(tok, pos), model.rotary_pos_emb(SEQ)
+    model.loop_state.begin(0)
+    h1 = model.run_block(emb, rope)
+    x2 = model.next_loop_input(emb, model.between_loops(h1))
+    model.loop_state.begin(1)
+    return emb, h1, x2, model.run_block(x2, rope) - x2
+
+
+@pytest.mark.parametrize("name,kw,normed", [
+    ("looped", {}, False), ("plt", {}, True),
+    ("plt", {"norm_between_loops": False, "hidden_scale": 1.0}, False)])
+@torch.no_grad()
+def test_loop_two_starts_near_the_scale_of_loop_one(one_rank, name, kw, normed):
+    """At the defaults each later loop's input is within a few times the scale of loop 1's
+    (the embeddings', init std 0.02), so the shared block moves it as much as it moves loop
+    1's (at least a quarter as much, relative to its input).  Fed on normed with nothing to
+    scale it (RMS 1), a looped model's loop 2 was nearly the identity (issue 19; the next
+    test); ``normed_loop_feed`` says which form a model takes."""
+    model, m = build(one_rank, name, 2, std=0.02, **kw)
+    assert m.normed_loop_feed == normed
+    emb, h1, x2, update = _two_loops_at_init(model)
+    assert 1 < _rms(x2) / _rms(emb) < 4
+    assert _rms(update) / _rms(x2) > 0.25 * _rms(h1 - emb) / _rms(emb)
+
+
+@torch.no_grad()
+def test_a_looped_model_with_the_norm_between_loops_barely_moves_loop_two(one_rank):
+    """The trap the default avoids, kept measurable: the normed feed (RMS ~1) is ~50x loop
+    1's input, so the block's update is ~1 % of it."""
+    model, _ = build(one_rank, "looped", 2, std=0.02, norm_between_loops=True)
+    _, _, x2, update = _two_loops_at_init(model)
+    assert _rms(update) / _rms(x2) < 0.05
+
+
 def test_detach_switch_changes_gradients_not_values(one_rank):
     tok, pos = tokens()
     labels = torch.roll(tok, -1, 1)

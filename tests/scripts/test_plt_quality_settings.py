@@ -50,14 +50,15 @@ def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     assert m.seq_length == task.document_length
     windows = {"plt-2-w4": 4, "plt-2-w8": 8, "plt-2-w64": 64, "plt-2-w256": 256,
                "plt-2-w64-hs": 64, "plt-2-w64-hs-grad-kv": 64, "plt-2-w64-hs-input-gate": 64,
-               "plt-2-w16-hs": 16, "plt-2-w256-hs": 256}
+               "plt-2-w16-hs": 16, "plt-2-w256-hs": 256, "plt-2-w64-raw": 64}
     assert m.loop.window == windows.get(model, 8)
     assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
     assert m.num_layers == (4 if model == "vanilla-2L" else 2)
     assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
+    assert m.loop.norm_between_loops == (not model.endswith("-raw"))
     plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs",
-                    "plt-2-hs-grad-kv", "plt-2-hs-input-gate", *windows)
+                    "plt-2-hs-grad-kv", "plt-2-hs-input-gate", "plt-2-raw", *windows)
     assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv", "clp-2-shared-kv-hs"))
     assert m.uses_gswa == (model in plt_variants)
     assert m.loop.detach_kv == (not model.endswith("grad-kv"))
@@ -140,11 +141,13 @@ def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
     assert m.loop.detach_kv == (not model.endswith("grad-kv"))
     assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
+    assert m.loop.norm_between_loops == (not model.endswith("-raw"))
     # what its decode latency is timed as (bench_decode's --models, at the model's own
     # window); CLP and shared K/V without G-SWA are not built there
     assert plt_quality.decode_model(m) == {
         "vanilla-L": "vanilla-1@1", "vanilla-2L": "vanilla-1@2", "looped-2": "looped-2@1",
-        "clp-2-hs": None, "clp-2-shared-kv-hs": None, "plt-2-w16-hs": "plt-2@1:w16",
+        "looped-2-raw": "looped-2@1", "clp-2-raw": None, "clp-2-hs": None,
+        "clp-2-shared-kv-hs": None, "plt-2-w16-hs": "plt-2@1:w16",
         "plt-2-w256-hs": "plt-2@1:w256"}.get(model, "plt-2@1:w64")
     spec = plt_quality.decode_model(m)
     if spec is not None:  # decode_latency finds the timing again under bench_decode's name
@@ -230,6 +233,26 @@ def test_the_report_puts_latency_and_kv_beside_the_loss(tmp_path, capsys):
     assert "-0.500 (0.000)" in lines["plt-2"]  # paired by seed: 4.51 - 5.01, 4.52 - 5.02
     assert "+0.000 (0.000)" in lines["vanilla-L"]
     assert (tmp_path / f"plt_quality_{task}_{variant}.png").is_file()
+
+
+def test_a_sweep_of_one_model_reports_it_beside_the_earlier_sweeps(tmp_path, capsys):
+    """The table and the plot a sweep ends with cover every record of its task and variant
+    in the JSON (an earlier sweep's vanilla-L to pair with, its curves kept), not another
+    task's."""
+    row = lambda m, task, loss: {"model": m, "loops": 2, "variant": "L1", "task": task,  # noqa: E731
+                                 "seed": 1, "tokens": 1000, "metric": "valid_loss",
+                                 "value": loss, "steps": 100, "hidden": 128, "window": None}
+    path = tmp_path / "records.json"
+    earlier = [row("vanilla-L", "lm-a", 5.0), row("looped-2", "lm-a", 5.1),
+               row("vanilla-L", "lm-b", 4.0)]
+    mine = [row("looped-2-raw", "lm-a", 4.9)]
+    plt_quality.merge(earlier + mine, path)
+    plt_quality.report_with_earlier(mine, path)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert "-0.100" in lines["looped-2-raw"] and "looped-2" in lines
+    assert "lm-a," in lines and "lm-b," not in lines
+    assert (tmp_path / "plt_quality_lm-a_L1.png").is_file()
+    assert not (tmp_path / "plt_quality_lm-b_L1.png").exists()
 
 
 def test_a_failed_run_stops_the_runs_queued_behind_a_running_one():

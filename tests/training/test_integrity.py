@@ -75,6 +75,25 @@ def test_identity_holds_the_loop_input_scales_of_a_cross_loop_model(tmp_path):
     assert "model.loop.hidden_scale" not in run_identity(looped, tok)  # it does not read it
 
 
+def test_identity_holds_whether_the_loops_feed_on_a_normed_state(tmp_path):
+    """A looped model's default went from normed to raw: a checkpoint of before (no key,
+    trained normed) is refused at the new default and resumed when the old form is asked."""
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 20], 300, tmp_path / "a.json")
+    shape = dict(loops=2, hidden_size=64, num_attention_heads=4)
+    looped = ModelConfig(name="looped", **shape)
+    normed = ModelConfig(name="looped", loop=LoopConfig(norm_between_loops=True), **shape)
+    assert not looped.normed_loop_feed and normed.normed_loop_feed
+    assert ModelConfig(name="plt", **shape).normed_loop_feed
+    before = {k: v for k, v in run_identity(normed, tok).items()
+              if not k.startswith("model.loop.")}
+    assert identity_mismatch(before, run_identity(looped, tok)) == (
+        "model.loop.norm_between_loops: True (assumed: not recorded then) in the checkpoint, "
+        "False here")
+    assert identity_mismatch(before, run_identity(normed, tok)) is None
+    assert "model.loop.norm_between_loops" not in run_identity(
+        ModelConfig(name="vanilla", **shape), tok)  # one pass: nothing is fed on
+
+
 def test_writer_lock_is_exclusive_and_released(tmp_path):
     first = WriterLock(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="is in use by another run"):

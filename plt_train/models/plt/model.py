@@ -9,9 +9,10 @@ parameter count however many loops run, and a ``vanilla`` model is a ``gpt`` mod
 - ``plt`` (Cross-Loop Parallelism): loop r >= 2's input is
   ``emb_scale * Embed(x) + hidden_scale * shift(h^(r-1))``, shifted by one token (zero at the
   first), so at decode time every loop of a step already has its input.
-- ``model.loop.norm_between_loops``: the non-final loop outputs go through the shared final
-  norm before being fed on (the released PLT recipe); we apply the same switch to ``looped``
-  so that the two differ only in CLP and the attention.
+- ``model.loop.norm_between_loops``: whether the non-final loop outputs go through the
+  shared final norm before being fed on: by default yes for ``plt`` (the released PLT
+  recipe, rescaled by ``hidden_scale``) and no for ``looped`` (its loop 2 continues the
+  residual stream; ``ModelConfig.normed_loop_feed`` says why).
 - The loss is on the final loop only.
 
 Pipeline parallelism splits the block's layers over stages and the looped forward runs one
@@ -67,6 +68,7 @@ class LoopedGPTModel(GPTModel):
         self.parallel_loops = model.parallel_loops
         self.shares_kv = model.shares_kv  # later loops read loop 1's K/V (its cache only)
         self.opts = model.loop
+        self.normed_feed = model.normed_loop_feed
         # Under pipeline parallelism each loop is a virtual chunk of its own (pipeline.py),
         # with its own backward pass.
         split = ps.get_pipeline_model_parallel_world_size() > 1 and self.loops > 1
@@ -136,7 +138,7 @@ class LoopedGPTModel(GPTModel):
         return x
 
     def between_loops(self, h):
-        return self.decoder.final_layernorm(h) if self.opts.norm_between_loops else h
+        return self.decoder.final_layernorm(h) if self.normed_feed else h
 
     def next_loop_input(self, emb, fed, key_valid=None):
         if self.kind != ModelName.plt:
