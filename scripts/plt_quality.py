@@ -114,6 +114,23 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
         "plt-2-raw": plt + ["model.loop.norm_between_loops=false"],
         "clp-2-raw": plt + ["model.loop.shared_kv=false", "model.loop.norm_between_loops=false"],
         "plt-2-w64-raw": plt + ["model.loop.window=64", "model.loop.norm_between_loops=false"],
+        # The weight on the fed-on state (issue 19, part 4): fed raw, loop 1's residual
+        # stream outgrows the embeddings in training and a later loop loses its own token;
+        # plt-2-hs0.02 is PLT's default feed (the fed-on state at the embeddings' init scale):
+        "plt-2-raw-hs0.5": plt + ["model.loop.norm_between_loops=false",
+                                  "model.loop.hidden_scale=0.5"],
+        "plt-2-raw-hs2": plt + ["model.loop.norm_between_loops=false",
+                                "model.loop.hidden_scale=2.0"],
+        "plt-2-hs0.02": plt + ["model.loop.hidden_scale=0.02"],
+        "plt-2-hs0.01": plt + ["model.loop.hidden_scale=0.01"],
+        # Nothing fed on: later loops read Embed(x) and loop 1 only through its K/V.
+        "plt-2-hs0": plt + ["model.loop.hidden_scale=0.0"],
+        "plt-2-w64-hs0": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.0"],
+        "plt-2-w64-raw-hs0.5": plt + ["model.loop.window=64", "model.loop.norm_between_loops=false",
+                                      "model.loop.hidden_scale=0.5"],
+        "plt-2-w64-raw-hs2": plt + ["model.loop.window=64", "model.loop.norm_between_loops=false",
+                                    "model.loop.hidden_scale=2.0"],
+        "plt-2-w64-hs0.02": plt + ["model.loop.window=64", "model.loop.hidden_scale=0.02"],
     }
 
 
@@ -308,11 +325,15 @@ def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match
         references = ("looped-2",) if paired_view else ("looped-2", "plt-2")
         panels.append([m for m in references if m in models] + ablations)
     panels = [p for p in panels if p]  # a run of ablations alone: one panel
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    # A panel of many curves (the ablations, always last) has its legend beside it, clear of
+    # the curves: the figure is wider by the legend's room.
+    crowded = [len(p) > 6 for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 2.5 * any(crowded), 4),
+                             squeeze=False)
     colour = {m: f"C{i}" if len(models) <= 10 else plt.cm.tab20(i % 20)
               for i, m in enumerate(models)}
     last = max(r["tokens"] for r in records)
-    for ax, panel, name in zip(axes[0], panels, ["models", "ablations"]):
+    for ax, panel, name, beside in zip(axes[0], panels, ["models", "ablations"], crowded):
         shown = []
         for model in panel:
             by_tokens = curve_points(records, model, base if paired_view else None)
@@ -334,9 +355,12 @@ def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match
         ax.set_ylabel(label)
         ax.set_title(f"{title}: {name} (band: the seeds' range)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if beside:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def sweep(args, one_run, stop: threading.Event | None = None) -> None:
@@ -629,15 +653,17 @@ LM_GPU_PRESET = dict(layers=6, hidden=768, heads=12, seq=1024, batch=16, steps=1
 LM_STEPS = 1000  # calibrated: docs/benchmarks.md
 TASK_STEPS = 3000  # the recall task's calibrated budget: docs/benchmarks.md
 LM_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "looped-2-raw", "plt-2", "plt-2-hs",
-             "plt-2-hs-grad-kv"]
+             "plt-2-hs-grad-kv", "plt-2-hs0.02"]  # plt-2-hs0.02: PLT's default feed
 # Part 2 (``--ablations``): the chain looped -> +CLP -> +shared K/V -> +G-SWA and PLT's other
 # knobs, at the input scale where the cross-loop models learn; on the task with the window
 # that covers every lookup (the sweep's 16 does not), on LM at the sweep's window and beside it.
 TASK_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-w64-hs",
                   "plt-2-w64-hs-grad-kv", "plt-2-w64-hs-input-gate", "looped-2-raw", "clp-2-raw",
-                  "plt-2-w64-raw"]
+                  "plt-2-w64-raw", "plt-2-w64-raw-hs0.5", "plt-2-w64-raw-hs2", "plt-2-w64-hs0.02",
+                  "plt-2-w64-hs0"]
 LM_ABLATIONS = ["looped-2", "clp-2-hs", "clp-2-shared-kv-hs", "plt-2-hs", "plt-2-hs-input-gate",
-                "plt-2-w16-hs", "plt-2-w256-hs", "looped-2-raw", "clp-2-raw", "plt-2-raw"]
+                "plt-2-w16-hs", "plt-2-w256-hs", "looped-2-raw", "clp-2-raw", "plt-2-raw",
+                "plt-2-raw-hs0.5", "plt-2-hs0.01", "plt-2-hs0"]
 
 
 # Each task's own defaults of the options tasks share (an option given explicitly wins):

@@ -236,12 +236,16 @@ class LoopConfig(_Section):
     code shows which the paper did: an open choice (the flagship preset turns it off)."""
     emb_scale: float = 1.0
     """Loop r >= 2 input: ``emb_scale * Embed(x) + hidden_scale * shift(h^(r-1))``."""
-    hidden_scale: float = 0.05
-    """See ``emb_scale``.  0.05 puts the fed-on state (normed: RMS 1) near the embedding's
-    scale (init std ``init_method_std`` 0.02), so a later loop sees its own token.  At 1.0
-    (the released code's form) the token is ~1/50 of the input: cross-loop models stayed at
-    chance on the recall task and PLT-2 ended ~1 nat behind on language modelling
-    (docs/benchmarks.md, issue 19)."""
+    hidden_scale: float = 0.02
+    """See ``emb_scale``.  0.02 puts the fed-on state (normed: RMS 1) at the embedding's
+    scale (init std ``init_method_std`` 0.02), so a later loop's own token stays a large part
+    of its input, which a lookup of that token needs.  Measured at d=128 (docs/benchmarks.md,
+    issue 19): at 1.0 (the released code's form) the token is ~1/50 of the input, cross-loop
+    models stayed at chance on the recall task and PLT-2 ended ~1 nat behind on language
+    modelling; at 0.05 (the default until 2026-12-06) PLT-2 was level with looped-2 on
+    language modelling; at 0.02 it is level with or ahead of the twice-as-deep vanilla and,
+    over one layer, learns the recall task fastest.  Relative to ``init_method_std``: a model initialised at
+    another scale wants another value."""
     norm_between_loops: Optional[bool] = None
     """Feed a non-final loop's output on through the shared final norm (True) or raw
     (False).  None: each model's own form (``ModelConfig.normed_loop_feed``): raw for

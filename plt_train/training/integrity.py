@@ -148,8 +148,9 @@ def run_identity(model, tokenizer) -> dict:
 
 # Identity keys added after checkpoints were written without them, with the value every
 # such checkpoint had: the default of that time (the loop input scales joined the identity
-# when hidden_scale's default went from 1.0 to 0.05; the norm between loops when a looped
-# model's default went from normed to raw).
+# when hidden_scale's default went from 1.0 to 0.05 (later 0.02: recorded since, so a run
+# trained at 0.05 is refused at 0.02); the norm between loops when a looped model's default
+# went from normed to raw).
 IDENTITY_BEFORE_IT_WAS_RECORDED = {"model.loop.emb_scale": 1.0, "model.loop.hidden_scale": 1.0,
                                    "model.loop.norm_between_loops": True}
 

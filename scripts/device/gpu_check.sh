@@ -104,11 +104,11 @@ stage decode 150 python3 scripts/bench_decode.py --layers 16 --hidden 2048 --hea
 stage quality_moe 330 python3 scripts/compare_moe.py --preset gpu --nproc 1 --seeds 1 \
     --steps 200 --eval-interval 25 --out-dir "$W/compare_moe_gpu"
 stage quality_plt 330 python3 scripts/plt_quality.py task --kind recall --steps 10000 \
-    --eval-every 1000 --models vanilla-L vanilla-2L looped-2-raw plt-2-hs plt-2-raw clp-2-hs \
+    --eval-every 1000 --models vanilla-L vanilla-2L looped-2-raw plt-2-hs0.02 plt-2-raw clp-2-hs \
     --seeds 1 --jobs 6 --out "$W/plt_quality" --json "$W/plt_quality.json"
 if [[ " ${STAGES:-} " == *" quality_plt_lm "* ]]; then  # named only: its own call
   stage quality_plt_lm 560 python3 scripts/plt_quality.py lm --preset gpu --steps 1000 \
-      --models vanilla-L looped-2-raw plt-2-raw vanilla-2L plt-2-hs --out "$W/plt_quality_lm" \
+      --models vanilla-L looped-2-raw plt-2-raw vanilla-2L plt-2-hs0.02 --out "$W/plt_quality_lm" \
       --json "$W/plt_quality.json"
 fi
 [[ -n "${DRY_RUN:-}" ]] && { cat "$W/commands.tsv"; exit 0; }

@@ -4,6 +4,7 @@ claims: the same shared block for vanilla-L, looped-2 and the PLT variants, twic
 for vanilla-2L, one example per training sequence."""
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -37,6 +38,18 @@ def test_every_loop_option_and_the_training_recipe_are_pinned():
     assert {"moe", "parallel", "model"} <= keys  # the group presets too
 
 
+def named_window(model: str, default: int) -> int:
+    """The window a model's name says: "-wN", else the sweep's ``default``."""
+    window = re.search(r"-w(\d+)", model)
+    return int(window.group(1)) if window else default
+
+
+def named_hidden_scale(model: str) -> float:
+    """The ``hidden_scale`` a model's name says: "-hs" 0.05, "-hsX" X, else the recipe's 1.0."""
+    scale = re.search(r"-hs([\d.]+)?", model)
+    return float(scale.group(1) or 0.05) if scale else 1.0
+
+
 @pytest.mark.parametrize("model", list(plt_quality.LOOPS))
 def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     args = _args("--kind", "pointers", "--layers", "2", "--window", "8")
@@ -48,22 +61,18 @@ def test_each_compared_model_is_the_claimed_shape(model, tmp_path):
     m = cfg.model
     assert str(m.moe.layer) == "dense" and cfg.parallel.tensor == cfg.parallel.pipeline == 1
     assert m.seq_length == task.document_length
-    windows = {"plt-2-w4": 4, "plt-2-w8": 8, "plt-2-w64": 64, "plt-2-w256": 256,
-               "plt-2-w64-hs": 64, "plt-2-w64-hs-grad-kv": 64, "plt-2-w64-hs-input-gate": 64,
-               "plt-2-w16-hs": 16, "plt-2-w256-hs": 256, "plt-2-w64-raw": 64}
-    assert m.loop.window == windows.get(model, 8)
+    window, hidden_scale = named_window(model, 8), named_hidden_scale(model)
+    assert m.loop.window == window
     assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
     assert m.loops == plt_quality.LOOPS[model] or str(m.name) == "vanilla"
     assert m.num_layers == (4 if model == "vanilla-2L" else 2)
-    assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
-    assert m.loop.norm_between_loops == (not model.endswith("-raw"))
-    plt_variants = ("plt-2", "plt-2-grad-kv", "plt-2-input-gate", "plt-2-hs",
-                    "plt-2-hs-grad-kv", "plt-2-hs-input-gate", "plt-2-raw", *windows)
-    assert m.shares_kv == (model in plt_variants + ("clp-2-shared-kv", "clp-2-shared-kv-hs"))
-    assert m.uses_gswa == (model in plt_variants)
+    assert m.loop.hidden_scale == hidden_scale
+    assert m.loop.norm_between_loops == ("-raw" not in model)
+    plt_variant = model.startswith("plt-2")
+    assert m.shares_kv == (plt_variant or model.startswith("clp-2-shared-kv"))
+    assert m.uses_gswa == plt_variant
     assert m.loop.detach_kv == (not model.endswith("grad-kv"))
-    assert plt_quality.window_of(m) == (windows.get(model, 8) if m.uses_gswa
-                                        else 0 if m.shares_kv else None)
+    assert plt_quality.window_of(m) == (window if m.uses_gswa else 0 if m.shares_kv else None)
 
 
 compare_loops = load_script("compare_loops")
@@ -71,10 +80,12 @@ compare_loops = load_script("compare_loops")
 
 @pytest.mark.parametrize("model", list(compare_loops.MODELS))
 def test_compare_loops_runs_dense_models_whatever_the_defaults(model):
-    cfg = compose_run(compare_loops.DEFAULT_SET + compare_loops.MODELS[model])
+    cfg = compose_run(plt_quality.with_overrides(compare_loops.DEFAULT_SET,
+                                                 compare_loops.MODELS[model]))
     validate(cfg, 2)
     assert str(cfg.model.moe.layer) == "dense" and cfg.parallel.expert == 1
     assert cfg.model.num_layers == 2 and cfg.model.loop.window == 64
+    assert cfg.model.loop.norm_between_loops == (not model.endswith("-raw"))
 
 
 def test_one_layer_reach_counts_the_lookups_inside_the_window():
@@ -137,11 +148,11 @@ def test_each_language_model_is_the_claimed_shape_on_the_embedded_corpus(model):
     # no checkpoints: 10 of ~24 MB each per run were written at the default interval
     assert cfg.checkpoint.save_interval == 0 and not cfg.checkpoint.save_at_end
     assert m.num_layers == (2 if model == "vanilla-2L" else 1)
-    assert m.loop.window == {"plt-2-w16-hs": 16, "plt-2-w256-hs": 256}.get(model, 64)
+    assert m.loop.window == named_window(model, 64)
     assert m.loop.detach_kv == (not model.endswith("grad-kv"))
     assert str(m.loop.gate) == ("input" if model.endswith("input-gate") else "query")
-    assert m.loop.hidden_scale == (0.05 if "-hs" in model else 1.0)
-    assert m.loop.norm_between_loops == (not model.endswith("-raw"))
+    assert m.loop.hidden_scale == named_hidden_scale(model)
+    assert m.loop.norm_between_loops == ("-raw" not in model)
     # what its decode latency is timed as (bench_decode's --models, at the model's own
     # window); CLP and shared K/V without G-SWA are not built there
     assert plt_quality.decode_model(m) == {

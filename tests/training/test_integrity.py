@@ -63,14 +63,18 @@ def test_identity_holds_the_loop_input_scales_of_a_cross_loop_model(tmp_path):
     plt = ModelConfig(name="plt", loops=2, hidden_size=64, num_attention_heads=4)
     old_default = ModelConfig(name="plt", loops=2, hidden_size=64, num_attention_heads=4,
                               loop=LoopConfig(hidden_scale=1.0))
-    assert plt.loop.hidden_scale == 0.05
+    assert plt.loop.hidden_scale == 0.02
     assert identity_mismatch(run_identity(old_default, tok), run_identity(plt, tok)) == (
-        "model.loop.hidden_scale: 1.0 in the checkpoint, 0.05 here")
+        "model.loop.hidden_scale: 1.0 in the checkpoint, 0.02 here")
+    at_005 = ModelConfig(name="plt", loops=2, hidden_size=64, num_attention_heads=4,
+                         loop=LoopConfig(hidden_scale=0.05))  # the default until 2026-12-06
+    assert identity_mismatch(run_identity(at_005, tok), run_identity(plt, tok)) == (
+        "model.loop.hidden_scale: 0.05 in the checkpoint, 0.02 here")
     before = {k: v for k, v in run_identity(old_default, tok).items()
               if not k.startswith("model.loop.") or k == "model.loop.gate"}
     assert identity_mismatch(before, run_identity(old_default, tok)) is None
     assert identity_mismatch(before, run_identity(plt, tok)) == (
-        "model.loop.hidden_scale: 1.0 (assumed: not recorded then) in the checkpoint, 0.05 here")
+        "model.loop.hidden_scale: 1.0 (assumed: not recorded then) in the checkpoint, 0.02 here")
     looped = ModelConfig(name="looped", loops=2, hidden_size=64, num_attention_heads=4)
     assert "model.loop.hidden_scale" not in run_identity(looped, tok)  # it does not read it
 
