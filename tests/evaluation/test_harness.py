@@ -46,7 +46,9 @@ def build(dev, **kw):
 
     m = ModelConfig(name="plt", num_layers=2, hidden_size=64, num_attention_heads=4,
                     num_query_groups=2, seq_length=SEQ, loops=2, init_method_std=0.1,
-                    loop=LoopConfig(window=4), **kw)
+                    loop=LoopConfig(window=4, hidden_scale=0.05), **kw)
+    # Every setting pinned, so a change of a default does not change the random model: these
+    # weights (seed 12) leave no choice and no greedy step of the tests a near tie.
     chunks, _, _ = build_model(m, ParallelConfig(), VOCAB, torch.float32,
                                megatron_device_kwargs(dev), 12, dev.device)
     return chunks[0].eval()
