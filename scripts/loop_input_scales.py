@@ -87,10 +87,11 @@ def first_sequences(prefix: str, count: int, seq: int):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    docs, need, got = IndexedDataset(prefix), count * seq, []
+    docs, need, got, have = IndexedDataset(prefix), count * seq, [], 0
     for i in range(len(docs)):
         got.append(np.asarray(docs[i], dtype=np.int64))
-        if sum(map(len, got)) >= need:
+        have += len(got[-1])
+        if have >= need:
             return torch.from_numpy(np.concatenate(got)[:need].reshape(count, seq))
     raise SystemExit(f"{prefix} holds fewer than {need} tokens")
 
@@ -107,13 +108,15 @@ def measure_runs(run_dirs: list[str], sequences: int = 8) -> list[dict]:
         checkpoints = sorted((run / "checkpoints").glob("step_*[0-9]"))
         if not checkpoints:
             raise SystemExit(f"{run}: no checkpoints (a run dir with checkpoints/step_*)")
+        tokens = None  # the run's data and shape: read once, for every checkpoint
         for ckpt in checkpoints:
             chunk, cfg, _, _ = load_trained(run, checkpoint=str(ckpt))
             if cfg.model.name != ModelName.plt or cfg.model.loops < 2:
                 raise SystemExit(f"{run} is a {cfg.model.name} model with {cfg.model.loops} "
                                  "loops: --runs splits a PLT's later-loop input")
-            tokens = first_sequences(prepare_data(cfg.data).prefix, sequences,
-                                     cfg.model.seq_length)
+            if tokens is None:
+                tokens = first_sequences(prepare_data(cfg.data).prefix, sequences,
+                                         cfg.model.seq_length)
             emb, fed = loop2_input_parts(chunk.eval(), tokens)
             emb, fed = emb[1:], fed[1:]  # position 0 has no previous token
             records.append({"run": str(run), "step": int(ckpt.name.split("_")[1]),
