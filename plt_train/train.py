@@ -29,7 +29,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     from plt_train.evaluation.downstream import DownstreamHook, check_tasks
     from plt_train.models import get_family, validate
     from plt_train.models.parallelize import gather_params
-    from plt_train.runtime import detect_device, init_distributed, is_logging_rank, set_seed
+    from plt_train.runtime import detect_device, init_distributed, is_logging_rank, say, set_seed
     from plt_train.runtime.device import resolve_dtype
     from plt_train.runtime.hangs import StackDumpOnSignal, flight_recorder_env
     from plt_train.training.checkpoint import (
@@ -81,9 +81,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
                                  identity, device.device)
     if state.step >= t.steps:  # a finished run launched again: say so instead of a no-op
         if is_logging_rank():
-            print(f"[plt_train] {resumed_from} is at step {state.step}, train.steps="
-                  f"{t.steps}: nothing to train (raise train.steps to continue this run, or "
-                  "give a new run another name)", flush=True)
+            say(f"[plt_train] {resumed_from} is at step {state.step}, train.steps="
+                f"{t.steps}: nothing to train (raise train.steps to continue this run, or "
+                "give a new run another name)")
         return {"step": state.step, "nothing_to_do": True}
 
     # 5. Data iterators at the saved position; validation always reads the same batches.
@@ -121,29 +121,29 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
     if logging_rank:
         from plt_train.runtime.quiet import accelerators_line
 
-        print(f"[plt_train] {accelerators_line()}", flush=True)
+        say(f"[plt_train] {accelerators_line()}")
         n_params = sum(p_.numel() for c in chunks for p_ in c.parameters())
-        print(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
-              f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
-              f"start step={state.step}", flush=True)
+        say(f"[plt_train] {dims} dtype={dtype} micro-batches/step={num_microbatches} "
+            f"params(this rank)={n_params:,} peak={peak / 1e12:.1f} TFLOP/s ({peak_source}) "
+            f"start step={state.step}")
         if cfg.model.compile:
             from plt_train.models.compile import compiled_layers
-            print(f"[plt_train] model.compile: {compiled_layers(chunks)} transformer layer(s) "
-                  "compiled with torch.compile", flush=True)
+            say(f"[plt_train] model.compile: {compiled_layers(chunks)} transformer layer(s) "
+                "compiled with torch.compile")
         if p.overlap_grad_reduce:
             buckets = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups)
                           for c in chunks)
-            print(f"[plt_train] gradient reduce overlapped with the backward pass: {buckets} "
-                  "bucket(s)", flush=True)
+            say(f"[plt_train] gradient reduce overlapped with the backward pass: {buckets} "
+                "bucket(s)")
         if prepared.mixture:
             shares = ", ".join(f"{prefix} {share:.3f} (weight {weight:.3f})" for (prefix, share),
                                (_, weight) in zip(mixture_proportions(train_ds), prepared.mixture))
-            print(f"[plt_train] data mixture, realised shares of the {len(train_ds)} training "
-                  f"samples: {shares}", flush=True)
+            say(f"[plt_train] data mixture, realised shares of the {len(train_ds)} training "
+                f"samples: {shares}")
         else:
-            print(f"[plt_train] unigram entropy of the corpus: "
-                  f"{unigram_entropy(prepared.prefix):.4f} nats/token (the loss of a model that "
-                  "ignores context)", flush=True)
+            say(f"[plt_train] unigram entropy of the corpus: "
+                f"{unigram_entropy(prepared.prefix):.4f} nats/token (the loss of a model that "
+                "ignores context)")
 
     # 7. The loop.  The signal handlers and the loggers are released also when it fails
     # (Hydra's multirun goes on to its next job in this process).  A stop signal also dumps
@@ -179,7 +179,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             if state.step % t.log_interval == 0 or state.step == t.steps or notes:
                 loggers.log(state.step, last)
             for note in notes if logging_rank else ():
-                print(f"[plt_train] {note}", flush=True)
+                say(f"[plt_train] {note}")
             saver.poll()  # commit a background save whose writes have ended
             if guard.diverged:
                 saver.finish()
@@ -210,8 +210,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
             if stop:
                 saver.finish()
                 if logging_rank:
-                    print(f"[plt_train] signal received: checkpointed step {state.step}, exiting",
-                          flush=True)
+                    say(f"[plt_train] signal received: checkpointed step {state.step}, exiting")
                 break
         phase = "the last save"
         saver.finish()
@@ -227,8 +226,8 @@ def run(cfg: RunConfig, run_dir: str) -> dict:
         gather_params(chunks)
         text = sample_after_training(model.modules, prepared.tokenizer, cfg.sample, cfg.model)
         if logging_rank:
-            print(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None
-                  else "[plt_train] sample: needs TP=PP=1 (use plt-generate)", flush=True)
+            say(f"[plt_train] sample: {cfg.sample.prompt!r} -> {text!r}" if text is not None
+                else "[plt_train] sample: needs TP=PP=1 (use plt-generate)")
         last["sample"] = text
     return {"step": state.step, **last}
 
@@ -240,7 +239,7 @@ def _main(hydra_cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     from plt_train.data import DataError
-    from plt_train.runtime import destroy_distributed
+    from plt_train.runtime import destroy_distributed, say
     from plt_train.runtime.launch_env import set_torch_env_from_slurm
     from plt_train.training.checkpoint import checkpoint_dir
     from plt_train.training.guard import TrainingDiverged
@@ -256,7 +255,7 @@ def _main(hydra_cfg) -> dict | None:
         return run(cfg, run_dir)  # a sweep's launcher collects it (final loss, step, ...)
     except (ConfigError, DataError, TrainingDiverged, CheckpointError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"plt-train: {err}", file=sys.stderr, flush=True)
+            say(f"plt-train: {err}", sys.stderr)
         else:  # torchrun stops every worker once one exits: let rank 0 say why first
             time.sleep(5)
         # 2: a bad config or dataset, 3: the run diverged, 4: no usable or writable checkpoint
@@ -268,11 +267,11 @@ def _main(hydra_cfg) -> dict | None:
         if failure is not None:
             rank, (how, line) = int(os.environ.get("RANK", "0")), failure
             if how == "timed out" or rank == 0:  # a lost peer follows another rank's failure
-                print(f"plt-train: {line}", file=sys.stderr, flush=True)
+                say(f"plt-train: {line}", sys.stderr)
             sys.exit(5)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"plt-train: {_one_line(err)}; each failed rank's traceback is in "
-                  f"{path.parent}/error_rank*.log", file=sys.stderr, flush=True)
+            say(f"plt-train: {_one_line(err)}; each failed rank's traceback is in "
+                f"{path.parent}/error_rank*.log", sys.stderr)
         else:
             time.sleep(5)
         sys.exit(1)

@@ -36,6 +36,7 @@ from plt_train.data.corpus import ensure_corpus, read_jsonl_texts
 from plt_train.data.indexed import DTYPE_CODES, HEADER, MAGIC
 from plt_train.data.preprocess import preprocess
 from plt_train.data.tokenizer import Tokenizer, train_bpe
+from plt_train.runtime.console import say
 
 _EMBEDDED_FORMAT = 1  # bump when corpus rules or the build change, to invalidate old caches
 _SPLIT_NAMES = ("train", "valid", "test")
@@ -269,7 +270,7 @@ def _rank() -> int:
 
 
 def _say(msg: str) -> None:
-    print(f"[plt_train.data] {msg}", file=sys.stderr, flush=True)
+    say(f"[plt_train.data] {msg}", sys.stderr)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plt_train.runtime.console import say
 from plt_train.training.checkpoint_writers import WriterWatch, watched_writers
 
 LATEST = "latest.txt"
@@ -415,8 +416,8 @@ def resume(checkpoint, ckpt_dir: str | os.PathLike, chunks, optimizer, scheduler
                 raise CheckpointError(f"{err}, and there is no older checkpoint to fall back "
                                       "to") from None
             if is_logging_rank():
-                print(f"[plt_train] warning: {err}; falling back to {candidates[i + 1].name}",
-                      file=sys.stderr, flush=True)
+                say(f"[plt_train] warning: {err}; falling back to {candidates[i + 1].name}",
+                    sys.stderr)
     return TrainState(), None
 
 
@@ -507,8 +508,8 @@ def load_checkpoint(path: str | os.PathLike, chunks, optimizer, scheduler) -> Tr
     if changed and is_logging_rank():
         winner = "the config's" if scheduler.override_opt_param_scheduler else \
             "the checkpoint's (optim.override_schedule_on_resume=true takes the config's)"
-        print(f"[plt_train] resume: the lr schedule differs from the checkpoint's "
-              f"({'; '.join(changed)}); using {winner}", file=sys.stderr, flush=True)
+        say(f"[plt_train] resume: the lr schedule differs from the checkpoint's "
+            f"({'; '.join(changed)}); using {winner}", sys.stderr)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])

@@ -12,11 +12,12 @@ import json
 import math
 import netrc
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, TextIO
 from urllib.parse import urlsplit
+
+from plt_train.runtime.console import say
 
 KINDS = ("train", "valid", "downstream")  # downstream: lm-eval tasks (evaluation/)
 
@@ -73,7 +74,7 @@ class ConsoleLogger:
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         if self.enabled:
-            print(self.format(step, metrics, kind), file=self.stream or sys.stdout, flush=True)
+            say(self.format(step, metrics, kind), self.stream)
 
     def close(self) -> None:
         pass

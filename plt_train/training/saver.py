@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from plt_train.runtime.console import say
 from plt_train.training.checkpoint import (
     PendingSave, TrainState, commit_save, finalize_async, prune, start_save,
 )
@@ -55,8 +56,8 @@ class CheckpointSaver:
         self.queue.schedule_async_request(pending.request)
         self.in_flight = pending
         if self.verbose:
-            print(f"[plt_train] saving step_{state.step:07d} in the background (started in "
-                  f"{time.perf_counter() - pending.started:.1f} s)", flush=True)
+            say(f"[plt_train] saving step_{state.step:07d} in the background (started in "
+                f"{time.perf_counter() - pending.started:.1f} s)")
         self._before_commit = before_commit
 
     def poll(self) -> None:
@@ -84,5 +85,5 @@ class CheckpointSaver:
             if self.cfg.keep_last else []
         size = sum(f.stat().st_size for f in saved.iterdir()) / 2**20
         gone = f"; deleted {', '.join(p.name for p in pruned)}" if pruned else ""
-        print(f"[plt_train] saved {saved.name} ({size:,.1f} MiB) in "
-              f"{time.perf_counter() - pending.started:.1f} s{gone}", flush=True)
+        say(f"[plt_train] saved {saved.name} ({size:,.1f} MiB) in "
+            f"{time.perf_counter() - pending.started:.1f} s{gone}")
