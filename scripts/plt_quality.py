@@ -136,6 +136,10 @@ def model_overrides(layers: int) -> dict[str, list[str]]:
 
 LOOPS = {name: 1 if name.startswith("vanilla") else 2 for name in model_overrides(1)}
 DEFAULT_MODELS = ["vanilla-L", "vanilla-2L", "looped-2", "looped-2-raw", "plt-2"]
+# PLT at the project's default feed (``LoopConfig.hidden_scale``): drawn with the main
+# comparison, not among the ablations, although ``plt-2`` (the released form) stays the task's
+# default run.
+MAIN_PANEL = DEFAULT_MODELS + ["plt-2-hs0.02", "plt-2-w64-hs0.02"]
 
 
 def with_overrides(settings: list[str], overrides: list[str]) -> list[str]:
@@ -319,8 +323,8 @@ def plot(records: list[dict], path: Path, title: str, metric: str = "exact_match
     models = list(dict.fromkeys(r["model"] for r in records))
     base = {(r["seed"], r["tokens"]): r["value"] for r in records if r["model"] == "vanilla-L"}
     paired_view = metric == "valid_loss" and bool(base)
-    ablations = [m for m in models if m not in DEFAULT_MODELS]
-    panels = [[m for m in models if m in DEFAULT_MODELS]]
+    ablations = [m for m in models if m not in MAIN_PANEL]
+    panels = [[m for m in models if m in MAIN_PANEL]]
     if ablations:
         references = ("looped-2",) if paired_view else ("looped-2", "plt-2")
         panels.append([m for m in references if m in models] + ablations)
